@@ -1,0 +1,141 @@
+//! The `tether` command line. `main` stays thin: parse arguments, then call
+//! into the node (or, later, controller) code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::supervisor::{self, ApplyError, ApplySource};
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "A fleet of reverse-proxy nodes run from one controller"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a proxy node. SIGHUP re-reads the config file; SIGTERM or
+    /// SIGINT stop it gracefully (a second one stops it at once).
+    Node {
+        /// The node's TOML config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file without applying it, like `nginx -t`.
+    Check {
+        /// The TOML config file to check.
+        file: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { file } => check(&file),
+        Command::Node { config } => {
+            crate::telemetry::init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("tether: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run_node(config))
+        }
+    }
+}
+
+fn check(file: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let base_dir = file.parent().unwrap_or(Path::new("."));
+    match Config::parse(&text, base_dir) {
+        Ok(config) => {
+            println!("{}: ok: {}", file.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_config_errors(file, &errors);
+            eprintln!(
+                "{}: {} error{}",
+                file.display(),
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_config_errors(file: &Path, errors: &[crate::config::ConfigError]) {
+    for error in errors {
+        eprintln!("{}:{error}", file.display());
+    }
+}
+
+async fn run_node(config_path: PathBuf) -> ExitCode {
+    let (mut hangup, mut terminate, mut interrupt) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            eprintln!("tether: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = match supervisor::start(Some(config_path.clone()), None).await {
+        Ok(node) => node,
+        Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
+            print_config_errors(&config_path, &errors);
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(generation) = node.current() {
+        for listener in &generation.listeners {
+            tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                // The outcome is logged by the supervisor.
+                let _ = node.apply(ApplySource::File).await;
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    node.stop(None).await;
+    tokio::select! {
+        _ = node.stopped() => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        _ = terminate.recv() => ExitCode::FAILURE,
+        _ = interrupt.recv() => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,204 @@
+//! The node's configuration: a TOML file parsed into raw serde types
+//! (`raw`), then validated into a `Config` that cannot hold an invalid state
+//! (`validate`). Every error carries its key path and line:column.
+
+mod duration;
+mod error;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use sha2::{Digest, Sha256};
+
+pub use duration::{format_duration, parse_duration};
+pub use error::ConfigError;
+
+/// Where the control service listens unless `[control] listen` says otherwise.
+pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8837";
+
+/// A validated node config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node: NodeSettings,
+    pub control: ControlSettings,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    pub id: String,
+    /// How long in-flight work of a retired generation may take.
+    pub drain_timeout: Duration,
+    /// How long a retired generation's idle keep-alive connection stays open
+    /// for a request already on its way; that request is answered with
+    /// `Connection: close`.
+    pub drain_idle_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub routes: Vec<RouteConfig>,
+    pub http: HttpSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Time allowed for a client to send a complete request head. It also
+    /// bounds how long an idle keep-alive connection waits for its next
+    /// request (the wait for a request head starts right away).
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// Add a `Via` header to proxied requests and responses.
+    pub via: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// No `host` key: matches every host.
+    Any,
+    /// `example.com`, stored lowercase.
+    Exact(String),
+    /// `*.example.com`, stored as the suffix `.example.com`.
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub host: HostPattern,
+    pub path_prefix: String,
+    pub action: RouteAction,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAction {
+    Upstream(String),
+    Static(StaticConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticConfig {
+    /// Canonical (symlinks resolved) directory the files are served from.
+    pub root: PathBuf,
+    pub index: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub servers: Vec<ServerConfig>,
+    pub balance: BalancePolicy,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream to start its response.
+    pub read_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub idle_timeout: Duration,
+    pub max_idle_per_server: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BalancePolicy {
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    ConsistentHash(HashKey),
+    PowerOfTwo,
+}
+
+impl BalancePolicy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BalancePolicy::RoundRobin => "round_robin",
+            BalancePolicy::WeightedRoundRobin => "weighted_round_robin",
+            BalancePolicy::LeastConn => "least_conn",
+            BalancePolicy::ConsistentHash(_) => "consistent_hash",
+            BalancePolicy::PowerOfTwo => "power_of_two",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Http1,
+    H2c,
+}
+
+impl Config {
+    /// Parses and validates config text. Relative paths (static roots) are
+    /// resolved against `base_dir`, normally the config file's directory.
+    /// On failure every error found is returned, each with its location.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
+        validate::parse(text, base_dir)
+    }
+
+    /// One line for `tether check` and `Validate`.
+    pub fn summary(&self) -> String {
+        let routes: usize = self.listeners.iter().map(|l| l.routes.len()).sum();
+        let servers: usize = self.upstreams.values().map(|u| u.servers.len()).sum();
+        format!(
+            "{} listener{}, {} route{}, {} upstream{} ({} server{})",
+            self.listeners.len(),
+            plural(self.listeners.len()),
+            routes,
+            plural(routes),
+            self.upstreams.len(),
+            plural(self.upstreams.len()),
+            servers,
+            plural(servers),
+        )
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// The version of a config that did not come from a controller: a hash of
+/// its text, so the same file always has the same version.
+pub fn content_version(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
+}

@@ -1,0 +1,99 @@
+//! The config file exactly as written: serde types that mirror the TOML.
+//! Unknown keys are errors. `validate.rs` turns these into a `Config`.
+
+use serde::Deserialize;
+
+use super::duration::ConfigDuration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub id: Option<String>,
+    pub drain_timeout: Option<ConfigDuration>,
+    pub drain_idle_grace: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProtocol {
+    #[default]
+    Http,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub listen: String,
+    #[serde(default)]
+    pub protocol: RawProtocol,
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+    pub header_read_timeout: Option<ConfigDuration>,
+    pub max_header_bytes: Option<usize>,
+    pub via: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub upstream: Option<String>,
+    #[serde(rename = "static")]
+    pub static_files: Option<RawStatic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatic {
+    pub root: String,
+    pub index: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawBalance {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    ConsistentHash,
+    PowerOfTwo,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawUpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub servers: Vec<RawServer>,
+    #[serde(default)]
+    pub balance: RawBalance,
+    pub hash_on: Option<String>,
+    #[serde(default)]
+    pub protocol: RawUpstreamProtocol,
+    pub connect_timeout: Option<ConfigDuration>,
+    pub read_timeout: Option<ConfigDuration>,
+    pub idle_timeout: Option<ConfigDuration>,
+    pub max_idle_per_server: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub addr: String,
+    pub weight: Option<u32>,
+}

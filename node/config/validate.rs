@@ -1,0 +1,510 @@
+//! Raw file types → validated `Config`, collecting every error on the way.
+//!
+//! Each section (and each listener and upstream) is deserialized on its own
+//! so that one bad entry does not hide the errors of the others.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::de::DeserializeOwned;
+use serde_spanned::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::error::{KeyPath, Locator, Problem};
+use super::raw::*;
+use super::*;
+
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_DRAIN_IDLE_GRACE: Duration = Duration::from_millis(500);
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper refuses a smaller read buffer for HTTP/1.
+const MIN_MAX_HEADER_BYTES: usize = 8192;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_IDLE_PER_SERVER: usize = 512;
+
+const SECTIONS: &[&str] = &["node", "control", "listener", "upstream"];
+
+pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let locator = Locator::new(text, &root);
+    if !syntax_errors.is_empty() {
+        return Err(syntax_errors
+            .iter()
+            .map(|e| locator.from_toml(&KeyPath::root(), e))
+            .collect());
+    }
+    let mut errors = Vec::new();
+    let mut problems = Vec::new();
+    let mut sections = Sections::default();
+    for (key, value) in root.get_ref().iter() {
+        let name = key.get_ref().as_ref();
+        let path = KeyPath::root().key(name);
+        match name {
+            "node" => sections.node = decode(&locator, &path, value, &mut errors),
+            "control" => sections.control = decode(&locator, &path, value, &mut errors),
+            "listener" => sections.listeners = decode_array(&locator, &path, value, &mut errors),
+            "upstream" => sections.upstreams = decode_table(&locator, &path, value, &mut errors),
+            _ => problems.push(Problem {
+                path,
+                message: format!(
+                    "unknown section `{name}`, expected one of: {}",
+                    SECTIONS.join(", ")
+                ),
+            }),
+        }
+    }
+    let config = Validator {
+        problems: &mut problems,
+        base_dir,
+    }
+    .config(sections);
+    errors.extend(problems.into_iter().map(|p| locator.locate(p)));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        errors.sort_by_key(|e| (e.line, e.column));
+        Err(errors)
+    }
+}
+
+#[derive(Default)]
+struct Sections {
+    node: Option<RawNode>,
+    control: Option<RawControl>,
+    listeners: Vec<(KeyPath, RawListener)>,
+    upstreams: Vec<(KeyPath, String, RawUpstream)>,
+}
+
+fn decode<T: DeserializeOwned>(
+    locator: &Locator,
+    path: &KeyPath,
+    value: &Spanned<DeValue>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    T::deserialize(ValueDeserializer::from(value.clone()))
+        .map_err(|e| errors.push(locator.from_toml(path, &e)))
+        .ok()
+}
+
+fn decode_array<T: DeserializeOwned>(
+    locator: &Locator,
+    path: &KeyPath,
+    value: &Spanned<DeValue>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(KeyPath, T)> {
+    let DeValue::Array(items) = value.get_ref() else {
+        let message = format!("expected an array of tables (`[[{path}]]`)");
+        errors.push(locator.error(path.to_string(), value.span(), message));
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let path = path.index(i);
+            decode(locator, &path, item, errors).map(|raw| (path, raw))
+        })
+        .collect()
+}
+
+fn decode_table<T: DeserializeOwned>(
+    locator: &Locator,
+    path: &KeyPath,
+    value: &Spanned<DeValue>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(KeyPath, String, T)> {
+    let DeValue::Table(table) = value.get_ref() else {
+        let message = format!("expected a table of named entries (`[{path}.NAME]`)");
+        errors.push(locator.error(path.to_string(), value.span(), message));
+        return Vec::new();
+    };
+    table
+        .iter()
+        .filter_map(|(key, item)| {
+            let name = key.get_ref().to_string();
+            let path = path.key(&name);
+            decode(locator, &path, item, errors).map(|raw| (path, name, raw))
+        })
+        .collect()
+}
+
+struct Validator<'a> {
+    problems: &'a mut Vec<Problem>,
+    base_dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: KeyPath, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path,
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, sections: Sections) -> Config {
+        let node = self.node(sections.node.unwrap_or_default());
+        let control = self.control(sections.control.unwrap_or_default());
+        let upstreams: BTreeMap<String, UpstreamConfig> = sections
+            .upstreams
+            .into_iter()
+            .filter_map(|(path, name, raw)| {
+                let upstream = self.upstream(&path, name.clone(), raw)?;
+                Some((name, upstream))
+            })
+            .collect();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        let listeners = sections
+            .listeners
+            .into_iter()
+            .filter_map(|(path, raw)| {
+                let listener = self.listener(&path, raw, &upstreams)?;
+                if !names.insert(listener.name.clone()) {
+                    let message = format!("listener name {:?} is used twice", listener.name);
+                    self.problem(path.key("name"), message);
+                }
+                if !addresses.insert(listener.listen) {
+                    let message =
+                        format!("address {} is used by another listener", listener.listen);
+                    self.problem(path.key("listen"), message);
+                }
+                Some(listener)
+            })
+            .collect();
+        Config {
+            node,
+            control,
+            listeners,
+            upstreams,
+        }
+    }
+
+    fn node(&mut self, raw: RawNode) -> NodeSettings {
+        let id = raw.id.unwrap_or_else(hostname);
+        if id.trim().is_empty() {
+            self.problem(
+                KeyPath::root().key("node").key("id"),
+                "node id must not be empty",
+            );
+        }
+        NodeSettings {
+            id,
+            drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            drain_idle_grace: raw
+                .drain_idle_grace
+                .map_or(DEFAULT_DRAIN_IDLE_GRACE, |d| d.0),
+        }
+    }
+
+    fn control(&mut self, raw: RawControl) -> ControlSettings {
+        let path = KeyPath::root().key("control").key("listen");
+        let text = raw.listen.as_deref().unwrap_or(DEFAULT_CONTROL_LISTEN);
+        let listen = self.socket_addr(&path, text).unwrap_or_else(|| {
+            DEFAULT_CONTROL_LISTEN
+                .parse()
+                .expect("default control address")
+        });
+        if !listen.ip().is_loopback() {
+            self.problem(
+                path,
+                format!(
+                    "control listen address {listen} is not loopback: the control service \
+                     is plaintext and unauthenticated, so bind it to 127.0.0.1 or ::1"
+                ),
+            );
+        }
+        ControlSettings { listen }
+    }
+
+    fn socket_addr(&mut self, path: &KeyPath, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                let message = format!(
+                    "invalid socket address {text:?}: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""
+                );
+                self.problem(path.clone(), message);
+                None
+            }
+        }
+    }
+
+    fn listener(
+        &mut self,
+        path: &KeyPath,
+        raw: RawListener,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Option<ListenerConfig> {
+        if raw.name.trim().is_empty() {
+            self.problem(path.key("name"), "listener name must not be empty");
+        }
+        let listen = self.socket_addr(&path.key("listen"), &raw.listen);
+        if raw.route.is_empty() {
+            self.problem(
+                path.clone(),
+                "listener has no routes: add at least one [[listener.route]]",
+            );
+        }
+        let mut seen = HashSet::new();
+        let routes: Vec<RouteConfig> = raw
+            .route
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, route)| {
+                let path = path.key("route").index(i);
+                let route = self.route(&path, route, upstreams)?;
+                if !seen.insert((route.host.clone(), route.path_prefix.clone())) {
+                    self.problem(
+                        path,
+                        "another route of this listener has the same host and path",
+                    );
+                }
+                Some(route)
+            })
+            .collect();
+        let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if max_header_bytes < MIN_MAX_HEADER_BYTES {
+            self.problem(
+                path.key("max_header_bytes"),
+                format!("max_header_bytes must be at least {MIN_MAX_HEADER_BYTES}"),
+            );
+        }
+        let protocol = match raw.protocol {
+            RawProtocol::Http => Protocol::Http,
+        };
+        Some(ListenerConfig {
+            name: raw.name,
+            listen: listen?,
+            protocol,
+            routes,
+            http: HttpSettings {
+                header_read_timeout: raw
+                    .header_read_timeout
+                    .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                max_header_bytes,
+                via: raw.via.unwrap_or(false),
+            },
+        })
+    }
+
+    fn route(
+        &mut self,
+        path: &KeyPath,
+        raw: RawRoute,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Option<RouteConfig> {
+        let host = match raw.host.as_deref() {
+            None => Some(HostPattern::Any),
+            Some(text) => self.host_pattern(&path.key("host"), text),
+        };
+        let path_prefix = raw.path.unwrap_or_else(|| "/".to_owned());
+        if !path_prefix.starts_with('/') {
+            self.problem(
+                path.key("path"),
+                format!("path {path_prefix:?} must start with \"/\""),
+            );
+        }
+        let action = match (raw.upstream, raw.static_files) {
+            (Some(name), None) => {
+                if !upstreams.contains_key(&name) {
+                    let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                    self.problem(
+                        path.key("upstream"),
+                        format!(
+                            "no upstream named {name:?}; defined upstreams: [{}]",
+                            known.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                RouteAction::Upstream(name)
+            }
+            (None, Some(files)) => {
+                RouteAction::Static(self.static_files(&path.key("static"), files)?)
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    path.clone(),
+                    "a route has either `upstream` or `static`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.problem(
+                    path.clone(),
+                    "a route needs `upstream = \"NAME\"` or `static = { root = \"DIR\" }`",
+                );
+                return None;
+            }
+        };
+        Some(RouteConfig {
+            host: host?,
+            path_prefix,
+            action,
+        })
+    }
+
+    fn host_pattern(&mut self, path: &KeyPath, text: &str) -> Option<HostPattern> {
+        let lower = text.to_ascii_lowercase();
+        let (wildcard, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let valid_label = |label: &str| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || !name.split('.').all(valid_label) {
+            self.problem(
+                path.clone(),
+                format!(
+                    "invalid host {text:?}: write a name such as \"example.com\" or \"*.example.com\" (no port, `*` only as the first label)"
+                ),
+            );
+            return None;
+        }
+        Some(if wildcard {
+            HostPattern::Wildcard(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name.to_owned())
+        })
+    }
+
+    fn static_files(&mut self, path: &KeyPath, raw: RawStatic) -> Option<StaticConfig> {
+        let root = self.base_dir.join(&raw.root);
+        let root = match root.canonicalize() {
+            Ok(root) if root.is_dir() => root,
+            Ok(_) => {
+                self.problem(
+                    path.key("root"),
+                    format!("{:?} is not a directory", raw.root),
+                );
+                return None;
+            }
+            Err(e) => {
+                self.problem(
+                    path.key("root"),
+                    format!(
+                        "cannot open static root {:?}: {e}",
+                        root.display().to_string()
+                    ),
+                );
+                return None;
+            }
+        };
+        let index = raw.index.unwrap_or_else(|| "index.html".to_owned());
+        if index.is_empty() || index.contains('/') || index == ".." {
+            self.problem(
+                path.key("index"),
+                "index must be a plain file name such as \"index.html\"",
+            );
+        }
+        Some(StaticConfig { root, index })
+    }
+
+    fn upstream(
+        &mut self,
+        path: &KeyPath,
+        name: String,
+        raw: RawUpstream,
+    ) -> Option<UpstreamConfig> {
+        if raw.servers.is_empty() {
+            self.problem(path.key("servers"), "an upstream needs at least one server");
+        }
+        let mut seen = HashSet::new();
+        let mut servers = Vec::with_capacity(raw.servers.len());
+        for (i, server) in raw.servers.into_iter().enumerate() {
+            let path = path.key("servers").index(i);
+            let weight = server.weight.unwrap_or(1);
+            if weight == 0 {
+                self.problem(
+                    path.key("weight"),
+                    "weight must be at least 1 (remove the server to take it out)",
+                );
+            }
+            let Some(addr) = self.socket_addr(&path.key("addr"), &server.addr) else {
+                continue;
+            };
+            if !seen.insert(addr) {
+                self.problem(path.key("addr"), format!("server {addr} is listed twice"));
+            }
+            servers.push(ServerConfig { addr, weight });
+        }
+        let balance = match (raw.balance, raw.hash_on.as_deref()) {
+            (RawBalance::ConsistentHash, Some(key)) => {
+                BalancePolicy::ConsistentHash(self.hash_key(&path.key("hash_on"), key)?)
+            }
+            (RawBalance::ConsistentHash, None) => {
+                self.problem(
+                    path.key("balance"),
+                    "consistent_hash needs `hash_on = \"client_ip\"` or `hash_on = \"header:NAME\"`",
+                );
+                return None;
+            }
+            (_, Some(_)) => {
+                self.problem(
+                    path.key("hash_on"),
+                    "hash_on applies only to balance = \"consistent_hash\"",
+                );
+                return None;
+            }
+            (RawBalance::RoundRobin, None) => BalancePolicy::RoundRobin,
+            (RawBalance::WeightedRoundRobin, None) => BalancePolicy::WeightedRoundRobin,
+            (RawBalance::LeastConn, None) => BalancePolicy::LeastConn,
+            (RawBalance::PowerOfTwo, None) => BalancePolicy::PowerOfTwo,
+        };
+        Some(UpstreamConfig {
+            name,
+            servers,
+            balance,
+            protocol: match raw.protocol {
+                RawUpstreamProtocol::Http1 => UpstreamProtocol::Http1,
+                RawUpstreamProtocol::H2c => UpstreamProtocol::H2c,
+            },
+            connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            read_timeout: raw.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |d| d.0),
+            idle_timeout: raw
+                .idle_timeout
+                .map_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT, |d| d.0),
+            max_idle_per_server: raw
+                .max_idle_per_server
+                .unwrap_or(DEFAULT_MAX_IDLE_PER_SERVER),
+        })
+    }
+
+    fn hash_key(&mut self, path: &KeyPath, text: &str) -> Option<HashKey> {
+        if text == "client_ip" {
+            return Some(HashKey::ClientIp);
+        }
+        if let Some(name) = text.strip_prefix("header:") {
+            if let Ok(name) = HeaderName::try_from(name) {
+                return Some(HashKey::Header(name));
+            }
+        }
+        self.problem(
+            path.clone(),
+            format!("invalid hash_on {text:?}: write \"client_ip\" or \"header:NAME\""),
+        );
+        None
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "tether-node".to_owned();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

@@ -1,0 +1,104 @@
+//! One client connection: hyper serves it (HTTP/1.1 or HTTP/2 by the first
+//! bytes), every request goes through `handle`, and a retiring generation
+//! closes the connection without losing a request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::respond::status_response;
+use super::{proxy, HttpListener, RouteTarget};
+use crate::generation::{ConnectionGuard, ListenerRuntime, ListenerService, RequestGuard};
+use crate::static_files;
+
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: ConnectionGuard) {
+    let generation = connection.generation().clone();
+    let lifecycle = &generation.lifecycle;
+    let index = connection.listener_index();
+    let http = http_listener(&generation.listeners[index]);
+    let context = Arc::new(Context { connection, peer });
+    let service = service_fn(move |request| {
+        let context = context.clone();
+        async move { Ok::<_, Infallible>(context.handle(request).await) }
+    });
+    let conn = http
+        .connections
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = lifecycle.retired() => {}
+    }
+    // Retired. A request already on its way is still served (its response
+    // says `Connection: close`); a connection that stays idle through the
+    // grace period is closed. Closing at once would reset a keep-alive
+    // client that sent its next request a moment before.
+    let grace = generation.config.node.drain_idle_grace;
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(grace) => {}
+        _ = lifecycle.killed() => return,
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = lifecycle.killed() => {}
+    }
+}
+
+struct Context {
+    connection: ConnectionGuard,
+    peer: SocketAddr,
+}
+
+impl Context {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let generation = self.connection.generation();
+        let _in_flight = RequestGuard::new(&generation.lifecycle);
+        let version = request.version();
+        let mut response = self.route(request).await;
+        if version < Version::HTTP_2 && generation.lifecycle.is_retired() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let http = http_listener(self.connection.listener());
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().host());
+        let Some(target) = http.router.find(host, request.uri().path()) else {
+            return status_response(StatusCode::NOT_FOUND);
+        };
+        match target {
+            RouteTarget::Upstream(upstream) => {
+                proxy::forward(request, upstream, self.peer.ip(), &http.settings).await
+            }
+            RouteTarget::Static { prefix, files } => {
+                let path = request.uri().path();
+                let sub_path = path.strip_prefix(prefix.as_str()).unwrap_or(path);
+                static_files::serve(request.method(), path, sub_path, request.headers(), files)
+                    .await
+            }
+        }
+    }
+}
+
+fn http_listener(listener: &ListenerRuntime) -> &HttpListener {
+    let ListenerService::Http(http) = &listener.service;
+    http
+}

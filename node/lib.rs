@@ -1,0 +1,20 @@
+//! tether: a reverse-proxy node (this crate's `node/` tree) and the
+//! controller that runs a fleet of them.
+//!
+//! The node's modules follow the path a request takes: `listen` accepts,
+//! `http` speaks the protocol, `route` picks a target, `upstream` picks a
+//! server and holds the connection pools, `static_files` serves from disk.
+//! `config` turns TOML into a validated `Config`; `supervisor` applies
+//! configs as `generation`s; `control` serves the gRPC control API.
+
+pub mod cli;
+pub mod config;
+pub mod generation;
+pub mod http;
+pub mod listen;
+pub mod proto;
+pub mod route;
+pub mod static_files;
+pub mod supervisor;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,167 @@
+//! Listening sockets and accept loops.
+//!
+//! The node keeps one listening socket per configured address for as long
+//! as some generation lists it. A new generation gets a duplicate of the
+//! same socket (same accept queue), so a reload never closes a socket that
+//! has connections waiting in its queue. Only new addresses are bound.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::config::ListenerConfig;
+use crate::generation::{ConnectionGuard, Generation, ListenerService};
+
+const BACKLOG: i32 = 4096;
+
+/// The sockets the node holds, by configured address.
+#[derive(Default)]
+pub struct SocketRegistry {
+    sockets: HashMap<SocketAddr, StdListener>,
+}
+
+/// A socket for each listener of a config being applied, not yet in force.
+pub struct PreparedSockets {
+    /// In listener order.
+    sockets: Vec<(SocketAddr, StdListener)>,
+}
+
+/// A listener whose address could not be bound.
+#[derive(Debug)]
+pub struct BindFailure {
+    pub listener_index: usize,
+    pub addr: SocketAddr,
+    pub error: io::Error,
+}
+
+impl SocketRegistry {
+    /// Sockets for `listeners`: a duplicate of the held socket where the
+    /// address is unchanged, a fresh bind otherwise. The registry itself is
+    /// untouched until `commit`, so a failure changes nothing.
+    pub fn prepare(
+        &self,
+        listeners: &[ListenerConfig],
+    ) -> Result<PreparedSockets, Vec<BindFailure>> {
+        let mut sockets = Vec::with_capacity(listeners.len());
+        let mut failures = Vec::new();
+        for (listener_index, listener) in listeners.iter().enumerate() {
+            let addr = listener.listen;
+            let socket = match self.sockets.get(&addr) {
+                Some(held) => held.try_clone(),
+                None => bind(addr),
+            };
+            match socket {
+                Ok(socket) => sockets.push((addr, socket)),
+                Err(error) => failures.push(BindFailure {
+                    listener_index,
+                    addr,
+                    error,
+                }),
+            }
+        }
+        if failures.is_empty() {
+            Ok(PreparedSockets { sockets })
+        } else {
+            Err(failures)
+        }
+    }
+
+    /// Holds exactly the prepared sockets from now on. Addresses no longer
+    /// listed are released here; the retiring generation's duplicates keep
+    /// them open until it stops accepting.
+    pub fn commit(&mut self, prepared: &PreparedSockets) -> io::Result<()> {
+        let mut next = HashMap::with_capacity(prepared.sockets.len());
+        for (addr, socket) in &prepared.sockets {
+            next.insert(*addr, socket.try_clone()?);
+        }
+        self.sockets = next;
+        Ok(())
+    }
+
+    pub fn release_all(&mut self) {
+        self.sockets.clear();
+    }
+}
+
+impl PreparedSockets {
+    pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        self.sockets.iter().map(|(_, s)| s.local_addr()).collect()
+    }
+
+    /// Starts one accept loop per listener of `generation`, in its task set.
+    pub fn start_accepting(self, generation: &Arc<Generation>) -> io::Result<()> {
+        for (index, (_, socket)) in self.sockets.into_iter().enumerate() {
+            let listener = TcpListener::from_std(socket)?;
+            generation
+                .lifecycle
+                .tasks()
+                .spawn(accept_loop(listener, index, generation.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<StdListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(listener: TcpListener, index: usize, generation: Arc<Generation>) {
+    let lifecycle = &generation.lifecycle;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = lifecycle.retired() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let _ = stream.set_nodelay(true);
+                let connection = ConnectionGuard::new(generation.clone(), index);
+                match &generation.listeners[index].service {
+                    ListenerService::Http(_) => {
+                        lifecycle
+                            .tasks()
+                            .spawn(crate::http::serve_connection(stream, peer, connection));
+                    }
+                }
+            }
+            // The peer gave up before we accepted: nothing to do.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                // Out of file descriptors or memory: back off instead of
+                // spinning, and keep serving the connections we have.
+                tracing::error!(
+                    listener = %generation.listeners[index].config.name,
+                    error = %e,
+                    retry_in = ?backoff,
+                    "accept failed"
+                );
+                tokio::select! {
+                    _ = lifecycle.retired() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

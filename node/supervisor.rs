@@ -1,0 +1,441 @@
+//! The supervisor owns the generation in force and is the only place that
+//! applies config. Startup, SIGHUP, the control service and controller
+//! pushes all send it an apply request; requests are handled one at a
+//! time, and a request still queued when a newer one arrives is superseded.
+//!
+//! Apply: parse + validate → bind new addresses → build generation N+1 →
+//! N+1 accepts → N retires (stops accepting, drains up to its
+//! drain_timeout) → N is dropped. Any failure before the switch leaves N
+//! in force, untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{content_version, Config, ConfigError};
+use crate::generation::{ConfigInfo, ConfigSource, Generation};
+use crate::listen::SocketRegistry;
+use crate::upstream::{ClientKey, ClientRegistry, Health};
+
+/// What to apply.
+#[derive(Debug, Clone)]
+pub enum ApplySource {
+    /// Re-read the node's config file.
+    File,
+    /// Config text given directly (control service).
+    Inline(String),
+}
+
+/// The outcome of a successful apply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub generation: u64,
+    pub info: ConfigInfo,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid config:\n{}", join(.0))]
+    Invalid(Vec<ConfigError>),
+    #[error("cannot bind:\n{}", join(.0))]
+    Bind(Vec<ConfigError>),
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("a newer config arrived before this one was applied")]
+    Superseded,
+    #[error("the node is stopping")]
+    Stopping,
+    #[error("the node has no config file to re-read; it was started with inline config")]
+    NoConfigFile,
+}
+
+fn join(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Something the node did, for watchers (`WatchHealth`, the controller).
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    ConfigApplied {
+        generation: u64,
+        info: ConfigInfo,
+        previous_generation: u64,
+    },
+    GenerationDrained {
+        generation: u64,
+        closed_at_timeout: u64,
+    },
+    HealthChanged {
+        upstream: String,
+        server: std::net::SocketAddr,
+        from: Health,
+        to: Health,
+        reason: String,
+    },
+}
+
+/// What `Stop` reports when it begins.
+#[derive(Debug, Clone, Copy)]
+pub struct StopReport {
+    pub generation: u64,
+    pub open_connections: u64,
+}
+
+enum Command {
+    Apply(ApplySource, oneshot::Sender<Result<Applied, ApplyError>>),
+    Stop(Option<Duration>, oneshot::Sender<StopReport>),
+}
+
+/// State readers share with the supervisor.
+struct Shared {
+    current: RwLock<Option<Arc<Generation>>>,
+    draining: Mutex<Vec<Arc<Generation>>>,
+    events: broadcast::Sender<NodeEvent>,
+    stopped: watch::Sender<bool>,
+    config_path: Option<PathBuf>,
+}
+
+/// A cheap handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+const EVENT_BUFFER: usize = 1024;
+
+/// Starts a node: applies the config at `config_path` (or `inline` text)
+/// and keeps serving it until stopped. Fails, with nothing left running,
+/// if the first config cannot be applied.
+pub async fn start(
+    config_path: Option<PathBuf>,
+    inline: Option<String>,
+) -> Result<NodeHandle, ApplyError> {
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        current: RwLock::new(None),
+        draining: Mutex::new(Vec::new()),
+        events: broadcast::channel(EVENT_BUFFER).0,
+        stopped: watch::channel(false).0,
+        config_path,
+    });
+    let mut supervisor = Supervisor {
+        shared: shared.clone(),
+        sockets: SocketRegistry::default(),
+        clients: ClientRegistry::default(),
+        next_generation: 1,
+        drains: TaskTracker::new(),
+    };
+    let source = match inline {
+        Some(text) => ApplySource::Inline(text),
+        None => ApplySource::File,
+    };
+    supervisor.apply(source).await?;
+    tokio::spawn(supervisor.run(receiver));
+    Ok(NodeHandle { commands, shared })
+}
+
+impl NodeHandle {
+    pub async fn apply(&self, source: ApplySource) -> Result<Applied, ApplyError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Apply(source, reply))
+            .map_err(|_| ApplyError::Stopping)?;
+        answer.await.unwrap_or(Err(ApplyError::Stopping))
+    }
+
+    /// Begins a graceful stop: the node stops accepting and drains up to
+    /// `drain` (default: the config's drain_timeout). `stopped` resolves
+    /// once every generation has drained.
+    pub async fn stop(&self, drain: Option<Duration>) -> Option<StopReport> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Stop(drain, reply)).ok()?;
+        answer.await.ok()
+    }
+
+    pub async fn stopped(&self) {
+        let mut stopped = self.shared.stopped.subscribe();
+        let _ = stopped.wait_for(|s| *s).await;
+    }
+
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Retired generations whose connections are still draining.
+    pub fn draining(&self) -> Vec<Arc<Generation>> {
+        self.shared
+            .draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.shared.config_path.as_deref()
+    }
+
+    /// Publishes a health change to watchers.
+    pub fn publish(&self, event: NodeEvent) {
+        let _ = self.shared.events.send(event);
+    }
+}
+
+struct Supervisor {
+    shared: Arc<Shared>,
+    sockets: SocketRegistry,
+    clients: ClientRegistry,
+    next_generation: u64,
+    /// One task per retired generation, draining it.
+    drains: TaskTracker,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        while let Some(first) = commands.recv().await {
+            let mut batch = vec![first];
+            while let Ok(next) = commands.try_recv() {
+                batch.push(next);
+            }
+            if let Some(index) = batch.iter().position(|c| matches!(c, Command::Stop(..))) {
+                let Command::Stop(drain, reply) = batch.remove(index) else {
+                    unreachable!()
+                };
+                for command in batch {
+                    if let Command::Apply(_, reply) = command {
+                        let _ = reply.send(Err(ApplyError::Stopping));
+                    }
+                }
+                self.stop(drain, reply).await;
+                break;
+            }
+            let mut applies: Vec<_> = batch
+                .into_iter()
+                .map(|c| match c {
+                    Command::Apply(source, reply) => (source, reply),
+                    Command::Stop(..) => unreachable!(),
+                })
+                .collect();
+            let (source, reply) = applies.pop().expect("a batch has one command");
+            for (_, superseded) in applies {
+                let _ = superseded.send(Err(ApplyError::Superseded));
+            }
+            let _ = reply.send(self.apply(source).await);
+        }
+        // Every handle dropped or stopped: nothing more to apply.
+        self.sockets.release_all();
+        self.drains.close();
+        self.drains.wait().await;
+        let _ = self.shared.stopped.send(true);
+    }
+
+    fn read_source(
+        &self,
+        source: ApplySource,
+    ) -> Result<(String, ConfigSource, PathBuf), ApplyError> {
+        let base_dir = |path: &Path| path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match source {
+            ApplySource::File => {
+                let path = self
+                    .shared
+                    .config_path
+                    .clone()
+                    .ok_or(ApplyError::NoConfigFile)?;
+                let text = std::fs::read_to_string(&path).map_err(|e| ApplyError::Read {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                let base = base_dir(&path);
+                Ok((text, ConfigSource::File(path), base))
+            }
+            ApplySource::Inline(text) => {
+                let base = match &self.shared.config_path {
+                    Some(path) => base_dir(path),
+                    None => std::env::current_dir().unwrap_or_default(),
+                };
+                Ok((text, ConfigSource::Inline, base))
+            }
+        }
+    }
+
+    async fn apply(&mut self, source: ApplySource) -> Result<Applied, ApplyError> {
+        let started = Instant::now();
+        let (text, source, base_dir) = self.read_source(source)?;
+        let result = self.apply_text(text, source, &base_dir);
+        match &result {
+            Ok(applied) => tracing::info!(
+                generation = applied.generation,
+                version = %applied.info.version,
+                duration = ?started.elapsed(),
+                "config applied"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, duration = ?started.elapsed(), "config refused; the config in force is unchanged")
+            }
+        }
+        result
+    }
+
+    fn apply_text(
+        &mut self,
+        text: String,
+        source: ConfigSource,
+        base_dir: &Path,
+    ) -> Result<Applied, ApplyError> {
+        let started = Instant::now();
+        let config = Config::parse(&text, base_dir).map_err(ApplyError::Invalid)?;
+        let prepared = self
+            .sockets
+            .prepare(&config.listeners)
+            .map_err(|failures| ApplyError::Bind(bind_errors(&text, failures)))?;
+        let bound = prepared.local_addrs().map_err(|e| bind_failed(&text, e))?;
+        let previous = self.current();
+        let number = self.next_generation;
+        let info = ConfigInfo {
+            version: content_version(&text),
+            source,
+            applied_at: SystemTime::now(),
+            text: text.into(),
+        };
+        let generation = Arc::new(Generation::build(
+            number,
+            Arc::new(config),
+            info,
+            &bound,
+            previous.as_deref(),
+            &mut self.clients,
+        ));
+        self.sockets
+            .commit(&prepared)
+            .map_err(|e| bind_failed(&generation.info.text, e))?;
+        if let Err(e) = prepared.start_accepting(&generation) {
+            generation.lifecycle.retire();
+            return Err(bind_failed(&generation.info.text, e));
+        }
+        // Switch: N+1 accepts from here on; N stops and drains.
+        self.next_generation += 1;
+        *self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(generation.clone());
+        let in_use: Vec<ClientKey> = generation
+            .upstreams
+            .values()
+            .map(|u| ClientKey::of(&u.config))
+            .collect();
+        self.clients.retain(&in_use);
+        let previous_generation = previous.as_ref().map_or(0, |p| p.number);
+        if let Some(previous) = previous {
+            self.retire(previous, None);
+        }
+        let _ = self.shared.events.send(NodeEvent::ConfigApplied {
+            generation: number,
+            info: generation.info.clone(),
+            previous_generation,
+        });
+        Ok(Applied {
+            generation: number,
+            info: generation.info.clone(),
+            duration: started.elapsed(),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Generation>> {
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Retires `generation` and drains it in the background.
+    fn retire(&self, generation: Arc<Generation>, deadline: Option<Duration>) {
+        generation.lifecycle.retire();
+        let deadline = deadline.unwrap_or(generation.config.node.drain_timeout);
+        self.shared
+            .draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(generation.clone());
+        let shared = self.shared.clone();
+        self.drains.spawn(async move {
+            let closed_at_timeout = generation.lifecycle.drain(deadline).await;
+            let number = generation.number;
+            if closed_at_timeout > 0 {
+                tracing::warn!(
+                    generation = number,
+                    closed_at_timeout,
+                    "drain deadline passed; closed the remaining connections"
+                );
+            } else {
+                tracing::info!(generation = number, "generation drained");
+            }
+            shared
+                .draining
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|g| g.number != number);
+            let _ = shared.events.send(NodeEvent::GenerationDrained {
+                generation: number,
+                closed_at_timeout,
+            });
+        });
+    }
+
+    async fn stop(&mut self, drain: Option<Duration>, reply: oneshot::Sender<StopReport>) {
+        let current = self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let report = StopReport {
+            generation: current.as_ref().map_or(0, |g| g.number),
+            open_connections: current.as_ref().map_or(0, |g| g.lifecycle.connections()),
+        };
+        tracing::info!(
+            generation = report.generation,
+            open_connections = report.open_connections,
+            "stopping: no longer accepting, draining"
+        );
+        if let Some(current) = current {
+            self.retire(current, drain);
+        }
+        let _ = reply.send(report);
+    }
+}
+
+fn bind_errors(text: &str, failures: Vec<crate::listen::BindFailure>) -> Vec<ConfigError> {
+    failures
+        .into_iter()
+        .map(|f| {
+            let path = format!("listener[{}].listen", f.listener_index);
+            ConfigError::at_path(text, &path, format!("cannot bind {}: {}", f.addr, f.error))
+        })
+        .collect()
+}
+
+fn bind_failed(text: &str, error: std::io::Error) -> ApplyError {
+    ApplyError::Bind(vec![ConfigError::at_path(
+        text,
+        "listener",
+        format!("cannot set up a listening socket: {error}"),
+    )])
+}
