@@ -114,13 +114,29 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(generation) = node.current() {
-        for listener in &generation.listeners {
-            tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
-        }
+    let Some(generation) = node.current() else {
+        return ExitCode::FAILURE;
+    };
+    for listener in &generation.listeners {
+        tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
     }
+    let control_listen = generation.config.control.listen;
+    drop(generation);
+    let control = match tokio::net::TcpListener::bind(control_listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("tether: cannot bind the control service to {control_listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(address = %control.local_addr().unwrap_or(control_listen), "control service listening");
+    let control = tokio::spawn(crate::control::serve(control, node.clone(), {
+        let node = node.clone();
+        async move { node.stopped().await }
+    }));
     loop {
         tokio::select! {
+            _ = node.stopped() => break,
             _ = hangup.recv() => {
                 // The outcome is logged by the supervisor.
                 let _ = node.apply(ApplySource::File).await;
@@ -130,12 +146,13 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         }
     }
     node.stop(None).await;
-    tokio::select! {
-        _ = node.stopped() => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        _ = terminate.recv() => ExitCode::FAILURE,
-        _ = interrupt.recv() => ExitCode::FAILURE,
-    }
+    let code = tokio::select! {
+        _ = node.stopped() => ExitCode::SUCCESS,
+        _ = terminate.recv() => return ExitCode::FAILURE,
+        _ = interrupt.recv() => return ExitCode::FAILURE,
+    };
+    // Lets the control service finish answering (a Stop call, say).
+    let _ = control.await;
+    tracing::info!("stopped");
+    code
 }

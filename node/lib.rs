@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod generation;
 pub mod http;
 pub mod listen;

@@ -1,0 +1,48 @@
+//! The node's gRPC control API: `tether.v1.ControlService`, with server
+//! reflection (v1 and v1alpha, so every grpcurl works without a .proto)
+//! and the standard `grpc.health.v1` service for probes.
+
+mod convert;
+mod service;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::proto::v1::control_service_server::ControlServiceServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::supervisor::NodeHandle;
+
+pub use service::ControlApi;
+
+/// Serves the control API on `listener` until `shutdown` resolves; then
+/// answers the calls in progress and returns.
+pub async fn serve(
+    listener: TcpListener,
+    node: NodeHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ControlServiceServer<ControlApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+    Server::builder()
+        .add_service(ControlServiceServer::new(ControlApi::new(node)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

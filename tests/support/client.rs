@@ -1,0 +1,90 @@
+//! Real HTTP clients for the tests: hyper's pooled client over HTTP/1.1 and
+//! HTTP/2 with prior knowledge.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http1_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(HttpConnector::new())
+}
+
+pub fn http2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// GET `path` from `addr` with an optional Host header and extra headers.
+pub async fn get(client: &TestClient, addr: SocketAddr, host: Option<&str>, path: &str) -> Answer {
+    get_with(client, addr, host, path, &[])
+        .await
+        .expect("request")
+}
+
+pub async fn get_with(
+    client: &TestClient,
+    addr: SocketAddr,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, hyper_util::client::legacy::Error> {
+    let mut request = Request::get(format!("http://{addr}{path}"));
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(request.body(Full::default()).unwrap())
+        .await?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Sends raw bytes on a fresh connection and answers what came back before
+/// the server closed it (or `wait` passed).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
+    answer
+}

@@ -1,0 +1,11 @@
+//! What the end-to-end tests share: the node binary as it ships, started on
+//! loopback with ephemeral ports; real upstream HTTP servers; real clients.
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+pub mod node;
+pub mod origin;
+
+pub use client::*;
+pub use node::*;
+pub use origin::*;

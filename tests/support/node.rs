@@ -1,0 +1,217 @@
+//! Runs `tether node` as a child process and drives it over gRPC.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether::proto::v1::control_service_client::ControlServiceClient;
+use tether::proto::v1::{self as pb, reload_request};
+use tonic::transport::Channel;
+
+pub struct Node {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub control_addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Adds `[control] listen = "127.0.0.1:0"` unless the config has a control section.
+fn with_ephemeral_control(config: &str) -> String {
+    if config.contains("[control]") {
+        config.to_owned()
+    } else {
+        format!("[control]\nlisten = \"127.0.0.1:0\"\n\n{config}")
+    }
+}
+
+impl Node {
+    /// Starts a node on `config` (written to a temp dir, which is also the
+    /// base for relative paths) and waits until its control service answers.
+    pub fn start(config: &str) -> Node {
+        Self::try_start(config).unwrap_or_else(|log| panic!("node did not start:\n{log}"))
+    }
+
+    /// Like `start`, but answers the node's output if it exits instead.
+    pub fn try_start(config: &str) -> Result<Node, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::try_start_in(dir, config)
+    }
+
+    pub fn try_start_in(dir: tempfile::TempDir, config: &str) -> Result<Node, String> {
+        let config_path = dir.path().join("node.toml");
+        std::fs::write(&config_path, with_ephemeral_control(config)).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["node", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tether");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("control service listening") {
+                        let _ = ready_tx.send(line.clone());
+                    }
+                    if std::env::var_os("TETHER_TEST_LOG").is_some() {
+                        eprintln!("[node] {line}");
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(line) = ready_rx.recv_timeout(Duration::from_millis(50)) {
+                let addr = line
+                    .split("address=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse().ok())
+                    .expect("control address in the log line");
+                return Ok(Node {
+                    child,
+                    dir,
+                    config_path,
+                    control_addr: addr,
+                    log,
+                });
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(log.lock().unwrap().join("\n"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!("timed out\n{}", log.lock().unwrap().join("\n")));
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub async fn control(&self) -> ControlServiceClient<Channel> {
+        ControlServiceClient::connect(format!("http://{}", self.control_addr))
+            .await
+            .expect("connect to the control service")
+    }
+
+    pub async fn get_config(&self) -> pb::GetConfigResponse {
+        self.control()
+            .await
+            .get_config(pb::GetConfigRequest {})
+            .await
+            .expect("GetConfig")
+            .into_inner()
+    }
+
+    /// The bound address of the listener called `name`.
+    pub async fn listener(&self, name: &str) -> SocketAddr {
+        let config = self.get_config().await;
+        let listener = config
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no listener {name}: {:?}", config.listeners));
+        listener.bound.parse().expect("bound address")
+    }
+
+    /// Applies `config` inline through the control service.
+    pub async fn reload(&self, config: &str) -> Result<pb::ReloadResponse, tonic::Status> {
+        let request = pb::ReloadRequest {
+            source: Some(reload_request::Source::ConfigText(with_ephemeral_control(
+                config,
+            ))),
+        };
+        self.control()
+            .await
+            .reload(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, with_ephemeral_control(config)).expect("write config");
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit; answers its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Open file descriptors of the node process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Peak resident memory (VmHWM) of the node process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_field(self.pid(), "VmHWM:")
+    }
+
+    pub fn threads(&self) -> u64 {
+        proc_status_field(self.pid(), "Threads:")
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+}
+
+fn proc_status_field(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `files` (relative path, content) under `dir`.
+pub fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
+    for (path, content) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+}
