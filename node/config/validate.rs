@@ -49,7 +49,13 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
             "node" => sections.node = decode(&locator, &path, value, &mut errors),
             "control" => sections.control = decode(&locator, &path, value, &mut errors),
             "listener" => sections.listeners = decode_array(&locator, &path, value, &mut errors),
-            "upstream" => sections.upstreams = decode_table(&locator, &path, value, &mut errors),
+            "upstream" => {
+                if let DeValue::Table(table) = value.get_ref() {
+                    sections.upstream_names =
+                        table.iter().map(|(k, _)| k.get_ref().to_string()).collect();
+                }
+                sections.upstreams = decode_table(&locator, &path, value, &mut errors);
+            }
             _ => problems.push(Problem {
                 path,
                 message: format!(
@@ -62,6 +68,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     let config = Validator {
         problems: &mut problems,
         base_dir,
+        upstream_names: std::mem::take(&mut sections.upstream_names),
     }
     .config(sections);
     errors.extend(problems.into_iter().map(|p| locator.locate(p)));
@@ -79,6 +86,9 @@ struct Sections {
     control: Option<RawControl>,
     listeners: Vec<(KeyPath, RawListener)>,
     upstreams: Vec<(KeyPath, String, RawUpstream)>,
+    /// Every name under [upstream], including entries that failed to
+    /// decode, so a route naming one is not reported a second time.
+    upstream_names: HashSet<String>,
 }
 
 fn decode<T: DeserializeOwned>(
@@ -137,6 +147,7 @@ fn decode_table<T: DeserializeOwned>(
 struct Validator<'a> {
     problems: &'a mut Vec<Problem>,
     base_dir: &'a Path,
+    upstream_names: HashSet<String>,
 }
 
 impl Validator<'_> {
@@ -313,6 +324,10 @@ impl Validator<'_> {
         let action = match (raw.upstream, raw.static_files) {
             (Some(name), None) => {
                 if !upstreams.contains_key(&name) {
+                    if self.upstream_names.contains(&name) {
+                        // Declared but invalid: already reported there.
+                        return None;
+                    }
                     let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
                     self.problem(
                         path.key("upstream"),

@@ -1,0 +1,474 @@
+//! Generations: every config change goes through one apply path, and no
+//! request or connection is lost on the way.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use support::*;
+use tether::proto::v1 as pb;
+use tonic::Code;
+
+fn config(listen: &str, route_to: &str, upstreams: &str, extra_routes: &str) -> String {
+    format!(
+        r#"
+[node]
+drain_timeout = "10s"
+
+[[listener]]
+name = "web"
+listen = "{listen}"
+{extra_routes}
+[[listener.route]]
+path = "/"
+upstream = "{route_to}"
+{upstreams}
+"#
+    )
+}
+
+fn upstream(name: &str, origins: &[&Origin], balance: &str) -> String {
+    let servers: Vec<String> = origins
+        .iter()
+        .map(|o| format!("{{ addr = \"{}\" }}", o.addr))
+        .collect();
+    format!(
+        "[upstream.{name}]\nservers = [{}]\nbalance = \"{balance}\"\n",
+        servers.join(", ")
+    )
+}
+
+/// A client that never retries on its own, so every lost request counts.
+fn strict_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .retry_canceled_requests(false)
+        .pool_max_idle_per_host(1)
+        .build(HttpConnector::new())
+}
+
+/// A free loopback address: bound, read back, released.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_load_lose_nothing() {
+    let (a, b, c) = (
+        Origin::start("a").await,
+        Origin::start("b").await,
+        Origin::start("c").await,
+    );
+    let listen = free_addr().to_string();
+    let blue = config(
+        &listen,
+        "blue",
+        &(upstream("blue", &[&a, &b], "round_robin") + &upstream("green", &[&c], "least_conn")),
+        "",
+    );
+    let green = config(
+        &listen,
+        "green",
+        &(upstream("green", &[&b, &c], "least_conn") + &upstream("blue", &[&a], "power_of_two")),
+        "[[listener.route]]\npath = \"/extra/\"\nupstream = \"blue\"\n",
+    );
+    let node = Node::start(&blue);
+    let web = node.listener("web").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let client = strict_client();
+            let started = Instant::now();
+            // Bounded by a flag and by time.
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                let request = Request::get(format!("http://{web}/"))
+                    .body(Full::default())
+                    .unwrap();
+                match client.request(request).await {
+                    Ok(response) if response.status() == StatusCode::OK => {
+                        match response.into_body().collect().await {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                eprintln!("body error: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                    Ok(response) => {
+                        eprintln!("status {}", response.status());
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("request error: {e:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut generation = 1;
+    for i in 0..50 {
+        let next = if i % 2 == 0 { &green } else { &blue };
+        let applied = node.reload(next).await.expect("reload");
+        generation = applied.config.unwrap().generation;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(generation, 51);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across 50 reloads",
+        ok + failed
+    );
+    assert!(ok > 1000, "only {ok} requests went through");
+    assert!(
+        c.requests() > 0 && a.requests() > 0,
+        "both configs served traffic"
+    );
+}
+
+#[tokio::test]
+async fn a_download_started_before_a_reload_completes_after_it() {
+    const SIZE: u64 = 32 * 1024 * 1024;
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let listen = free_addr().to_string();
+    let node = Node::start(&config(
+        &listen,
+        "u",
+        &upstream("u", &[&a], "round_robin"),
+        "",
+    ));
+    let web = node.listener("web").await;
+    let client = strict_client();
+    let response = client
+        .request(
+            Request::get(format!("http://{web}/bytes/{SIZE}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .len() as u64;
+
+    let applied = node
+        .reload(&config(
+            &listen,
+            "u",
+            &upstream("u", &[&b], "round_robin"),
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(applied.config.unwrap().generation, 2);
+    let state = node.get_config().await;
+    assert_eq!(
+        state.draining.len(),
+        1,
+        "generation 1 drains while the download runs"
+    );
+    assert_eq!(state.draining[0].generation, 1);
+    assert!(state.draining[0].open_connections >= 1);
+    // New requests already go to the new generation.
+    assert_eq!(get(&http1_client(), web, None, "/").await.text(), "b");
+
+    while let Some(frame) = body.frame().await {
+        received += frame
+            .expect("the download is not cut by the reload")
+            .into_data()
+            .map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(received, SIZE);
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.get_config().await.draining.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "generation 1 should finish draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn listeners_come_and_go_and_failed_applies_change_nothing() {
+    let origin = Origin::start("o").await;
+    let listen = free_addr().to_string();
+    let base = config(&listen, "u", &upstream("u", &[&origin], "round_robin"), "");
+    let node = Node::start(&base);
+    let web = node.listener("web").await;
+    let client = http1_client();
+
+    // Add a listener.
+    let second = free_addr();
+    let with_admin = format!("{base}\n[[listener]]\nname = \"admin\"\nlisten = \"{second}\"\n[[listener.route]]\nupstream = \"u\"\n");
+    node.reload(&with_admin).await.expect("adding a listener");
+    assert_eq!(get(&client, second, None, "/").await.status, StatusCode::OK);
+    assert_eq!(get(&client, web, None, "/").await.status, StatusCode::OK);
+
+    // Remove it: its address is released, the other keeps serving.
+    node.reload(&base).await.expect("removing a listener");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind(second).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "removed listener's address should be released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&client, web, None, "/").await.status, StatusCode::OK);
+
+    // An invalid config: every error with its location, nothing changes.
+    let before = node.get_config().await.config.unwrap();
+    let invalid = base
+        .replace("balance = \"round_robin\"", "balance = \"fastest\"")
+        .replace("path = \"/\"", "path = \"nope\"");
+    let status = node.reload(&invalid).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("listener[0].route[0].path"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("upstream.u.balance"),
+        "{}",
+        status.message()
+    );
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    let violations = &details
+        .bad_request()
+        .expect("BadRequest details")
+        .field_violations;
+    assert_eq!(violations.len(), 2);
+    assert_eq!(node.get_config().await.config.unwrap(), before);
+
+    // A bind failure: the address is held by another socket.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_addr = held.local_addr().unwrap();
+    let blocked = format!("{base}\n[[listener]]\nname = \"blocked\"\nlisten = \"{held_addr}\"\n[[listener.route]]\nupstream = \"u\"\n");
+    let status = node.reload(&blocked).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("listener[1].listen"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .contains(&format!("cannot bind {held_addr}")),
+        "{}",
+        status.message()
+    );
+    assert_eq!(node.get_config().await.config.unwrap(), before);
+    assert_eq!(get(&client, web, None, "/").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_that_outlives_the_drain_timeout_is_closed() {
+    let origin = Origin::start("o").await;
+    let listen = free_addr().to_string();
+    let short = config(&listen, "u", &upstream("u", &[&origin], "round_robin"), "")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"1s\"");
+    let node = Node::start(&short);
+    let web = node.listener("web").await;
+    let mut watch = node
+        .control()
+        .await
+        .watch_health(pb::WatchHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.event,
+        Some(pb::node_event::Event::Snapshot(_))
+    ));
+
+    let hanging =
+        tokio::spawn(async move { get_with(&strict_client(), web, None, "/hang", &[]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.requests() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let changed = config(&listen, "u", &upstream("u", &[&origin], "least_conn"), "")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"1s\"");
+    node.reload(&changed).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), hanging)
+        .await
+        .expect("closed at the drain deadline")
+        .unwrap();
+    assert!(outcome.is_err(), "the hanging request is cut off");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the drain timeout"
+    );
+
+    // The watcher saw the apply and the forced drain of generation 1.
+    let mut drained = None;
+    while drained.is_none() {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(pb::node_event::Event::GenerationDrained(d)) = event.event {
+            drained = Some(d);
+        }
+    }
+    let drained = drained.unwrap();
+    assert_eq!((drained.generation, drained.closed_at_timeout), (1, 1));
+    assert!(node.get_config().await.draining.is_empty());
+}
+
+#[tokio::test]
+async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let listen = free_addr().to_string();
+    let one = config(&listen, "u", &upstream("u", &[&a], "round_robin"), "");
+    let two = config(
+        &listen,
+        "u",
+        &upstream("u", &[&b], "least_conn"),
+        "[[listener.route]]\npath = \"/x/\"\nupstream = \"u\"\n",
+    );
+    let node = Node::start(&one);
+    let web = node.listener("web").await;
+    let client = http1_client();
+    for config in [&two, &one] {
+        node.reload(config).await.unwrap();
+        get(&client, web, None, "/").await;
+    }
+    let settle = || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node.get_config().await.draining.is_empty() {
+            assert!(Instant::now() < deadline, "old generations should drain");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    drop(client);
+    settle().await;
+    let (fds, threads) = (node.fd_count(), node.threads());
+    for i in 0..200 {
+        node.reload(if i % 2 == 0 { &two } else { &one })
+            .await
+            .unwrap();
+        if i % 20 == 0 {
+            let client = http1_client();
+            assert_eq!(get(&client, web, None, "/").await.status, StatusCode::OK);
+        }
+    }
+    settle().await;
+    let config = node.get_config().await;
+    assert_eq!(config.config.unwrap().generation, 203);
+    assert!(
+        node.fd_count() <= fds + 4,
+        "fds {fds} before, {} after 200 reloads",
+        node.fd_count()
+    );
+    assert!(
+        node.threads() <= threads + 2,
+        "threads {threads} before, {} after",
+        node.threads()
+    );
+}
+
+#[tokio::test]
+async fn sighup_rereads_the_file_and_a_bad_file_keeps_the_config_in_force() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let listen = free_addr().to_string();
+    let node = Node::start(&config(
+        &listen,
+        "u",
+        &upstream("u", &[&a], "round_robin"),
+        "",
+    ));
+    let web = node.listener("web").await;
+    let client = http1_client();
+    assert_eq!(get(&client, web, None, "/").await.text(), "a");
+
+    node.write_config(&config(
+        &listen,
+        "u",
+        &upstream("u", &[&b], "round_robin"),
+        "",
+    ));
+    node.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.get_config().await.config.unwrap().generation != 2 {
+        assert!(Instant::now() < deadline, "SIGHUP should apply the file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new connection gets the new config (one already open finishes its
+    // next request on the old one, then is closed).
+    let client = http1_client();
+    assert_eq!(get(&client, web, None, "/").await.text(), "b");
+    let info = node.get_config().await.config.unwrap();
+    assert_eq!(info.source, pb::ConfigSource::File as i32);
+    assert!(info.version.starts_with("sha256:"));
+
+    node.write_config("[[listener]]\nname = 1\n");
+    node.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node.get_config().await.config.unwrap().generation, 2);
+    assert_eq!(get(&client, web, None, "/").await.text(), "b");
+    assert!(node.log().contains("config refused"), "{}", node.log());
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let origin = Origin::start("o").await;
+    let mut node = Node::start(&config(
+        "127.0.0.1:0",
+        "u",
+        &upstream("u", &[&origin], "round_robin"),
+        "",
+    ));
+    let web = node.listener("web").await;
+    let slow = tokio::spawn(async move { get(&strict_client(), web, None, "/slow/700").await });
+    while origin.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node.signal(libc::SIGTERM);
+    let answer = slow.await.unwrap();
+    assert_eq!(
+        (answer.status, answer.text().as_str()),
+        (StatusCode::OK, "o")
+    );
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(web).await.is_err(),
+        "no longer accepting"
+    );
+}
