@@ -35,12 +35,24 @@ enum Command {
         /// The TOML config file to check.
         file: PathBuf,
     },
+    /// Drive a running node over its control service.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::Ctl(args) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(crate::ctl::run(args)),
+            Err(e) => {
+                eprintln!("tether: cannot start the runtime: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Node { config } => {
             crate::telemetry::init_logging();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -120,7 +132,8 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     for listener in &generation.listeners {
         tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
     }
-    let control_listen = generation.config.control.listen;
+    let control_settings = generation.config.control.clone();
+    let control_listen = control_settings.listen;
     drop(generation);
     let control = match tokio::net::TcpListener::bind(control_listen).await {
         Ok(listener) => listener,
@@ -129,11 +142,25 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(address = %control.local_addr().unwrap_or(control_listen), "control service listening");
-    let control = tokio::spawn(crate::control::serve(control, node.clone(), {
+    tracing::info!(
+        address = %control.local_addr().unwrap_or(control_listen),
+        mtls = control_settings.tls.is_some(),
+        "control service listening"
+    );
+    let control = tokio::spawn({
         let node = node.clone();
-        async move { node.stopped().await }
-    }));
+        async move {
+            let stopped = node.clone();
+            let result =
+                crate::control::serve(control, control_settings.tls.as_ref(), node, async move {
+                    stopped.stopped().await
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "control service failed");
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = node.stopped() => break,

@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod generation;
 pub mod http;
 pub mod listen;

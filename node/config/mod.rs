@@ -4,6 +4,7 @@
 
 mod duration;
 mod error;
+mod pem;
 mod raw;
 mod validate;
 
@@ -44,6 +45,25 @@ pub struct NodeSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlSettings {
     pub listen: SocketAddr,
+    /// Required off loopback: clients must present a certificate signed by
+    /// `client_ca`.
+    pub tls: Option<ControlTls>,
+}
+
+/// PEM material for the control service's mTLS, read when the config is
+/// loaded so a missing or unreadable file is a config error.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ControlTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ControlTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("ControlTls").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

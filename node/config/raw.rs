@@ -17,6 +17,15 @@ pub struct RawNode {
 #[serde(deny_unknown_fields)]
 pub struct RawControl {
     pub listen: Option<String>,
+    pub tls: Option<RawControlTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControlTls {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -221,16 +221,51 @@ impl Validator<'_> {
                 .parse()
                 .expect("default control address")
         });
-        if !listen.ip().is_loopback() {
+        let tls = raw.tls.and_then(|tls| {
+            let tls_path = KeyPath::root().key("control").key("tls");
+            let cert = self.read_pem(&tls_path.key("cert"), &tls.cert, pem::Expect::Certificates);
+            let key = self.read_pem(&tls_path.key("key"), &tls.key, pem::Expect::PrivateKey);
+            let ca = self.read_pem(
+                &tls_path.key("client_ca"),
+                &tls.client_ca,
+                pem::Expect::Certificates,
+            );
+            Some(ControlTls {
+                cert_pem: cert?,
+                key_pem: key?,
+                client_ca_pem: ca?,
+            })
+        });
+        if !listen.ip().is_loopback() && tls.is_none() {
             self.problem(
                 path,
                 format!(
-                    "control listen address {listen} is not loopback: the control service \
-                     is plaintext and unauthenticated, so bind it to 127.0.0.1 or ::1"
+                    "control listen address {listen} is not loopback: off loopback the control \
+                     service requires mTLS; add [control.tls] with cert, key and client_ca, or \
+                     bind it to 127.0.0.1"
                 ),
             );
         }
-        ControlSettings { listen }
+        ControlSettings { listen, tls }
+    }
+
+    /// Reads a PEM file (relative to the config's directory) and checks
+    /// that it holds what it should.
+    fn read_pem(&mut self, path: &KeyPath, file: &str, expect: pem::Expect) -> Option<Vec<u8>> {
+        let full = self.base_dir.join(file);
+        match std::fs::read(&full) {
+            Ok(bytes) => match pem::check(&bytes, expect) {
+                Ok(()) => Some(bytes),
+                Err(message) => {
+                    self.problem(path.clone(), format!("{}: {message}", full.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                self.problem(path.clone(), format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
     }
 
     fn socket_addr(&mut self, path: &KeyPath, text: &str) -> Option<SocketAddr> {

@@ -9,8 +9,9 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::config::ControlTls;
 use crate::proto::v1::control_service_server::ControlServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::supervisor::NodeHandle;
@@ -18,9 +19,11 @@ use crate::supervisor::NodeHandle;
 pub use service::ControlApi;
 
 /// Serves the control API on `listener` until `shutdown` resolves; then
-/// answers the calls in progress and returns.
+/// answers the calls in progress and returns. With `tls`, every client must
+/// present a certificate signed by its client CA.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<&ControlTls>,
     node: NodeHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -38,7 +41,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem)),
+        )?;
+    }
+    server
         .add_service(ControlServiceServer::new(ControlApi::new(node)))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -2,10 +2,12 @@
 //! loopback with ephemeral ports; real upstream HTTP servers; real clients.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod client;
 pub mod node;
 pub mod origin;
 
+pub use certs::*;
 pub use client::*;
 pub use node::*;
 pub use origin::*;
