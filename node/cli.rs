@@ -39,6 +39,10 @@ enum Command {
     Ctl(crate::ctl::CtlArgs),
 }
 
+/// How long the control service may take to answer its last calls once
+/// the node has drained.
+const CONTROL_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -178,8 +182,9 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         _ = terminate.recv() => return ExitCode::FAILURE,
         _ = interrupt.recv() => return ExitCode::FAILURE,
     };
-    // Lets the control service finish answering (a Stop call, say).
-    let _ = control.await;
+    // Lets the control service finish answering (a Stop call, say), but a
+    // client that keeps its connection open does not hold the exit.
+    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control).await;
     tracing::info!("stopped");
     code
 }

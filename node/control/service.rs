@@ -239,6 +239,8 @@ impl ControlService for ControlApi {
             loop {
                 let received = tokio::select! {
                     _ = sender.closed() => return,
+                    // The stream ends with the node.
+                    _ = api.node.stopped() => return,
                     received = events.recv() => received,
                 };
                 let next = match received {
