@@ -197,6 +197,13 @@ async fn stop_answers_then_drains_in_flight_work_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut control = node.control().await;
+    // An open WatchHealth stream must not keep the node alive.
+    let mut watch = control
+        .watch_health(pb::WatchHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
     let started = Instant::now();
     let stopped = control
         .stop(pb::StopRequest {
@@ -220,6 +227,10 @@ async fn stop_answers_then_drains_in_flight_work_and_exits_zero() {
         (StatusCode::OK, "o")
     );
     assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        !matches!(watch.message().await, Ok(Some(_))),
+        "the watch stream ends with the node"
+    );
 }
 
 async fn channel(url: &str) -> Channel {
