@@ -13,9 +13,23 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
+use tokio::sync::broadcast;
+
 use crate::config::{Config, ListenerConfig, Protocol};
+use crate::health::PreparedChecks;
 use crate::http::HttpListener;
+use crate::supervisor::NodeEvent;
 use crate::upstream::{ClientRegistry, Upstream};
+
+/// What a generation is built from besides its config: state the node
+/// keeps across generations.
+pub struct Shared<'a> {
+    /// The health cell of every checked (address, check).
+    pub checks: &'a PreparedChecks,
+    /// Pooled upstream connections.
+    pub clients: &'a mut ClientRegistry,
+    pub events: &'a broadcast::Sender<NodeEvent>,
+}
 
 /// Where a config came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,15 +76,15 @@ pub enum ListenerService {
 
 impl Generation {
     /// Builds generation `number` from `config`. Upstreams reuse the
-    /// server state of `previous` (balancer counts, health) and the pooled
-    /// connections of `clients`.
+    /// server state of `previous` (in-flight counts, passive health) and the
+    /// pooled connections and health cells in `shared`.
     pub fn build(
         number: u64,
         config: Arc<Config>,
         info: ConfigInfo,
         bound: &[SocketAddr],
         previous: Option<&Generation>,
-        clients: &mut ClientRegistry,
+        shared: Shared,
     ) -> Generation {
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
@@ -81,7 +95,13 @@ impl Generation {
                     .map(Arc::as_ref);
                 (
                     name.clone(),
-                    Arc::new(Upstream::new(upstream.clone(), old, clients)),
+                    Arc::new(Upstream::new(
+                        upstream.clone(),
+                        old,
+                        shared.checks,
+                        shared.clients,
+                        shared.events.clone(),
+                    )),
                 )
             })
             .collect();

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod generation;
+pub mod health;
 pub mod http;
 pub mod listen;
 pub mod proto;

@@ -16,7 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{content_version, Config, ConfigError};
-use crate::generation::{ConfigInfo, ConfigSource, Generation};
+use crate::generation::{self, ConfigInfo, ConfigSource, Generation};
+use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
 use crate::upstream::{ClientKey, ClientRegistry, Health};
 
@@ -128,6 +129,7 @@ pub async fn start(
         config_path,
     });
     let mut supervisor = Supervisor {
+        health: HealthRegistry::new(shared.events.clone()),
         shared: shared.clone(),
         sockets: SocketRegistry::default(),
         clients: ClientRegistry::default(),
@@ -199,6 +201,8 @@ impl NodeHandle {
 
 struct Supervisor {
     shared: Arc<Shared>,
+    /// Active health checkers, kept across generations.
+    health: HealthRegistry,
     sockets: SocketRegistry,
     clients: ClientRegistry,
     next_generation: u64,
@@ -240,6 +244,7 @@ impl Supervisor {
         }
         // Every handle dropped or stopped: nothing more to apply.
         self.sockets.release_all();
+        self.health.stop_all();
         self.drains.close();
         self.drains.wait().await;
         let _ = self.shared.stopped.send(true);
@@ -313,13 +318,18 @@ impl Supervisor {
             applied_at: SystemTime::now(),
             text: text.into(),
         };
+        let checks = self.health.prepare(&config);
         let generation = Arc::new(Generation::build(
             number,
             Arc::new(config),
             info,
             &bound,
             previous.as_deref(),
-            &mut self.clients,
+            generation::Shared {
+                checks: &checks,
+                clients: &mut self.clients,
+                events: &self.shared.events,
+            },
         ));
         self.sockets
             .commit(&prepared)
@@ -341,6 +351,7 @@ impl Supervisor {
             .map(|u| ClientKey::of(&u.config))
             .collect();
         self.clients.retain(&in_use);
+        self.health.commit(checks, &generation.config);
         let previous_generation = previous.as_ref().map_or(0, |p| p.number);
         if let Some(previous) = previous {
             self.retire(previous, None);

@@ -141,6 +141,82 @@ pub struct UpstreamConfig {
     /// How long an idle pooled upstream connection is kept.
     pub idle_timeout: Duration,
     pub max_idle_per_server: usize,
+    /// Further servers to try when connecting fails, for idempotent
+    /// requests without a body.
+    pub retries: u32,
+    pub all_down: AllDown,
+    pub health: Option<HealthCheck>,
+    pub passive: Option<PassiveCheck>,
+}
+
+/// What to do when every server of an upstream is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Answer 503 at once.
+    Fail,
+    /// Ignore health and try the servers anyway.
+    TryAll,
+}
+
+/// An active health check. Equal checks on the same address share one
+/// checker, however many upstreams list the address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes for an unhealthy server to become healthy.
+    pub rise: u32,
+    /// Consecutive failures for a healthy (or unknown) server to go down.
+    pub fall: u32,
+    /// Up to this much random delay is added to every interval, so a fleet
+    /// restarted together does not check in lockstep.
+    pub jitter: Duration,
+    pub initial: InitialHealth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    Http(HttpCheck),
+    Tcp(TcpCheck),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpCheck {
+    pub method: http::Method,
+    pub path: String,
+    /// Host header; the server address when unset.
+    pub host: Option<String>,
+    /// Inclusive status ranges that count as success.
+    pub expect_status: Vec<(u16, u16)>,
+    pub expect_body: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TcpCheck {
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InitialHealth {
+    /// Used, and reported unknown, until the first check result.
+    Unknown,
+    /// Takes no traffic until `rise` checks pass.
+    Unhealthy,
+}
+
+/// Outlier detection from real traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveCheck {
+    /// Consecutive connect failures, timeouts or 5xx that eject a server.
+    pub consecutive_failures: u32,
+    /// First ejection period; it doubles on each repeat ejection...
+    pub ejection: Duration,
+    /// ...up to this.
+    pub max_ejection: Duration,
+    /// Never eject more than this share of an upstream's servers.
+    pub max_ejected_percent: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -98,6 +98,62 @@ pub struct RawUpstream {
     pub read_timeout: Option<ConfigDuration>,
     pub idle_timeout: Option<ConfigDuration>,
     pub max_idle_per_server: Option<usize>,
+    pub retries: Option<u32>,
+    pub all_down: Option<RawAllDown>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawAllDown {
+    Fail,
+    TryAll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawCheckType {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawInitialHealth {
+    Unknown,
+    Unhealthy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    #[serde(rename = "type")]
+    pub kind: RawCheckType,
+    pub interval: Option<ConfigDuration>,
+    pub timeout: Option<ConfigDuration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub jitter: Option<ConfigDuration>,
+    pub initial: Option<RawInitialHealth>,
+    // type = "http"
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub expect_status: Option<Vec<String>>,
+    pub expect_body: Option<String>,
+    // type = "tcp"
+    pub send: Option<String>,
+    pub expect: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub consecutive_failures: Option<u32>,
+    pub ejection: Option<ConfigDuration>,
+    pub max_ejection: Option<ConfigDuration>,
+    pub max_ejected_percent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,16 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_IDLE_PER_SERVER: usize = 512;
+const DEFAULT_RETRIES: u32 = 1;
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_RISE: u32 = 2;
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_EXPECT_STATUS: (u16, u16) = (200, 399);
+const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
 const SECTIONS: &[&str] = &["node", "control", "listener", "upstream"];
 
@@ -511,10 +521,25 @@ impl Validator<'_> {
             (RawBalance::LeastConn, None) => BalancePolicy::LeastConn,
             (RawBalance::PowerOfTwo, None) => BalancePolicy::PowerOfTwo,
         };
+        let health = match raw.health {
+            Some(health) => Some(self.health_check(&path.key("health"), health)?),
+            None => None,
+        };
+        let passive = match raw.passive {
+            Some(passive) => Some(self.passive_check(&path.key("passive"), passive)?),
+            None => None,
+        };
         Some(UpstreamConfig {
             name,
             servers,
             balance,
+            retries: raw.retries.unwrap_or(DEFAULT_RETRIES),
+            all_down: match raw.all_down {
+                Some(RawAllDown::TryAll) => AllDown::TryAll,
+                Some(RawAllDown::Fail) | None => AllDown::Fail,
+            },
+            health,
+            passive,
             protocol: match raw.protocol {
                 RawUpstreamProtocol::Http1 => UpstreamProtocol::Http1,
                 RawUpstreamProtocol::H2c => UpstreamProtocol::H2c,
@@ -528,6 +553,156 @@ impl Validator<'_> {
                 .max_idle_per_server
                 .unwrap_or(DEFAULT_MAX_IDLE_PER_SERVER),
         })
+    }
+
+    fn health_check(&mut self, path: &KeyPath, raw: RawHealth) -> Option<HealthCheck> {
+        let interval = raw.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0);
+        let timeout = raw
+            .timeout
+            .map_or(DEFAULT_CHECK_TIMEOUT.min(interval), |d| d.0);
+        let mut ok = true;
+        if interval.is_zero() {
+            self.problem(path.key("interval"), "interval must be more than 0");
+            ok = false;
+        }
+        if timeout > interval || timeout.is_zero() {
+            self.problem(
+                path.key("timeout"),
+                "timeout must be more than 0 and at most the interval",
+            );
+            ok = false;
+        }
+        for (key, value) in [("rise", raw.rise), ("fall", raw.fall)] {
+            if value == Some(0) {
+                self.problem(path.key(key), format!("{key} must be at least 1"));
+                ok = false;
+            }
+        }
+        let http_keys = [
+            ("method", raw.method.is_some()),
+            ("path", raw.path.is_some()),
+            ("host", raw.host.is_some()),
+            ("expect_status", raw.expect_status.is_some()),
+            ("expect_body", raw.expect_body.is_some()),
+        ];
+        let tcp_keys = [
+            ("send", raw.send.is_some()),
+            ("expect", raw.expect.is_some()),
+        ];
+        let (wrong_keys, kind_name): (&[(&str, bool)], &str) = match raw.kind {
+            RawCheckType::Http => (&tcp_keys, "http"),
+            RawCheckType::Tcp => (&http_keys, "tcp"),
+        };
+        for (key, present) in wrong_keys {
+            if *present {
+                self.problem(
+                    path.key(key),
+                    format!("`{key}` does not apply to type = \"{kind_name}\""),
+                );
+                ok = false;
+            }
+        }
+        let kind = match raw.kind {
+            RawCheckType::Http => {
+                let method = raw.method.as_deref().unwrap_or("GET");
+                let method = match http::Method::from_bytes(method.as_bytes()) {
+                    Ok(method) => method,
+                    Err(_) => {
+                        self.problem(
+                            path.key("method"),
+                            format!("invalid HTTP method {method:?}"),
+                        );
+                        return None;
+                    }
+                };
+                let check_path = raw.path.unwrap_or_else(|| "/".to_owned());
+                if !check_path.starts_with('/') {
+                    self.problem(
+                        path.key("path"),
+                        format!("path {check_path:?} must start with \"/\""),
+                    );
+                    ok = false;
+                }
+                let expect_status = match raw.expect_status {
+                    None => vec![DEFAULT_EXPECT_STATUS],
+                    Some(ranges) => {
+                        let mut parsed = Vec::new();
+                        for (i, range) in ranges.iter().enumerate() {
+                            match parse_status_range(range) {
+                                Some(range) => parsed.push(range),
+                                None => {
+                                    self.problem(
+                                        path.key("expect_status").index(i),
+                                        format!("invalid status range {range:?}: write \"200\", \"200-299\" or \"2xx\""),
+                                    );
+                                    ok = false;
+                                }
+                            }
+                        }
+                        parsed
+                    }
+                };
+                CheckKind::Http(HttpCheck {
+                    method,
+                    path: check_path,
+                    host: raw.host,
+                    expect_status,
+                    expect_body: raw.expect_body,
+                })
+            }
+            RawCheckType::Tcp => CheckKind::Tcp(TcpCheck {
+                send: raw.send.map(String::into_bytes),
+                expect: raw.expect.map(String::into_bytes),
+            }),
+        };
+        ok.then_some(HealthCheck {
+            kind,
+            interval,
+            timeout,
+            rise: raw.rise.unwrap_or(DEFAULT_RISE),
+            fall: raw.fall.unwrap_or(DEFAULT_FALL),
+            jitter: raw.jitter.map_or(interval / 10, |d| d.0),
+            initial: match raw.initial {
+                Some(RawInitialHealth::Unhealthy) => InitialHealth::Unhealthy,
+                Some(RawInitialHealth::Unknown) | None => InitialHealth::Unknown,
+            },
+        })
+    }
+
+    fn passive_check(&mut self, path: &KeyPath, raw: RawPassive) -> Option<PassiveCheck> {
+        let check = PassiveCheck {
+            consecutive_failures: raw
+                .consecutive_failures
+                .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
+            ejection: raw.ejection.map_or(DEFAULT_EJECTION, |d| d.0),
+            max_ejection: raw.max_ejection.map_or(DEFAULT_MAX_EJECTION, |d| d.0),
+            max_ejected_percent: raw
+                .max_ejected_percent
+                .unwrap_or(DEFAULT_MAX_EJECTED_PERCENT),
+        };
+        let mut ok = true;
+        if check.consecutive_failures == 0 {
+            self.problem(
+                path.key("consecutive_failures"),
+                "consecutive_failures must be at least 1",
+            );
+            ok = false;
+        }
+        if check.max_ejection < check.ejection {
+            self.problem(
+                path.key("max_ejection"),
+                "max_ejection must be at least ejection",
+            );
+            ok = false;
+        }
+        if check.max_ejected_percent > 100 {
+            self.problem(
+                path.key("max_ejected_percent"),
+                "max_ejected_percent is a percentage (0 to 100)",
+            );
+            ok = false;
+        }
+        ok.then_some(check)
     }
 
     fn hash_key(&mut self, path: &KeyPath, text: &str) -> Option<HashKey> {
@@ -557,4 +732,24 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// "200" → (200, 200); "200-299" → (200, 299); "2xx" → (200, 299).
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let valid = |code: u16| (100..=599).contains(&code);
+    let text = text.trim();
+    if let Some(class) = text.strip_suffix("xx") {
+        let class: u16 = class.parse().ok()?;
+        return (1..=5)
+            .contains(&class)
+            .then_some((class * 100, class * 100 + 99));
+    }
+    let (low, high) = match text.split_once('-') {
+        Some((low, high)) => (low.trim().parse().ok()?, high.trim().parse().ok()?),
+        None => {
+            let code = text.parse().ok()?;
+            (code, code)
+        }
+    };
+    (valid(low) && valid(high) && low <= high).then_some((low, high))
 }

@@ -1,21 +1,24 @@
 //! Forwarding one request to an upstream server and streaming the answer
 //! back. Failures map to the statuses operators expect: no server available
-//! → 503, refused or reset → 502, no response in time → 504.
+//! → 503, refused or reset → 502, no response in time → 504. A request
+//! without a body whose connection attempt failed is sent to another server
+//! (`retries`); one whose body has started to flow never is.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::headers::{add_forwarded, add_via, remove_hop_by_hop};
 use super::respond::{status_response, status_with_reason};
 use crate::config::{HashKey, HttpSettings, UpstreamProtocol};
-use crate::upstream::{balance_hash, PickContext, Upstream};
+use crate::upstream::{balance_hash, PickContext, RequestBody, Upstream};
 
 pub async fn forward(
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     upstream: &Upstream,
     client_ip: IpAddr,
     settings: &HttpSettings,
@@ -27,91 +30,121 @@ pub async fn forward(
             |value| balance_hash(value.as_bytes()),
         ),
     });
-    let Some(server) = upstream.pick(&PickContext {
+    let context = PickContext {
         client_ip,
         key_hash,
-    }) else {
-        let reason = format!(
-            "no server of upstream {:?} is available",
-            upstream.config.name
-        );
-        return status_with_reason(StatusCode::SERVICE_UNAVAILABLE, &reason);
     };
-    let active = server.begin_request();
+    let (mut parts, body) = request.into_parts();
 
-    let path_and_query = request
-        .uri()
+    let path_and_query = parts
+        .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(server.authority.clone())
-        .path_and_query(path_and_query)
-        .build();
-    let Ok(uri) = uri else {
-        return status_response(StatusCode::BAD_REQUEST);
-    };
     // HTTP/2 clients send :authority instead of Host.
-    let host = match request.headers().get(header::HOST) {
+    let host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
-        None => request
-            .uri()
+        None => parts
+            .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    let headers = request.headers_mut();
-    remove_hop_by_hop(headers);
-    add_forwarded(headers, client_ip, "http", host.as_ref());
+    remove_hop_by_hop(&mut parts.headers);
+    add_forwarded(&mut parts.headers, client_ip, "http", host.as_ref());
     if settings.via {
-        add_via(headers);
+        add_via(&mut parts.headers);
     }
     if let Some(host) = host {
-        headers.insert(header::HOST, host);
+        parts.headers.insert(header::HOST, host);
     }
-    *request.uri_mut() = uri;
-    *request.version_mut() = match upstream.config.protocol {
+    let version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c => Version::HTTP_2,
     };
 
-    let response = tokio::time::timeout(
-        upstream.config.read_timeout,
-        upstream.client.request(request),
-    )
-    .await;
-    match response {
-        Ok(Ok(response)) => {
-            let (mut parts, body) = response.into_parts();
-            remove_hop_by_hop(&mut parts.headers);
-            if settings.via {
-                add_via(&mut parts.headers);
+    // Only a request with no body can be sent twice.
+    let replayable =
+        upstream.config.retries > 0 && parts.method.is_idempotent() && body.is_end_stream();
+    let mut body = (!replayable).then_some(RequestBody::Streaming(body));
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let Some(index) = upstream.pick(&context, &tried) else {
+            if tried.is_empty() {
+                let reason = format!(
+                    "no server of upstream {:?} is available",
+                    upstream.config.name
+                );
+                return status_with_reason(StatusCode::SERVICE_UNAVAILABLE, &reason);
             }
-            Response::from_parts(
-                parts,
-                ProxyBody::Upstream {
-                    body,
-                    _active: active,
-                },
-            )
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(
-                upstream = %upstream.config.name,
-                server = %server.addr,
-                error = %error_chain(&error),
-                "upstream request failed"
-            );
-            status_response(StatusCode::BAD_GATEWAY)
-        }
-        Err(_) => {
-            tracing::warn!(
-                upstream = %upstream.config.name,
-                server = %server.addr,
-                timeout = ?upstream.config.read_timeout,
-                "upstream did not answer in time"
-            );
-            status_response(StatusCode::GATEWAY_TIMEOUT)
+            return status_response(StatusCode::BAD_GATEWAY);
+        };
+        let server = &upstream.servers[index];
+        let active = server.begin_request();
+        let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(server.authority.clone())
+            .path_and_query(path_and_query.clone())
+            .build()
+        else {
+            return status_response(StatusCode::BAD_REQUEST);
+        };
+        let may_retry = replayable && (tried.len() as u32) < upstream.config.retries;
+        let mut outgoing = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        *outgoing.method_mut() = parts.method.clone();
+        *outgoing.uri_mut() = uri;
+        *outgoing.version_mut() = version;
+        *outgoing.headers_mut() = if may_retry {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+
+        let response = tokio::time::timeout(
+            upstream.config.read_timeout,
+            upstream.client.request(outgoing),
+        )
+        .await;
+        match response {
+            Ok(Ok(response)) => {
+                upstream.record(server, response.status().is_server_error());
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                if settings.via {
+                    add_via(&mut parts.headers);
+                }
+                return Response::from_parts(
+                    parts,
+                    ProxyBody::Upstream {
+                        body,
+                        _active: active,
+                    },
+                );
+            }
+            Ok(Err(error)) => {
+                upstream.record(server, true);
+                tracing::warn!(
+                    upstream = %upstream.config.name,
+                    server = %server.addr,
+                    error = %error_chain(&error),
+                    retry = may_retry && error.is_connect(),
+                    "upstream request failed"
+                );
+                if may_retry && error.is_connect() {
+                    tried.push(index);
+                    continue;
+                }
+                return status_response(StatusCode::BAD_GATEWAY);
+            }
+            Err(_) => {
+                upstream.record(server, true);
+                tracing::warn!(
+                    upstream = %upstream.config.name,
+                    server = %server.addr,
+                    timeout = ?upstream.config.read_timeout,
+                    "upstream did not answer in time"
+                );
+                return status_response(StatusCode::GATEWAY_TIMEOUT);
+            }
         }
     }
 }

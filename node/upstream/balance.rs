@@ -10,9 +10,19 @@ use rand::Rng;
 use super::{PickContext, Server};
 use crate::config::BalancePolicy;
 
+/// Which servers a pick may choose (by index): normally those available
+/// and not yet tried for this request.
+pub type Eligible<'a> = &'a dyn Fn(usize) -> bool;
+
 pub trait Balancer: Send + Sync {
-    /// Index into `servers` of the server for this request.
-    fn pick(&self, servers: &[Arc<Server>], context: &PickContext) -> Option<usize>;
+    /// Index into `servers` of the server for this request, among the
+    /// eligible ones; `None` when none is.
+    fn pick(
+        &self,
+        servers: &[Arc<Server>],
+        context: &PickContext,
+        eligible: Eligible,
+    ) -> Option<usize>;
 }
 
 pub fn for_policy(policy: &BalancePolicy, servers: &[Arc<Server>]) -> Box<dyn Balancer> {
@@ -32,11 +42,11 @@ struct RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, servers: &[Arc<Server>], _: &PickContext) -> Option<usize> {
+    fn pick(&self, servers: &[Arc<Server>], _: &PickContext, eligible: Eligible) -> Option<usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..servers.len())
             .map(|offset| (start + offset) % servers.len())
-            .find(|&i| servers[i].is_available())
+            .find(|&i| eligible(i))
     }
 }
 
@@ -55,12 +65,12 @@ impl SmoothWeighted {
 }
 
 impl Balancer for SmoothWeighted {
-    fn pick(&self, servers: &[Arc<Server>], _: &PickContext) -> Option<usize> {
+    fn pick(&self, servers: &[Arc<Server>], _: &PickContext, eligible: Eligible) -> Option<usize> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, server) in servers.iter().enumerate() {
-            if !server.is_available() {
+            if !eligible(i) {
                 continue;
             }
             let weight = i64::from(server.weight);
@@ -83,11 +93,11 @@ struct LeastConn {
 }
 
 impl Balancer for LeastConn {
-    fn pick(&self, servers: &[Arc<Server>], _: &PickContext) -> Option<usize> {
+    fn pick(&self, servers: &[Arc<Server>], _: &PickContext, eligible: Eligible) -> Option<usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..servers.len())
             .map(|offset| (start + offset) % servers.len())
-            .filter(|&i| servers[i].is_available())
+            .filter(|&i| eligible(i))
             .min_by(|&a, &b| load(&servers[a]).total_cmp(&load(&servers[b])))
     }
 }
@@ -101,7 +111,12 @@ fn load(server: &Server) -> f64 {
 struct PowerOfTwo;
 
 impl Balancer for PowerOfTwo {
-    fn pick(&self, servers: &[Arc<Server>], context: &PickContext) -> Option<usize> {
+    fn pick(
+        &self,
+        servers: &[Arc<Server>],
+        context: &PickContext,
+        eligible: Eligible,
+    ) -> Option<usize> {
         let mut rng = rand::rng();
         let n = servers.len();
         if n == 0 {
@@ -113,7 +128,7 @@ impl Balancer for PowerOfTwo {
         } else {
             a
         };
-        match (servers[a].is_available(), servers[b].is_available()) {
+        match (eligible(a), eligible(b)) {
             (true, true) => Some(if load(&servers[b]) < load(&servers[a]) {
                 b
             } else {
@@ -121,7 +136,7 @@ impl Balancer for PowerOfTwo {
             }),
             (true, false) => Some(a),
             (false, true) => Some(b),
-            (false, false) => LeastConn::default().pick(servers, context),
+            (false, false) => LeastConn::default().pick(servers, context, eligible),
         }
     }
 }
@@ -149,7 +164,7 @@ impl HashRing {
 }
 
 impl Balancer for HashRing {
-    fn pick(&self, servers: &[Arc<Server>], context: &PickContext) -> Option<usize> {
+    fn pick(&self, _: &[Arc<Server>], context: &PickContext, eligible: Eligible) -> Option<usize> {
         let hash = context
             .key_hash
             .unwrap_or_else(|| hash_of(&context.client_ip));
@@ -157,7 +172,7 @@ impl Balancer for HashRing {
         let len = self.points.len();
         (0..len)
             .map(|offset| self.points[(start + offset) % len].1)
-            .find(|&i| servers[i].is_available())
+            .find(|&i| eligible(i))
     }
 }
 
@@ -195,9 +210,17 @@ mod tests {
         }
     }
 
+    fn available(servers: &[Arc<Server>]) -> impl Fn(usize) -> bool + '_ {
+        |i| servers[i].is_available()
+    }
+
     fn sequence(balancer: &dyn Balancer, servers: &[Arc<Server>], n: usize) -> Vec<usize> {
         (0..n)
-            .map(|_| balancer.pick(servers, &context(1)).unwrap())
+            .map(|_| {
+                balancer
+                    .pick(servers, &context(1), &available(servers))
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -225,7 +248,7 @@ mod tests {
             for server in &s {
                 server.set_health(Health::Unhealthy);
             }
-            assert_eq!(b.pick(&s, &context(1)), None, "{policy:?}");
+            assert_eq!(b.pick(&s, &context(1), &available(&s)), None, "{policy:?}");
             for server in &s {
                 server.set_health(Health::Unknown);
             }
@@ -237,11 +260,16 @@ mod tests {
         let four = servers(&[1, 1, 1, 1]);
         let ring = HashRing::new(&four);
         let before: HashMap<u8, usize> = (0..=255)
-            .map(|ip| (ip, ring.pick(&four, &context(ip)).unwrap()))
+            .map(|ip| {
+                (
+                    ip,
+                    ring.pick(&four, &context(ip), &available(&four)).unwrap(),
+                )
+            })
             .collect();
         four[2].set_health(Health::Unhealthy);
         for ip in 0..=255u8 {
-            let after = ring.pick(&four, &context(ip)).unwrap();
+            let after = ring.pick(&four, &context(ip), &available(&four)).unwrap();
             if before[&ip] != 2 {
                 assert_eq!(after, before[&ip], "key {ip} moved without reason");
             }

@@ -1,19 +1,24 @@
 //! Upstream pools: the servers of one `[upstream.NAME]`, how one is chosen
-//! for a request (`balance`), and the pooled connections to them (`client`).
+//! for a request (`balance`), their health as checks and real traffic see
+//! it, and the pooled connections to them (`client`).
 
 mod balance;
 mod client;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use http::uri::Authority;
+use tokio::sync::broadcast;
 
 pub use balance::{hash_of as balance_hash, Balancer};
-pub use client::{ClientKey, ClientRegistry, UpstreamClient};
+pub use client::{ClientKey, ClientRegistry, RequestBody, UpstreamClient};
 
-use crate::config::{HashKey, UpstreamConfig};
+use crate::config::{AllDown, HashKey, PassiveCheck, UpstreamConfig};
+use crate::health::{HealthCell, PreparedChecks};
+use crate::supervisor::NodeEvent;
 
 /// Health of one server as the balancers see it. Active checks (and passive
 /// ejection) move it; `Unknown` servers take traffic.
@@ -25,6 +30,16 @@ pub enum Health {
     Unhealthy = 2,
 }
 
+impl Health {
+    pub fn from_u8(value: u8) -> Health {
+        match value {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+}
+
 /// One server of an upstream, shared by every request that uses it.
 #[derive(Debug)]
 pub struct Server {
@@ -33,39 +48,129 @@ pub struct Server {
     /// `addr` as a URI authority, built once.
     pub authority: Authority,
     active: AtomicU64,
-    health: AtomicU8,
+    /// The active check's verdict, shared with every server that has the
+    /// same address and check; a private cell when there is no check.
+    health: Arc<HealthCell>,
+    passive: Ejection,
+}
+
+/// Passive outlier detection state, counted from real traffic.
+#[derive(Debug, Default)]
+struct Ejection {
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch()`; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// The health cell's passes when ejected: a passing active check since
+    /// then ends the ejection early.
+    passes_at_ejection: AtomicU64,
+    ejections: AtomicU32,
+}
+
+/// A monotonic origin for ejection deadlines kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_millis() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// What a passive check did with a failed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Kept,
+    Ejected(Duration),
 }
 
 impl Server {
     pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        Self::with_health(addr, weight, Arc::new(HealthCell::new(Health::Unknown)))
+    }
+
+    pub fn with_health(addr: SocketAddr, weight: u32, health: Arc<HealthCell>) -> Self {
         Server {
             addr,
             weight,
             authority: Authority::try_from(addr.to_string())
                 .expect("a socket address is an authority"),
             active: AtomicU64::new(0),
-            health: AtomicU8::new(Health::Unknown as u8),
+            health,
+            passive: Ejection::default(),
         }
     }
 
+    /// The active check's verdict, overridden by a passive ejection.
     pub fn health(&self) -> Health {
-        match self.health.load(Ordering::Relaxed) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
+        if self.is_ejected() {
+            Health::Unhealthy
+        } else {
+            self.health.get()
         }
     }
 
     pub fn set_health(&self, health: Health) -> Health {
-        match self.health.swap(health as u8, Ordering::Relaxed) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
+        self.health.set(health)
     }
 
     pub fn is_available(&self) -> bool {
         self.health() != Health::Unhealthy
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.passive.ejected_until.load(Ordering::Relaxed);
+        until != 0
+            && now_millis() < until
+            && self.health.passes() == self.passive.passes_at_ejection.load(Ordering::Relaxed)
+    }
+
+    /// A request to this server succeeded.
+    pub fn record_success(&self) {
+        if self.passive.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.passive
+                .consecutive_failures
+                .store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request failed (connect error, timeout, 5xx). Ejects the server
+    /// when `check` says so and the upstream can spare it (`share_after`:
+    /// the percentage of its servers ejected if this one were too).
+    pub fn record_failure(
+        &self,
+        check: &PassiveCheck,
+        share_after: impl FnOnce() -> u32,
+    ) -> Outcome {
+        let failures = self
+            .passive
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if failures < check.consecutive_failures || self.is_ejected() {
+            return Outcome::Kept;
+        }
+        if share_after() > check.max_ejected_percent {
+            return Outcome::Kept;
+        }
+        let repeat = self
+            .passive
+            .ejections
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
+        let period = check
+            .ejection
+            .saturating_mul(1 << repeat)
+            .min(check.max_ejection);
+        self.passive
+            .passes_at_ejection
+            .store(self.health.passes(), Ordering::Relaxed);
+        self.passive
+            .ejected_until
+            .store(now_millis() + period.as_millis() as u64, Ordering::Relaxed);
+        self.passive
+            .consecutive_failures
+            .store(0, Ordering::Relaxed);
+        Outcome::Ejected(period)
     }
 
     pub fn active_requests(&self) -> u64 {
@@ -101,28 +206,47 @@ pub struct Upstream {
     pub servers: Vec<Arc<Server>>,
     pub client: UpstreamClient,
     balancer: Box<dyn Balancer>,
+    /// Where passive ejections are announced.
+    events: broadcast::Sender<NodeEvent>,
 }
 
 impl Upstream {
     /// `previous` is the same-named upstream of the generation in force: its
-    /// servers (active counts, health) are kept for addresses still listed.
+    /// servers (in-flight counts, passive state) are kept where address,
+    /// weight and health cell are unchanged. Active health comes from
+    /// `checks`, shared by every upstream that checks the same way.
     pub fn new(
         config: UpstreamConfig,
         previous: Option<&Upstream>,
+        checks: &PreparedChecks,
         clients: &mut ClientRegistry,
+        events: broadcast::Sender<NodeEvent>,
     ) -> Self {
         let servers: Vec<Arc<Server>> = config
             .servers
             .iter()
             .map(|s| {
+                let cell = config
+                    .health
+                    .as_ref()
+                    .and_then(|check| checks.cell(s.addr, check));
+                let reusable = |old: &&Arc<Server>| {
+                    old.addr == s.addr
+                        && old.weight == s.weight
+                        && match &cell {
+                            Some(cell) => Arc::ptr_eq(cell, &old.health),
+                            None => previous.is_some_and(|p| p.config.health.is_none()),
+                        }
+                };
                 previous
-                    .and_then(|p| {
-                        p.servers
-                            .iter()
-                            .find(|old| old.addr == s.addr && old.weight == s.weight)
-                    })
+                    .and_then(|p| p.servers.iter().find(reusable))
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Server::new(s.addr, s.weight)))
+                    .unwrap_or_else(|| {
+                        Arc::new(match cell {
+                            Some(cell) => Server::with_health(s.addr, s.weight, cell),
+                            None => Server::new(s.addr, s.weight),
+                        })
+                    })
             })
             .collect();
         let balancer = balance::for_policy(&config.balance, &servers);
@@ -132,6 +256,7 @@ impl Upstream {
             servers,
             client,
             balancer,
+            events,
         }
     }
 
@@ -142,10 +267,47 @@ impl Upstream {
         }
     }
 
-    /// Picks an available server, or `None` when every server is down.
-    pub fn pick(&self, context: &PickContext) -> Option<&Arc<Server>> {
+    /// Picks an available server not in `tried`. When every server is down
+    /// and `all_down = "try_all"`, health is ignored. `None`: no server.
+    pub fn pick(&self, context: &PickContext, tried: &[usize]) -> Option<usize> {
+        let servers = &self.servers;
+        let available = |i: usize| !tried.contains(&i) && servers[i].is_available();
         self.balancer
-            .pick(&self.servers, context)
-            .map(|i| &self.servers[i])
+            .pick(servers, context, &available)
+            .or_else(|| match self.config.all_down {
+                AllDown::TryAll => self
+                    .balancer
+                    .pick(servers, context, &|i| !tried.contains(&i)),
+                AllDown::Fail => None,
+            })
+    }
+
+    /// Feeds a request's outcome to passive outlier detection, if on.
+    pub fn record(&self, server: &Server, failed: bool) {
+        let Some(check) = &self.config.passive else {
+            return;
+        };
+        if !failed {
+            server.record_success();
+            return;
+        }
+        let share_after = || {
+            let ejected = self.servers.iter().filter(|s| s.is_ejected()).count() + 1;
+            (ejected * 100 / self.servers.len().max(1)) as u32
+        };
+        if let Outcome::Ejected(period) = server.record_failure(check, share_after) {
+            let reason = format!(
+                "ejected for {period:?} after {} consecutive failed requests",
+                check.consecutive_failures
+            );
+            tracing::warn!(upstream = %self.config.name, server = %server.addr, %reason, "server ejected");
+            let _ = self.events.send(NodeEvent::HealthChanged {
+                upstream: self.config.name.clone(),
+                server: server.addr,
+                from: server.health.get(),
+                to: Health::Unhealthy,
+                reason,
+            });
+        }
     }
 }

@@ -1,0 +1,114 @@
+//! One health probe: an HTTP request or a TCP connect (with optional bytes
+//! sent and expected). The caller bounds it with the check's timeout.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::Request;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{CheckKind, HttpCheck, TcpCheck};
+
+/// The most a probe reads looking for an expected body or bytes.
+const READ_LIMIT: usize = 64 * 1024;
+
+/// Ok, or the reason the probe failed (for logs and health events).
+pub async fn probe(addr: SocketAddr, kind: &CheckKind) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    match kind {
+        CheckKind::Http(check) => http(stream, addr, check).await,
+        CheckKind::Tcp(check) => tcp(stream, check).await,
+    }
+}
+
+async fn http(stream: TcpStream, addr: SocketAddr, check: &HttpCheck) -> Result<(), String> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    // Drives the connection; aborted with the probe so nothing outlives it.
+    let driver = AbortOnDrop(tokio::spawn(connection));
+    let host = check.host.clone().unwrap_or_else(|| addr.to_string());
+    let request = Request::builder()
+        .method(check.method.clone())
+        .uri(&check.path)
+        .header(
+            header::HOST,
+            HeaderValue::try_from(host).map_err(|e| e.to_string())?,
+        )
+        .header(header::USER_AGENT, "tether-health-check")
+        .header(header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status().as_u16();
+    if !check
+        .expect_status
+        .iter()
+        .any(|&(low, high)| (low..=high).contains(&status))
+    {
+        return Err(format!("status {status} is not expected"));
+    }
+    if let Some(expected) = &check.expect_body {
+        let body = Limited::new(response.into_body(), READ_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the body failed: {e}"))?
+            .to_bytes();
+        if !contains(&body, expected.as_bytes()) {
+            return Err(format!("body does not contain {expected:?}"));
+        }
+    }
+    drop(driver);
+    Ok(())
+}
+
+async fn tcp(mut stream: TcpStream, check: &TcpCheck) -> Result<(), String> {
+    if let Some(send) = &check.send {
+        stream
+            .write_all(send)
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
+    }
+    let Some(expected) = &check.expect else {
+        return Ok(());
+    };
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !contains(&received, expected) {
+        let read = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if read == 0 || received.len() >= READ_LIMIT {
+            return Err(format!(
+                "did not receive {:?}",
+                String::from_utf8_lossy(expected)
+            ));
+        }
+        received.extend_from_slice(&chunk[..read]);
+    }
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
