@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ pub struct Origin {
     pub name: String,
     requests: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    failing: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -55,13 +56,15 @@ impl Origin {
             name: name.to_owned(),
             requests: Arc::default(),
             seen: Arc::default(),
+            failing: Arc::default(),
             stop: CancellationToken::new(),
         };
-        let (name, requests, seen, stop) = (
+        let (name, requests, seen, stop, failing) = (
             origin.name.clone(),
             origin.requests.clone(),
             origin.seen.clone(),
             origin.stop.clone(),
+            origin.failing.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -72,12 +75,18 @@ impl Origin {
                         Err(_) => continue,
                     },
                 };
-                let (name, requests, seen, stop) =
-                    (name.clone(), requests.clone(), seen.clone(), stop.clone());
+                let (name, requests, seen, stop, failing) = (
+                    name.clone(),
+                    requests.clone(),
+                    seen.clone(),
+                    stop.clone(),
+                    failing.clone(),
+                );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         requests.fetch_add(1, Ordering::SeqCst);
-                        handle(name.clone(), seen.clone(), request)
+                        let failing = failing.load(Ordering::SeqCst);
+                        handle(name.clone(), seen.clone(), failing, request)
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -101,6 +110,31 @@ impl Origin {
         self.seen.lock().unwrap().clone()
     }
 
+    /// Requests that were health probes (by their User-Agent).
+    pub fn probes(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s.headers
+                    .get("user-agent")
+                    .is_some_and(|ua| ua == "tether-health-check")
+            })
+            .count()
+    }
+
+    /// Requests that were not health probes.
+    pub fn traffic(&self) -> usize {
+        let total = self.seen.lock().unwrap().len();
+        total - self.probes()
+    }
+
+    /// While failing, every request is answered 502.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
     /// Stops listening and closes every open connection.
     pub fn stop(&self) {
         self.stop.cancel();
@@ -116,6 +150,7 @@ impl Drop for Origin {
 async fn handle(
     name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    failing: bool,
     request: Request<Incoming>,
 ) -> Result<Response<OriginBody>, Infallible> {
     seen.lock().unwrap().push(Seen {
@@ -123,6 +158,11 @@ async fn handle(
         uri: request.uri().clone(),
         headers: request.headers().clone(),
     });
+    if failing {
+        let mut response = Response::new(full(format!("{name} is failing")));
+        *response.status_mut() = StatusCode::BAD_GATEWAY;
+        return Ok(response);
+    }
     let path = request.uri().path().to_owned();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (first, arg) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
