@@ -379,7 +379,11 @@ async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
     };
     drop(client);
     settle().await;
-    let (fds, threads) = (node.fd_count(), node.threads());
+    let (fds, threads, tasks) = (
+        node.fd_count(),
+        node.threads(),
+        node.get_config().await.runtime_tasks,
+    );
     for i in 0..200 {
         node.reload(if i % 2 == 0 { &two } else { &one })
             .await
@@ -401,6 +405,12 @@ async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
         node.threads() <= threads + 2,
         "threads {threads} before, {} after",
         node.threads()
+    );
+    assert!(tasks > 0, "runtime_tasks counts the accept loops at least");
+    let tasks_after = config.runtime_tasks;
+    assert!(
+        tasks_after <= tasks + 4,
+        "tasks {tasks} before, {tasks_after} after 200 reloads"
     );
 }
 

@@ -196,6 +196,9 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|g| convert::draining(g))
                 .collect(),
+            runtime_tasks: tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as u64,
         }))
     }
 

@@ -6,6 +6,7 @@ mod headers;
 mod proxy;
 pub mod respond;
 mod server;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

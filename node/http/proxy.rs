@@ -5,6 +5,7 @@
 //! (`retries`); one whose body has started to flow never is.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -14,15 +15,19 @@ use hyper::body::Incoming;
 use super::body::ProxyBody;
 use super::headers::{add_forwarded, add_via, remove_hop_by_hop};
 use super::respond::{status_response, status_with_reason};
+use super::upgrade;
 use crate::config::{HashKey, HttpSettings, UpstreamProtocol};
+use crate::generation::Generation;
 use crate::upstream::{balance_hash, PickContext, RequestBody, Upstream};
 
 pub async fn forward(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     upstream: &Upstream,
     client_ip: IpAddr,
     settings: &HttpSettings,
+    generation: &Arc<Generation>,
 ) -> Response<ProxyBody> {
+    let mut upgrade = upgrade::take(&mut request);
     let key_hash = upstream.hash_key().map(|key| match key {
         HashKey::ClientIp => balance_hash(&client_ip),
         HashKey::Header(name) => request.headers().get(name).map_or_else(
@@ -56,6 +61,9 @@ pub async fn forward(
     }
     if let Some(host) = host {
         parts.headers.insert(header::HOST, host);
+    }
+    if let Some(upgrade) = &upgrade {
+        upgrade.restore(&mut parts.headers);
     }
     let version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
@@ -105,8 +113,14 @@ pub async fn forward(
         )
         .await;
         match response {
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
                 upstream.record(server, response.status().is_server_error());
+                if let Some(upgrade) = upgrade.take() {
+                    if upgrade.complete(&mut response, generation) {
+                        let (parts, _) = response.into_parts();
+                        return Response::from_parts(parts, ProxyBody::empty());
+                    }
+                }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 if settings.via {

@@ -86,7 +86,15 @@ impl Context {
         };
         match target {
             RouteTarget::Upstream(upstream) => {
-                proxy::forward(request, upstream, self.peer.ip(), &http.settings).await
+                let generation = self.connection.generation();
+                proxy::forward(
+                    request,
+                    upstream,
+                    self.peer.ip(),
+                    &http.settings,
+                    generation,
+                )
+                .await
             }
             RouteTarget::Static { prefix, files } => {
                 let path = request.uri().path();
