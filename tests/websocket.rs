@@ -23,11 +23,8 @@ async fn echo_server() -> SocketAddr {
                 while let Some(Ok(message)) = ws.next().await {
                     match message {
                         Message::Text(text) => {
-                            if ws
-                                .send(Message::text(format!("echo: {text}")))
-                                .await
-                                .is_err()
-                            {
+                            let reply = Message::text(format!("echo: {text}"));
+                            if ws.send(reply).await.is_err() {
                                 return;
                             }
                         }
