@@ -77,7 +77,8 @@ pub enum ListenerService {
 impl Generation {
     /// Builds generation `number` from `config`. Upstreams reuse the
     /// server state of `previous` (in-flight counts, passive health) and the
-    /// pooled connections and health cells in `shared`.
+    /// pooled connections and health cells in `shared`. Fails, naming the
+    /// listener, if a listener cannot be set up (its TLS material).
     pub fn build(
         number: u64,
         config: Arc<Config>,
@@ -85,7 +86,7 @@ impl Generation {
         bound: &[SocketAddr],
         previous: Option<&Generation>,
         shared: Shared,
-    ) -> Generation {
+    ) -> Result<Generation, (usize, String)> {
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -105,29 +106,28 @@ impl Generation {
                 )
             })
             .collect();
-        let listeners = config
-            .listeners
-            .iter()
-            .zip(bound)
-            .map(|(listener, &bound)| ListenerRuntime {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (index, (listener, &bound)) in config.listeners.iter().zip(bound).enumerate() {
+            let service = match listener.protocol {
+                Protocol::Http | Protocol::Https => ListenerService::Http(
+                    HttpListener::new(listener, &upstreams).map_err(|e| (index, e))?,
+                ),
+            };
+            listeners.push(ListenerRuntime {
                 config: listener.clone(),
                 bound,
-                service: match listener.protocol {
-                    Protocol::Http => {
-                        ListenerService::Http(HttpListener::new(listener, &upstreams))
-                    }
-                },
+                service,
                 open_connections: AtomicU64::new(0),
-            })
-            .collect();
-        Generation {
+            });
+        }
+        Ok(Generation {
             number,
             info,
             config,
             listeners,
             upstreams,
             lifecycle: Lifecycle::default(),
-        }
+        })
     }
 }
 

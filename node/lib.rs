@@ -20,4 +20,5 @@ pub mod route;
 pub mod static_files;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -312,14 +312,15 @@ impl Supervisor {
         let bound = prepared.local_addrs().map_err(|e| bind_failed(&text, e))?;
         let previous = self.current();
         let number = self.next_generation;
+        let text: Arc<str> = text.into();
         let info = ConfigInfo {
             version: content_version(&text),
             source,
             applied_at: SystemTime::now(),
-            text: text.into(),
+            text: text.clone(),
         };
         let checks = self.health.prepare(&config);
-        let generation = Arc::new(Generation::build(
+        let built = Generation::build(
             number,
             Arc::new(config),
             info,
@@ -330,7 +331,14 @@ impl Supervisor {
                 clients: &mut self.clients,
                 events: &self.shared.events,
             },
-        ));
+        );
+        let generation = match built {
+            Ok(generation) => Arc::new(generation),
+            Err((index, message)) => {
+                let error = ConfigError::at_path(&text, &format!("listener[{index}]"), message);
+                return Err(ApplyError::Invalid(vec![error]));
+            }
+        };
         self.sockets
             .commit(&prepared)
             .map_err(|e| bind_failed(&generation.info.text, e))?;

@@ -69,13 +69,49 @@ impl std::fmt::Debug for ControlTls {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http,
+    /// HTTP/1.1 and HTTP/2 (by ALPN) over TLS.
+    Https,
 }
 
 impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Https => "https",
         }
+    }
+}
+
+/// TLS termination settings of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub min_version: TlsVersion,
+    /// The first is the default: served when the client sends no SNI name
+    /// or one that no certificate lists.
+    pub certificates: Vec<CertificateConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// A certificate chain and key, read from disk when the config is loaded
+/// (so a reload picks up replaced files), and the SNI names it serves.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertificateConfig {
+    pub names: Vec<HostPattern>,
+    pub chain_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for CertificateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("CertificateConfig")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
     }
 }
 
@@ -86,6 +122,8 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     pub routes: Vec<RouteConfig>,
     pub http: HttpSettings,
+    /// Present exactly when `protocol` is `https`.
+    pub tls: Option<TlsSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -33,6 +33,24 @@ pub struct RawControlTls {
 pub enum RawProtocol {
     #[default]
     Http,
+    Https,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub min_version: Option<String>,
+    #[serde(default)]
+    pub certificate: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +65,7 @@ pub struct RawListener {
     pub header_read_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<usize>,
     pub via: Option<bool>,
+    pub tls: Option<RawListenerTls>,
 }
 
 #[derive(Debug, Deserialize)]

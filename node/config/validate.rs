@@ -259,6 +259,59 @@ impl Validator<'_> {
         ControlSettings { listen, tls }
     }
 
+    fn listener_tls(&mut self, path: &KeyPath, raw: RawListenerTls) -> Option<TlsSettings> {
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => TlsVersion::V1_2,
+            Some("1.3") => TlsVersion::V1_3,
+            Some(other) => {
+                self.problem(
+                    path.key("min_version"),
+                    format!("invalid TLS version {other:?}: write \"1.2\" or \"1.3\""),
+                );
+                return None;
+            }
+        };
+        if raw.certificate.is_empty() {
+            self.problem(
+                path.clone(),
+                "add at least one [[listener.tls.certificate]] with cert and key",
+            );
+            return None;
+        }
+        let mut certificates = Vec::new();
+        for (i, certificate) in raw.certificate.into_iter().enumerate() {
+            let path = path.key("certificate").index(i);
+            let names: Vec<HostPattern> = certificate
+                .names
+                .iter()
+                .enumerate()
+                .filter_map(|(n, name)| self.host_pattern(&path.key("names").index(n), name))
+                .collect();
+            let chain = self.read_pem(
+                &path.key("cert"),
+                &certificate.cert,
+                pem::Expect::Certificates,
+            );
+            let key = self.read_pem(&path.key("key"), &certificate.key, pem::Expect::PrivateKey);
+            let (Some(chain_pem), Some(key_pem)) = (chain, key) else {
+                continue;
+            };
+            if let Err(message) = crate::tls::certified_key(&chain_pem, &key_pem) {
+                self.problem(path.key("key"), message);
+                continue;
+            }
+            certificates.push(CertificateConfig {
+                names,
+                chain_pem,
+                key_pem,
+            });
+        }
+        Some(TlsSettings {
+            min_version,
+            certificates,
+        })
+    }
+
     /// Reads a PEM file (relative to the config's directory) and checks
     /// that it holds what it should.
     fn read_pem(&mut self, path: &KeyPath, file: &str, expect: pem::Expect) -> Option<Vec<u8>> {
@@ -333,6 +386,25 @@ impl Validator<'_> {
         }
         let protocol = match raw.protocol {
             RawProtocol::Http => Protocol::Http,
+            RawProtocol::Https => Protocol::Https,
+        };
+        let tls = match (protocol, raw.tls) {
+            (Protocol::Https, Some(tls)) => Some(self.listener_tls(&path.key("tls"), tls)?),
+            (Protocol::Https, None) => {
+                self.problem(
+                    path.key("protocol"),
+                    "protocol = \"https\" needs [listener.tls] with at least one [[listener.tls.certificate]]",
+                );
+                return None;
+            }
+            (_, Some(_)) => {
+                self.problem(
+                    path.key("tls"),
+                    "[listener.tls] applies only to protocol = \"https\"",
+                );
+                return None;
+            }
+            (_, None) => None,
         };
         Some(ListenerConfig {
             name: raw.name,
@@ -346,6 +418,7 @@ impl Validator<'_> {
                 max_header_bytes,
                 via: raw.via.unwrap_or(false),
             },
+            tls,
         })
     }
 

@@ -34,11 +34,19 @@ pub enum RouteTarget {
 pub struct HttpListener {
     pub router: Router<RouteTarget>,
     pub settings: HttpSettings,
+    /// `https` listeners terminate TLS before HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// For X-Forwarded-Proto.
+    pub scheme: &'static str,
     connections: auto::Builder<TokioExecutor>,
 }
 
 impl HttpListener {
-    pub fn new(config: &ListenerConfig, upstreams: &BTreeMap<String, Arc<Upstream>>) -> Self {
+    pub fn new(
+        config: &ListenerConfig,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+    ) -> Result<Self, String> {
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let router = Router::new(config.routes.iter().map(|route| {
             let target = match &route.action {
                 RouteAction::Upstream(name) => RouteTarget::Upstream(upstreams[name].clone()),
@@ -62,10 +70,12 @@ impl HttpListener {
             .timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
-        HttpListener {
+        Ok(HttpListener {
             router,
             settings,
+            scheme: if tls.is_some() { "https" } else { "http" },
+            tls,
             connections,
-        }
+        })
     }
 }

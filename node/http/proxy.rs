@@ -16,7 +16,8 @@ use super::body::ProxyBody;
 use super::headers::{add_forwarded, add_via, remove_hop_by_hop};
 use super::respond::{status_response, status_with_reason};
 use super::upgrade;
-use crate::config::{HashKey, HttpSettings, UpstreamProtocol};
+use super::HttpListener;
+use crate::config::{HashKey, UpstreamProtocol};
 use crate::generation::Generation;
 use crate::upstream::{balance_hash, PickContext, RequestBody, Upstream};
 
@@ -24,7 +25,7 @@ pub async fn forward(
     mut request: Request<Incoming>,
     upstream: &Upstream,
     client_ip: IpAddr,
-    settings: &HttpSettings,
+    listener: &HttpListener,
     generation: &Arc<Generation>,
 ) -> Response<ProxyBody> {
     let mut upgrade = upgrade::take(&mut request);
@@ -55,8 +56,13 @@ pub async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     remove_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, client_ip, "http", host.as_ref());
-    if settings.via {
+    add_forwarded(
+        &mut parts.headers,
+        client_ip,
+        listener.scheme,
+        host.as_ref(),
+    );
+    if listener.settings.via {
         add_via(&mut parts.headers);
     }
     if let Some(host) = host {
@@ -123,7 +129,7 @@ pub async fn forward(
                 }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                if settings.via {
+                if listener.settings.via {
                     add_via(&mut parts.headers);
                 }
                 return Response::from_parts(

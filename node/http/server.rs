@@ -21,6 +21,34 @@ use crate::static_files;
 
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: ConnectionGuard) {
     let generation = connection.generation().clone();
+    let http = http_listener(connection.listener());
+    match &http.tls {
+        None => serve(TokioIo::new(stream), peer, connection).await,
+        Some(acceptor) => {
+            // The handshake shares the request-head deadline (slowloris).
+            let handshake =
+                tokio::time::timeout(http.settings.header_read_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                accepted = handshake => match accepted {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = generation.lifecycle.killed() => return,
+            };
+            serve(TokioIo::new(stream), peer, connection).await
+        }
+    }
+}
+
+async fn serve<I>(io: I, peer: SocketAddr, connection: ConnectionGuard)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let generation = connection.generation().clone();
     let lifecycle = &generation.lifecycle;
     let index = connection.listener_index();
     let http = http_listener(&generation.listeners[index]);
@@ -29,9 +57,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: C
         let context = context.clone();
         async move { Ok::<_, Infallible>(context.handle(request).await) }
     });
-    let conn = http
-        .connections
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let conn = http.connections.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
     tokio::select! {
@@ -87,14 +113,7 @@ impl Context {
         match target {
             RouteTarget::Upstream(upstream) => {
                 let generation = self.connection.generation();
-                proxy::forward(
-                    request,
-                    upstream,
-                    self.peer.ip(),
-                    &http.settings,
-                    generation,
-                )
-                .await
+                proxy::forward(request, upstream, self.peer.ip(), http, generation).await
             }
             RouteTarget::Static { prefix, files } => {
                 let path = request.uri().path();
