@@ -19,6 +19,7 @@ use crate::config::{Config, ListenerConfig, Protocol};
 use crate::health::PreparedChecks;
 use crate::http::HttpListener;
 use crate::supervisor::NodeEvent;
+use crate::tcp_proxy::TcpProxy;
 use crate::upstream::{ClientRegistry, Upstream};
 
 /// What a generation is built from besides its config: state the node
@@ -71,7 +72,8 @@ pub struct ListenerRuntime {
 /// What a listener does with an accepted connection; one variant per
 /// `protocol`. Binding, accepting and draining are shared by all.
 pub enum ListenerService {
-    Http(HttpListener),
+    Http(Arc<HttpListener>),
+    Tcp(TcpProxy),
 }
 
 impl Generation {
@@ -109,8 +111,11 @@ impl Generation {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, (listener, &bound)) in config.listeners.iter().zip(bound).enumerate() {
             let service = match listener.protocol {
-                Protocol::Http | Protocol::Https => ListenerService::Http(
+                Protocol::Http | Protocol::Https => ListenerService::Http(Arc::new(
                     HttpListener::new(listener, &upstreams).map_err(|e| (index, e))?,
+                )),
+                Protocol::Tcp => ListenerService::Tcp(
+                    TcpProxy::new(listener, &upstreams).map_err(|e| (index, e))?,
                 ),
             };
             listeners.push(ListenerRuntime {

@@ -19,6 +19,7 @@ pub mod proto;
 pub mod route;
 pub mod static_files;
 pub mod supervisor;
+pub mod tcp_proxy;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -22,13 +22,31 @@ const BACKLOG: i32 = 4096;
 /// The sockets the node holds, by configured address.
 #[derive(Default)]
 pub struct SocketRegistry {
-    sockets: HashMap<SocketAddr, StdListener>,
+    sockets: HashMap<SocketKey, StdListener>,
+}
+
+/// What identifies a listening socket across configs: its address, and for
+/// port 0 (any free port) also the listener's name, since every such
+/// listener gets a port of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SocketKey {
+    addr: SocketAddr,
+    ephemeral_owner: Option<String>,
+}
+
+impl SocketKey {
+    fn of(listener: &ListenerConfig) -> Self {
+        SocketKey {
+            addr: listener.listen,
+            ephemeral_owner: (listener.listen.port() == 0).then(|| listener.name.clone()),
+        }
+    }
 }
 
 /// A socket for each listener of a config being applied, not yet in force.
 pub struct PreparedSockets {
     /// In listener order.
-    sockets: Vec<(SocketAddr, StdListener)>,
+    sockets: Vec<(SocketKey, StdListener)>,
 }
 
 /// A listener whose address could not be bound.
@@ -51,12 +69,13 @@ impl SocketRegistry {
         let mut failures = Vec::new();
         for (listener_index, listener) in listeners.iter().enumerate() {
             let addr = listener.listen;
-            let socket = match self.sockets.get(&addr) {
+            let key = SocketKey::of(listener);
+            let socket = match self.sockets.get(&key) {
                 Some(held) => held.try_clone(),
                 None => bind(addr),
             };
             match socket {
-                Ok(socket) => sockets.push((addr, socket)),
+                Ok(socket) => sockets.push((key, socket)),
                 Err(error) => failures.push(BindFailure {
                     listener_index,
                     addr,
@@ -76,8 +95,8 @@ impl SocketRegistry {
     /// them open until it stops accepting.
     pub fn commit(&mut self, prepared: &PreparedSockets) -> io::Result<()> {
         let mut next = HashMap::with_capacity(prepared.sockets.len());
-        for (addr, socket) in &prepared.sockets {
-            next.insert(*addr, socket.try_clone()?);
+        for (key, socket) in &prepared.sockets {
+            next.insert(key.clone(), socket.try_clone()?);
         }
         self.sockets = next;
         Ok(())
@@ -133,11 +152,18 @@ async fn accept_loop(listener: TcpListener, index: usize, generation: Arc<Genera
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
                 let connection = ConnectionGuard::new(generation.clone(), index);
+                let tasks = lifecycle.tasks();
                 match &generation.listeners[index].service {
-                    ListenerService::Http(_) => {
-                        lifecycle
-                            .tasks()
-                            .spawn(crate::http::serve_connection(stream, peer, connection));
+                    ListenerService::Http(http) => {
+                        tasks.spawn(crate::http::serve_connection(
+                            stream,
+                            peer,
+                            connection,
+                            http.clone(),
+                        ));
+                    }
+                    ListenerService::Tcp(tcp) => {
+                        tasks.spawn(tcp.clone().serve_connection(stream, peer, connection));
                     }
                 }
             }

@@ -71,6 +71,8 @@ pub enum Protocol {
     Http,
     /// HTTP/1.1 and HTTP/2 (by ALPN) over TLS.
     Https,
+    /// Plain TCP (L4) proxying, optionally behind TLS.
+    Tcp,
 }
 
 impl Protocol {
@@ -78,6 +80,7 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Https => "https",
+            Protocol::Tcp => "tcp",
         }
     }
 }
@@ -122,8 +125,17 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     pub routes: Vec<RouteConfig>,
     pub http: HttpSettings,
-    /// Present exactly when `protocol` is `https`.
+    /// TLS termination: always for `https`, optional for `tcp`.
     pub tls: Option<TlsSettings>,
+    /// For `tcp` listeners.
+    pub tcp: Option<TcpSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSettings {
+    pub upstream: String,
+    /// A session with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

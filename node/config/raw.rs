@@ -34,6 +34,7 @@ pub enum RawProtocol {
     #[default]
     Http,
     Https,
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +67,9 @@ pub struct RawListener {
     pub max_header_bytes: Option<usize>,
     pub via: Option<bool>,
     pub tls: Option<RawListenerTls>,
+    /// protocol = "tcp": where connections go, and when an idle one closes.
+    pub upstream: Option<String>,
+    pub idle_timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,6 +20,7 @@ use super::*;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN_IDLE_GRACE: Duration = Duration::from_millis(500);
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses a smaller read buffer for HTTP/1.
 const MIN_MAX_HEADER_BYTES: usize = 8192;
@@ -190,7 +191,8 @@ impl Validator<'_> {
                     let message = format!("listener name {:?} is used twice", listener.name);
                     self.problem(path.key("name"), message);
                 }
-                if !addresses.insert(listener.listen) {
+                // Port 0 asks for any free port: each such listener gets its own.
+                if listener.listen.port() != 0 && !addresses.insert(listener.listen) {
                     let message =
                         format!("address {} is used by another listener", listener.listen);
                     self.problem(path.key("listen"), message);
@@ -354,10 +356,22 @@ impl Validator<'_> {
             self.problem(path.key("name"), "listener name must not be empty");
         }
         let listen = self.socket_addr(&path.key("listen"), &raw.listen);
-        if raw.route.is_empty() {
+        let protocol = match raw.protocol {
+            RawProtocol::Http => Protocol::Http,
+            RawProtocol::Https => Protocol::Https,
+            RawProtocol::Tcp => Protocol::Tcp,
+        };
+        let tcp = self.tcp_settings(path, protocol, &raw, upstreams);
+        if raw.route.is_empty() && protocol != Protocol::Tcp {
             self.problem(
                 path.clone(),
                 "listener has no routes: add at least one [[listener.route]]",
+            );
+        }
+        if !raw.route.is_empty() && protocol == Protocol::Tcp {
+            self.problem(
+                path.key("route"),
+                "a tcp listener has no routes: it sends every connection to its `upstream`",
             );
         }
         let mut seen = HashSet::new();
@@ -384,12 +398,10 @@ impl Validator<'_> {
                 format!("max_header_bytes must be at least {MIN_MAX_HEADER_BYTES}"),
             );
         }
-        let protocol = match raw.protocol {
-            RawProtocol::Http => Protocol::Http,
-            RawProtocol::Https => Protocol::Https,
-        };
         let tls = match (protocol, raw.tls) {
-            (Protocol::Https, Some(tls)) => Some(self.listener_tls(&path.key("tls"), tls)?),
+            (Protocol::Https | Protocol::Tcp, Some(tls)) => {
+                Some(self.listener_tls(&path.key("tls"), tls)?)
+            }
             (Protocol::Https, None) => {
                 self.problem(
                     path.key("protocol"),
@@ -400,7 +412,7 @@ impl Validator<'_> {
             (_, Some(_)) => {
                 self.problem(
                     path.key("tls"),
-                    "[listener.tls] applies only to protocol = \"https\"",
+                    "[listener.tls] applies only to protocol = \"https\" or \"tcp\"",
                 );
                 return None;
             }
@@ -419,6 +431,55 @@ impl Validator<'_> {
                 via: raw.via.unwrap_or(false),
             },
             tls,
+            tcp: match protocol {
+                Protocol::Tcp => Some(tcp?),
+                _ => None,
+            },
+        })
+    }
+
+    /// `upstream` and `idle_timeout` belong to tcp listeners only.
+    fn tcp_settings(
+        &mut self,
+        path: &KeyPath,
+        protocol: Protocol,
+        raw: &RawListener,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Option<TcpSettings> {
+        if protocol != Protocol::Tcp {
+            for (key, present) in [
+                ("upstream", raw.upstream.is_some()),
+                ("idle_timeout", raw.idle_timeout.is_some()),
+            ] {
+                if present {
+                    self.problem(
+                        path.key(key),
+                        format!("`{key}` applies only to protocol = \"tcp\"; HTTP listeners name upstreams in their routes"),
+                    );
+                }
+            }
+            return None;
+        }
+        let Some(name) = &raw.upstream else {
+            self.problem(path.clone(), "a tcp listener needs `upstream = \"NAME\"`");
+            return None;
+        };
+        if !upstreams.contains_key(name) {
+            if !self.upstream_names.contains(name) {
+                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                self.problem(
+                    path.key("upstream"),
+                    format!(
+                        "no upstream named {name:?}; defined upstreams: [{}]",
+                        known.join(", ")
+                    ),
+                );
+            }
+            return None;
+        }
+        Some(TcpSettings {
+            upstream: name.clone(),
+            idle_timeout: raw.idle_timeout.map_or(DEFAULT_TCP_IDLE_TIMEOUT, |d| d.0),
         })
     }
 

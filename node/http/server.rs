@@ -16,14 +16,18 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::respond::status_response;
 use super::{proxy, HttpListener, RouteTarget};
-use crate::generation::{ConnectionGuard, ListenerRuntime, ListenerService, RequestGuard};
+use crate::generation::{ConnectionGuard, RequestGuard};
 use crate::static_files;
 
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: ConnectionGuard) {
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    connection: ConnectionGuard,
+    http: Arc<HttpListener>,
+) {
     let generation = connection.generation().clone();
-    let http = http_listener(connection.listener());
     match &http.tls {
-        None => serve(TokioIo::new(stream), peer, connection).await,
+        None => serve(TokioIo::new(stream), peer, connection, http.clone()).await,
         Some(acceptor) => {
             // The handshake shares the request-head deadline (slowloris).
             let handshake =
@@ -39,20 +43,22 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: C
                 },
                 _ = generation.lifecycle.killed() => return,
             };
-            serve(TokioIo::new(stream), peer, connection).await
+            serve(TokioIo::new(stream), peer, connection, http.clone()).await
         }
     }
 }
 
-async fn serve<I>(io: I, peer: SocketAddr, connection: ConnectionGuard)
+async fn serve<I>(io: I, peer: SocketAddr, connection: ConnectionGuard, http: Arc<HttpListener>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let generation = connection.generation().clone();
     let lifecycle = &generation.lifecycle;
-    let index = connection.listener_index();
-    let http = http_listener(&generation.listeners[index]);
-    let context = Arc::new(Context { connection, peer });
+    let context = Arc::new(Context {
+        connection,
+        peer,
+        http: http.clone(),
+    });
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, Infallible>(context.handle(request).await) }
@@ -84,6 +90,7 @@ where
 struct Context {
     connection: ConnectionGuard,
     peer: SocketAddr,
+    http: Arc<HttpListener>,
 }
 
 impl Context {
@@ -101,7 +108,7 @@ impl Context {
     }
 
     async fn route(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let http = http_listener(self.connection.listener());
+        let http = &*self.http;
         let host = request
             .headers()
             .get(header::HOST)
@@ -123,9 +130,4 @@ impl Context {
             }
         }
     }
-}
-
-fn http_listener(listener: &ListenerRuntime) -> &HttpListener {
-    let ListenerService::Http(http) = &listener.service;
-    http
 }

@@ -1,0 +1,209 @@
+//! The TCP (L4) listener: each accepted connection, after an optional TLS
+//! handshake, goes to one server of the listener's upstream (the same
+//! balancers and health as HTTP; a refused connect tries the next server),
+//! and bytes are copied both ways until both sides have finished. A
+//! half-close is passed on. A session with no bytes either way for
+//! `idle_timeout` is closed, and so is every session of a generation whose
+//! drain deadline passes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ListenerConfig;
+use crate::generation::ConnectionGuard;
+use crate::upstream::{PickContext, Upstream};
+
+/// How long a client may take to finish a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct TcpProxy {
+    upstream: Arc<Upstream>,
+    tls: Option<TlsAcceptor>,
+    idle_timeout: Duration,
+}
+
+impl TcpProxy {
+    pub fn new(
+        config: &ListenerConfig,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+    ) -> Result<Self, String> {
+        let settings = config
+            .tcp
+            .as_ref()
+            .ok_or("a tcp listener without tcp settings")?;
+        let upstream = upstreams
+            .get(&settings.upstream)
+            .ok_or_else(|| format!("no upstream named {:?}", settings.upstream))?
+            .clone();
+        Ok(TcpProxy {
+            upstream,
+            tls: config.tls.as_ref().map(crate::tls::acceptor).transpose()?,
+            idle_timeout: settings.idle_timeout,
+        })
+    }
+
+    pub async fn serve_connection(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        connection: ConnectionGuard,
+    ) {
+        let generation = connection.generation().clone();
+        let session = async {
+            match &self.tls {
+                None => self.relay(stream, peer).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => self.relay(stream, peer).await,
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = session => {}
+            _ = generation.lifecycle.killed() => {}
+        }
+    }
+
+    async fn relay<S: AsyncRead + AsyncWrite + Unpin>(&self, client: S, peer: SocketAddr) {
+        let upstream = &self.upstream;
+        let context = PickContext {
+            client_ip: peer.ip(),
+            key_hash: None,
+        };
+        let mut tried = Vec::new();
+        let (server, mut server_stream) = loop {
+            let Some(index) = upstream.pick(&context, &tried) else {
+                tracing::warn!(upstream = %upstream.config.name, %peer, "no server available; closing the connection");
+                return;
+            };
+            let server = &upstream.servers[index];
+            let connect = tokio::time::timeout(
+                upstream.config.connect_timeout,
+                TcpStream::connect(server.addr),
+            )
+            .await;
+            match connect {
+                Ok(Ok(stream)) => {
+                    upstream.record(server, false);
+                    break (server, stream);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(upstream = %upstream.config.name, server = %server.addr, %error, "connect failed")
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %upstream.config.name, server = %server.addr, "connect timed out")
+                }
+            }
+            upstream.record(server, true);
+            tried.push(index);
+            if tried.len() as u32 > upstream.config.retries {
+                return;
+            }
+        };
+        let _ = server_stream.set_nodelay(true);
+        let _active = server.begin_request();
+        let activity = Arc::new(Activity::new());
+        let mut client = Tracked {
+            inner: client,
+            activity: activity.clone(),
+        };
+        let mut server_side = Tracked {
+            inner: &mut server_stream,
+            activity: activity.clone(),
+        };
+        tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut client, &mut server_side) => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "tcp session ended with an error");
+                }
+            }
+            _ = activity.idle_for(self.idle_timeout) => {
+                tracing::debug!(%peer, idle_timeout = ?self.idle_timeout, "tcp session idle; closing");
+            }
+        }
+    }
+}
+
+/// When bytes last moved, in milliseconds since `start`.
+struct Activity {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let quiet_until = self.start + last + idle;
+            if Instant::now() >= quiet_until {
+                return;
+            }
+            tokio::time::sleep_until(quiet_until.into()).await;
+        }
+    }
+}
+
+/// A stream that records activity on every read.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
