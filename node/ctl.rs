@@ -116,19 +116,11 @@ async fn connect(args: &CtlArgs) -> Result<ControlServiceClient<Channel>, String
             .domain_name(server_name);
         endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
     }
-    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| crate::report::error_chain(&e))?;
     Ok(ControlServiceClient::new(channel))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 type CtlResult = Result<ExitCode, tonic::Status>;

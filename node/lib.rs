@@ -16,6 +16,7 @@ pub mod health;
 pub mod http;
 pub mod listen;
 pub mod proto;
+pub mod report;
 pub mod route;
 pub mod static_files;
 pub mod supervisor;

@@ -208,14 +208,7 @@ async fn a_download_started_before_a_reload_completes_after_it() {
     }
     assert_eq!(received, SIZE);
     drop(client);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !node.get_config().await.draining.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "generation 1 should finish draining"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_drained(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -370,15 +363,8 @@ async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
         node.reload(config).await.unwrap();
         get(&client, web, None, "/").await;
     }
-    let settle = || async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !node.get_config().await.draining.is_empty() {
-            assert!(Instant::now() < deadline, "old generations should drain");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
     drop(client);
-    settle().await;
+    node.wait_drained(Duration::from_secs(10)).await;
     let (fds, threads, tasks) = (
         node.fd_count(),
         node.threads(),
@@ -393,7 +379,7 @@ async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
             assert_eq!(get(&client, web, None, "/").await.status, StatusCode::OK);
         }
     }
-    settle().await;
+    node.wait_drained(Duration::from_secs(10)).await;
     let config = node.get_config().await;
     assert_eq!(config.config.unwrap().generation, 203);
     assert!(

@@ -91,14 +91,7 @@ async fn a_websocket_passes_through_and_survives_a_reload() {
     drop(ws);
 
     // Once the WebSocket closes, the old generation is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !node.get_config().await.draining.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old generation should finish draining"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_drained(Duration::from_secs(5)).await;
     // New WebSockets work on the new generation.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
         .await

@@ -464,19 +464,7 @@ impl Validator<'_> {
             self.problem(path.clone(), "a tcp listener needs `upstream = \"NAME\"`");
             return None;
         };
-        if !upstreams.contains_key(name) {
-            if !self.upstream_names.contains(name) {
-                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-                self.problem(
-                    path.key("upstream"),
-                    format!(
-                        "no upstream named {name:?}; defined upstreams: [{}]",
-                        known.join(", ")
-                    ),
-                );
-            }
-            return None;
-        }
+        self.upstream_exists(&path.key("upstream"), name, upstreams)?;
         Some(TcpSettings {
             upstream: name.clone(),
             idle_timeout: raw.idle_timeout.map_or(DEFAULT_TCP_IDLE_TIMEOUT, |d| d.0),
@@ -502,21 +490,7 @@ impl Validator<'_> {
         }
         let action = match (raw.upstream, raw.static_files) {
             (Some(name), None) => {
-                if !upstreams.contains_key(&name) {
-                    if self.upstream_names.contains(&name) {
-                        // Declared but invalid: already reported there.
-                        return None;
-                    }
-                    let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-                    self.problem(
-                        path.key("upstream"),
-                        format!(
-                            "no upstream named {name:?}; defined upstreams: [{}]",
-                            known.join(", ")
-                        ),
-                    );
-                    return None;
-                }
+                self.upstream_exists(&path.key("upstream"), &name, upstreams)?;
                 RouteAction::Upstream(name)
             }
             (None, Some(files)) => {
@@ -542,6 +516,30 @@ impl Validator<'_> {
             path_prefix,
             action,
         })
+    }
+
+    /// Whether `name` is a valid upstream. An upstream that is declared
+    /// but invalid was reported at its own section, so not again here.
+    fn upstream_exists(
+        &mut self,
+        path: &KeyPath,
+        name: &str,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Option<()> {
+        if upstreams.contains_key(name) {
+            return Some(());
+        }
+        if !self.upstream_names.contains(name) {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            self.problem(
+                path.clone(),
+                format!(
+                    "no upstream named {name:?}; defined upstreams: [{}]",
+                    known.join(", ")
+                ),
+            );
+        }
+        None
     }
 
     fn host_pattern(&mut self, path: &KeyPath, text: &str) -> Option<HostPattern> {

@@ -145,7 +145,7 @@ pub async fn forward(
                 tracing::warn!(
                     upstream = %upstream.config.name,
                     server = %server.addr,
-                    error = %error_chain(&error),
+                    error = %crate::report::error_chain(&error),
                     retry = may_retry && error.is_connect(),
                     "upstream request failed"
                 );
@@ -167,17 +167,4 @@ pub async fn forward(
             }
         }
     }
-}
-
-/// "client error (Connect): tcp connect error: Connection refused": the
-/// whole cause chain, which hyper's own Display leaves out.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -146,6 +146,18 @@ impl Node {
             .map(|r| r.into_inner())
     }
 
+    /// Waits until no retired generation is left draining.
+    pub async fn wait_drained(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.get_config().await.draining.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "old generations did not finish draining within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn write_config(&self, config: &str) {
         std::fs::write(&self.config_path, with_ephemeral_control(config)).expect("write config");
     }
