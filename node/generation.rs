@@ -18,6 +18,8 @@ use tokio::sync::broadcast;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::health::PreparedChecks;
 use crate::http::HttpListener;
+use crate::proxy::forward::ForwardProxy;
+use crate::proxy::socks5::Socks5Proxy;
 use crate::supervisor::NodeEvent;
 use crate::tcp_proxy::TcpProxy;
 use crate::upstream::{ClientRegistry, Upstream};
@@ -74,6 +76,8 @@ pub struct ListenerRuntime {
 pub enum ListenerService {
     Http(Arc<HttpListener>),
     Tcp(TcpProxy),
+    Forward(Arc<ForwardProxy>),
+    Socks5(Arc<Socks5Proxy>),
 }
 
 impl Generation {
@@ -117,6 +121,17 @@ impl Generation {
                 Protocol::Tcp => ListenerService::Tcp(
                     TcpProxy::new(listener, &upstreams).map_err(|e| (index, e))?,
                 ),
+                Protocol::Forward | Protocol::Socks5 => {
+                    let settings = listener
+                        .proxy
+                        .clone()
+                        .ok_or((index, "a proxy listener without proxy settings".to_owned()))?;
+                    if listener.protocol == Protocol::Forward {
+                        ListenerService::Forward(Arc::new(ForwardProxy::new(settings)))
+                    } else {
+                        ListenerService::Socks5(Arc::new(Socks5Proxy::new(settings)))
+                    }
+                }
             };
             listeners.push(ListenerRuntime {
                 config: listener.clone(),

@@ -165,6 +165,12 @@ async fn accept_loop(listener: TcpListener, index: usize, generation: Arc<Genera
                     ListenerService::Tcp(tcp) => {
                         tasks.spawn(tcp.clone().serve_connection(stream, peer, connection));
                     }
+                    ListenerService::Forward(forward) => {
+                        tasks.spawn(forward.clone().serve_connection(stream, peer, connection));
+                    }
+                    ListenerService::Socks5(socks5) => {
+                        tasks.spawn(socks5.clone().serve_connection(stream, peer, connection));
+                    }
                 }
             }
             // The peer gave up before we accepted: nothing to do.

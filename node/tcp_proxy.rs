@@ -8,13 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -84,7 +81,7 @@ impl TcpProxy {
             key_hash: None,
         };
         let mut tried = Vec::new();
-        let (server, mut server_stream) = loop {
+        let (server, server_stream) = loop {
             let Some(index) = upstream.pick(&context, &tried) else {
                 tracing::warn!(upstream = %upstream.config.name, %peer, "no server available; closing the connection");
                 return;
@@ -115,95 +112,6 @@ impl TcpProxy {
         };
         let _ = server_stream.set_nodelay(true);
         let _active = server.begin_request();
-        let activity = Arc::new(Activity::new());
-        let mut client = Tracked {
-            inner: client,
-            activity: activity.clone(),
-        };
-        let mut server_side = Tracked {
-            inner: &mut server_stream,
-            activity: activity.clone(),
-        };
-        tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut client, &mut server_side) => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "tcp session ended with an error");
-                }
-            }
-            _ = activity.idle_for(self.idle_timeout) => {
-                tracing::debug!(%peer, idle_timeout = ?self.idle_timeout, "tcp session idle; closing");
-            }
-        }
-    }
-}
-
-/// When bytes last moved, in milliseconds since `start`.
-struct Activity {
-    start: Instant,
-    last: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let quiet_until = self.start + last + idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until.into()).await;
-        }
-    }
-}
-
-/// A stream that records activity on every read.
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        crate::tunnel::run(client, server_stream, self.idle_timeout, peer).await;
     }
 }

@@ -73,6 +73,10 @@ pub enum Protocol {
     Https,
     /// Plain TCP (L4) proxying, optionally behind TLS.
     Tcp,
+    /// An HTTP forward proxy: absolute-form requests and CONNECT tunnels.
+    Forward,
+    /// A SOCKS5 proxy (CONNECT).
+    Socks5,
 }
 
 impl Protocol {
@@ -81,6 +85,8 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Https => "https",
             Protocol::Tcp => "tcp",
+            Protocol::Forward => "forward",
+            Protocol::Socks5 => "socks5",
         }
     }
 }
@@ -129,6 +135,47 @@ pub struct ListenerConfig {
     pub tls: Option<TlsSettings>,
     /// For `tcp` listeners.
     pub tcp: Option<TcpSettings>,
+    /// For `forward` and `socks5` listeners.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// Who may use a forward or SOCKS5 listener, and where to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// When not empty, clients must authenticate as one of these.
+    pub users: Vec<(String, String)>,
+    pub allow: Vec<DestinationRule>,
+    pub deny: Vec<DestinationRule>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print passwords.
+        f.debug_struct("ProxySettings")
+            .field(
+                "users",
+                &self.users.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            )
+            .field("allow", &self.allow)
+            .field("deny", &self.deny)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A destination pattern: a host name, `*.suffix`, an address or a
+/// network, with an optional port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationRule {
+    pub host: DestinationHost,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationHost {
+    Name(HostPattern),
+    Network(std::net::IpAddr, u8),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,6 +35,27 @@ pub enum RawProtocol {
     Http,
     Https,
     Tcp,
+    Forward,
+    Socks5,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    #[serde(default)]
+    pub users: Vec<RawUser>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    pub connect_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub name: String,
+    pub password: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +91,8 @@ pub struct RawListener {
     /// protocol = "tcp": where connections go, and when an idle one closes.
     pub upstream: Option<String>,
     pub idle_timeout: Option<ConfigDuration>,
+    /// protocol = "forward" or "socks5".
+    pub proxy: Option<RawProxy>,
 }
 
 #[derive(Debug, Deserialize)]

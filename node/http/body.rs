@@ -24,6 +24,8 @@ pub enum ProxyBody {
         body: Incoming,
         _active: ActiveRequest,
     },
+    /// A body streamed through with nothing to count (forward proxy).
+    Stream(Incoming),
     File {
         file: File,
         remaining: u64,
@@ -61,7 +63,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => {
+                Pin::new(body).poll_frame(cx).map_err(Into::into)
+            }
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::File {
                 file,
@@ -91,7 +95,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => body.is_end_stream(),
             ProxyBody::File { remaining, .. } => *remaining == 0,
             ProxyBody::Full(bytes) => bytes.is_none(),
         }
@@ -99,7 +103,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => body.size_hint(),
             ProxyBody::File { remaining, .. } => SizeHint::with_exact(*remaining),
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))

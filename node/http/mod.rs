@@ -14,6 +14,7 @@ use std::sync::Arc;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
+pub use headers::remove_hop_by_hop;
 pub use server::serve_connection;
 
 use crate::config::{HttpSettings, ListenerConfig, RouteAction, StaticConfig};
