@@ -244,6 +244,7 @@ pub struct UpstreamConfig {
     pub all_down: AllDown,
     pub health: Option<HealthCheck>,
     pub passive: Option<PassiveCheck>,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// What to do when every server of an upstream is down.
@@ -352,7 +353,31 @@ pub enum HashKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpstreamProtocol {
     Http1,
+    /// HTTP/2 with prior knowledge, cleartext.
     H2c,
+    /// HTTP/2 over TLS, agreed by ALPN (HTTP/1.1 if the server declines).
+    H2,
+}
+
+/// TLS to an upstream's servers.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// PEM CA bundle to verify servers against; the system roots when unset.
+    pub ca_pem: Option<Vec<u8>>,
+    /// SNI and verification name; the server's address when unset.
+    pub server_name: Option<String>,
+    /// Client certificate chain and key, for servers that require mTLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .field("custom_ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
 }
 
 impl Config {

@@ -129,6 +129,7 @@ pub enum RawUpstreamProtocol {
     #[default]
     Http1,
     H2c,
+    H2,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +149,16 @@ pub struct RawUpstream {
     pub all_down: Option<RawAllDown>,
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
+    pub tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<String>,
+    pub server_name: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -731,6 +731,24 @@ impl Validator<'_> {
             Some(health) => Some(self.health_check(&path.key("health"), health)?),
             None => None,
         };
+        let tls = match raw.tls {
+            Some(tls) => Some(self.upstream_tls(&path.key("tls"), tls)?),
+            None => None,
+        };
+        match (raw.protocol, &tls) {
+            (RawUpstreamProtocol::H2, None) => {
+                self.problem(path.key("protocol"), "protocol = \"h2\" is HTTP/2 over TLS: add [upstream.NAME.tls] (or use \"h2c\")");
+                return None;
+            }
+            (RawUpstreamProtocol::H2c, Some(_)) => {
+                self.problem(
+                    path.key("protocol"),
+                    "h2c is cleartext; with [upstream.NAME.tls] use protocol = \"h2\"",
+                );
+                return None;
+            }
+            _ => {}
+        }
         let passive = match raw.passive {
             Some(passive) => Some(self.passive_check(&path.key("passive"), passive)?),
             None => None,
@@ -749,7 +767,9 @@ impl Validator<'_> {
             protocol: match raw.protocol {
                 RawUpstreamProtocol::Http1 => UpstreamProtocol::Http1,
                 RawUpstreamProtocol::H2c => UpstreamProtocol::H2c,
+                RawUpstreamProtocol::H2 => UpstreamProtocol::H2,
             },
+            tls,
             connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             read_timeout: raw.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |d| d.0),
             idle_timeout: raw
@@ -759,6 +779,52 @@ impl Validator<'_> {
                 .max_idle_per_server
                 .unwrap_or(DEFAULT_MAX_IDLE_PER_SERVER),
         })
+    }
+
+    fn upstream_tls(&mut self, path: &KeyPath, raw: RawUpstreamTls) -> Option<UpstreamTls> {
+        let ca_pem = match &raw.ca {
+            Some(ca) => Some(self.read_pem(&path.key("ca"), ca, pem::Expect::Certificates)?),
+            None => None,
+        };
+        let client = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => {
+                let chain = self.read_pem(&path.key("cert"), cert, pem::Expect::Certificates);
+                let key = self.read_pem(&path.key("key"), key, pem::Expect::PrivateKey);
+                let (chain, key) = (chain?, key?);
+                if let Err(message) = crate::tls::certified_key(&chain, &key) {
+                    self.problem(path.key("key"), message);
+                    return None;
+                }
+                Some((chain, key))
+            }
+            (None, None) => None,
+            _ => {
+                self.problem(
+                    path.clone(),
+                    "a client certificate needs both `cert` and `key`",
+                );
+                return None;
+            }
+        };
+        if let Some(name) = &raw.server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                self.problem(
+                    path.key("server_name"),
+                    format!("invalid server name {name:?}"),
+                );
+                return None;
+            }
+        }
+        let tls = UpstreamTls {
+            ca_pem,
+            server_name: raw.server_name,
+            client,
+        };
+        if let Err(message) = crate::tls::client_config(&tls) {
+            self.problem(path.clone(), message);
+            return None;
+        }
+        Some(tls)
     }
 
     fn health_check(&mut self, path: &KeyPath, raw: RawHealth) -> Option<HealthCheck> {

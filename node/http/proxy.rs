@@ -74,6 +74,8 @@ pub async fn forward(
     let version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c => Version::HTTP_2,
+        // ALPN decides; hyper sets the version of the connection it gets.
+        UpstreamProtocol::H2 => Version::HTTP_11,
     };
 
     // Only a request with no body can be sent twice.
@@ -95,7 +97,11 @@ pub async fn forward(
         let server = &upstream.servers[index];
         let active = server.begin_request();
         let Ok(uri) = Uri::builder()
-            .scheme("http")
+            .scheme(if upstream.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            })
             .authority(server.authority.clone())
             .path_and_query(path_and_query.clone())
             .build()

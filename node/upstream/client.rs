@@ -13,9 +13,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{UpstreamConfig, UpstreamProtocol};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use rustls_pki_types::ServerName;
 
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTls};
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// A request body on its way upstream: the client's, streamed through, or
 /// none, which lets a bodiless request be sent again to another server.
@@ -55,12 +58,13 @@ impl Body for RequestBody {
 
 /// The settings that shape a client's connections; upstreams that agree on
 /// them share one pool (hyper pools per server address inside it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_server: usize,
+    tls: Option<UpstreamTls>,
 }
 
 impl ClientKey {
@@ -70,6 +74,7 @@ impl ClientKey {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             max_idle_per_server: config.max_idle_per_server,
+            tls: config.tls.clone(),
         }
     }
 
@@ -78,6 +83,29 @@ impl ClientKey {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(self.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(false);
+        let tls_config = match &self.tls {
+            Some(tls) => crate::tls::client_config(tls).unwrap_or_else(|error| {
+                // Validated when the config was loaded; unreachable in practice.
+                tracing::error!(%error, "upstream TLS settings unusable; connections will fail");
+                crate::tls::empty_client_config()
+            }),
+            None => crate::tls::empty_client_config(),
+        };
+        let builder = HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_or_http();
+        let name = self.tls.as_ref().and_then(|t| t.server_name.clone());
+        let builder = match name.and_then(|n| ServerName::try_from(n).ok()) {
+            Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+            None => builder,
+        };
+        let connector = match self.protocol {
+            UpstreamProtocol::H2 => builder.enable_all_versions().wrap_connector(connector),
+            UpstreamProtocol::Http1 | UpstreamProtocol::H2c => {
+                builder.enable_http1().wrap_connector(connector)
+            }
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -97,10 +125,12 @@ pub struct ClientRegistry {
 impl ClientRegistry {
     /// The client for these settings, made on first use.
     pub fn get(&mut self, key: ClientKey) -> UpstreamClient {
-        self.clients
-            .entry(key)
-            .or_insert_with(|| key.build())
-            .clone()
+        if let Some(client) = self.clients.get(&key) {
+            return client.clone();
+        }
+        let client = key.build();
+        self.clients.insert(key, client.clone());
+        client
     }
 
     /// Forgets clients no upstream of the generation in force uses; their
