@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Per direction. tokio's default of 8 KiB costs a system call per 8 KiB on
+/// bulk transfers; 64 KiB measured 1.4× the throughput (bench/protocols.sh).
+const BUFFER: usize = 64 * 1024;
+
 /// Copies until both sides are done, an error, or `idle` without traffic.
 pub async fn run<A, B>(a: A, b: B, idle: Duration, peer: SocketAddr)
 where
@@ -27,7 +31,7 @@ where
         activity: activity.clone(),
     };
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER) => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "tunnel ended with an error");
             }
