@@ -108,7 +108,11 @@ pub async fn forward(
         else {
             return status_response(StatusCode::BAD_REQUEST);
         };
-        let may_retry = replayable && (tried.len() as u32) < upstream.config.retries;
+        // A retry needs the headers again, so they are cloned only when a
+        // retry is possible: retries left and another server to try.
+        let may_retry = replayable
+            && (tried.len() as u32) < upstream.config.retries
+            && tried.len() + 1 < upstream.servers.len();
         let mut outgoing = Request::new(body.take().unwrap_or(RequestBody::Empty));
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.uri_mut() = uri;
