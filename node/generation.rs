@@ -4,8 +4,10 @@
 //! deadline, then close what is left.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -204,6 +206,35 @@ impl Lifecycle {
         let _ = self.retired_at.set(SystemTime::now());
         self.retired.cancel();
         self.tasks.close();
+    }
+
+    /// Runs a connection (an HTTP server connection future) through this
+    /// generation's life: until it ends by itself, or, once retired, until
+    /// `grace` has passed (a request already on its way is still served and
+    /// answered with `Connection: close`), then asks it to finish
+    /// gracefully, and drops it if the drain deadline comes first. Closing
+    /// an idle keep-alive connection at once would reset a client that sent
+    /// its next request a moment before.
+    pub async fn drive_connection<F: Future>(
+        &self,
+        mut connection: Pin<&mut F>,
+        graceful_shutdown: impl FnOnce(Pin<&mut F>),
+        grace: Duration,
+    ) {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = self.retired() => {}
+        }
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = tokio::time::sleep(grace) => {}
+            _ = self.killed() => return,
+        }
+        graceful_shutdown(connection.as_mut());
+        tokio::select! {
+            _ = connection => {}
+            _ = self.killed() => {}
+        }
     }
 
     /// Waits for the retired generation's connections to finish, up to

@@ -66,25 +66,13 @@ where
     let conn = http.connections.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = lifecycle.retired() => {}
-    }
-    // Retired. A request already on its way is still served (its response
-    // says `Connection: close`); a connection that stays idle through the
-    // grace period is closed. Closing at once would reset a keep-alive
-    // client that sent its next request a moment before.
-    let grace = generation.config.node.drain_idle_grace;
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = tokio::time::sleep(grace) => {}
-        _ = lifecycle.killed() => return,
-    }
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = lifecycle.killed() => {}
-    }
+    lifecycle
+        .drive_connection(
+            conn.as_mut(),
+            |conn| conn.graceful_shutdown(),
+            generation.config.node.drain_idle_grace,
+        )
+        .await;
 }
 
 struct Context {

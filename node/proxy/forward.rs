@@ -59,20 +59,10 @@ impl ForwardProxy {
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = lifecycle.retired() => {}
-        }
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = tokio::time::sleep(generation.config.node.drain_idle_grace) => {}
-            _ = lifecycle.killed() => return,
-        }
-        conn.as_mut().graceful_shutdown();
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = lifecycle.killed() => {}
-        }
+        let grace = generation.config.node.drain_idle_grace;
+        lifecycle
+            .drive_connection(conn.as_mut(), |conn| conn.graceful_shutdown(), grace)
+            .await;
         drop(connection);
     }
 
