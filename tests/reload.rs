@@ -468,3 +468,79 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn old_connections_are_told_to_close_and_idle_ones_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("o").await;
+    let listen = free_addr().to_string();
+    let first = config(&listen, "u", &upstream("u", &[&origin], "round_robin"), "");
+    let node = Node::start(&first);
+    let web = node.listener("web").await;
+
+    // An HTTP/1.1 request in flight across the switch: its response says
+    // `Connection: close`, and the connection then closes.
+    let mut busy = tokio::net::TcpStream::connect(web).await.unwrap();
+    busy.write_all(b"GET /slow/600 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // An idle keep-alive connection that already served a request.
+    let mut idle = tokio::net::TcpStream::connect(web).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // An HTTP/2 connection, idle at the switch.
+    let h2 = tokio::net::TcpStream::connect(web).await.unwrap();
+    let (mut h2_sender, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    let h2_done = tokio::spawn(h2_conn);
+    let request = Request::get(format!("http://{web}/"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        h2_sender.send_request(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.reload(&config(
+        &listen,
+        "u",
+        &upstream("u", &[&origin], "least_conn"),
+        "",
+    ))
+    .await
+    .unwrap();
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), busy.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 200") && answer.contains("connection: close"),
+        "{answer}"
+    );
+
+    // Idle connections of the old generation are closed after the grace period.
+    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "the idle HTTP/1 connection is closed"
+    );
+    let h2_closed = tokio::time::timeout(Duration::from_secs(3), h2_done).await;
+    assert!(
+        h2_closed.is_ok(),
+        "the HTTP/2 connection is sent GOAWAY and ends"
+    );
+}
