@@ -189,3 +189,32 @@ fn bad_upstream_tls_settings_are_config_errors() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn http_health_checks_can_probe_over_tls() {
+    let ca = TestCa::new("upstream CA");
+    let origin = tls_origin(&ca, false).await;
+    let files = Files(tempfile::tempdir().unwrap());
+    let good_ca = files.write("ca.pem", &ca.pem());
+    let wrong_ca = files.write("other.pem", &TestCa::new("someone else").pem());
+    let check = "[upstream.secure.health]\ntype = \"http\"\ntls = true\ninterval = \"100ms\"\ntimeout = \"80ms\"\nfall = 1\njitter = \"0ms\"\n";
+    for (ca_path, expected) in [
+        (&good_ca, tether::proto::v1::HealthState::Healthy),
+        (&wrong_ca, tether::proto::v1::HealthState::Unhealthy),
+    ] {
+        let tls = format!("ca = \"{ca_path}\"\nserver_name = \"origin.test\"\n");
+        let node = Node::start(&(config(origin, "http1", &tls) + check));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let health = node.get_config().await.upstreams[0].servers[0].health;
+            if health == expected as i32 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {expected:?}, still {health}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -288,6 +288,8 @@ pub struct HttpCheck {
     /// Inclusive status ranges that count as success.
     pub expect_status: Vec<(u16, u16)>,
     pub expect_body: Option<String>,
+    /// Probe over TLS with these settings (the upstream's).
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -199,6 +199,7 @@ pub struct RawHealth {
     pub host: Option<String>,
     pub expect_status: Option<Vec<String>>,
     pub expect_body: Option<String>,
+    pub tls: Option<bool>,
     // type = "tcp"
     pub send: Option<String>,
     pub expect: Option<String>,

@@ -2,14 +2,17 @@
 //! sent and expected). The caller bounds it with the check's timeout.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::Request;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{CheckKind, HttpCheck, TcpCheck};
 
@@ -29,6 +32,27 @@ pub async fn probe(addr: SocketAddr, kind: &CheckKind) -> Result<(), String> {
 }
 
 async fn http(stream: TcpStream, addr: SocketAddr, check: &HttpCheck) -> Result<(), String> {
+    match &check.tls {
+        None => http_over(stream, addr, check).await,
+        Some(tls) => {
+            let config = crate::tls::client_config(tls)?;
+            let name = match &tls.server_name {
+                Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
+                None => ServerName::IpAddress(addr.ip().into()),
+            };
+            let stream = TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            http_over(stream, addr, check).await
+        }
+    }
+}
+
+async fn http_over<S>(stream: S, addr: SocketAddr, check: &HttpCheck) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await

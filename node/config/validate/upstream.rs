@@ -55,12 +55,12 @@ impl Validator<'_> {
             (RawBalance::LeastConn, None) => BalancePolicy::LeastConn,
             (RawBalance::PowerOfTwo, None) => BalancePolicy::PowerOfTwo,
         };
-        let health = match raw.health {
-            Some(health) => Some(self.health_check(&path.key("health"), health)?),
-            None => None,
-        };
         let tls = match raw.tls {
             Some(tls) => Some(self.upstream_tls(&path.key("tls"), tls)?),
+            None => None,
+        };
+        let health = match raw.health {
+            Some(health) => Some(self.health_check(&path.key("health"), health, tls.as_ref())?),
             None => None,
         };
         match (raw.protocol, &tls) {
@@ -155,7 +155,14 @@ impl Validator<'_> {
         Some(tls)
     }
 
-    fn health_check(&mut self, path: &KeyPath, raw: RawHealth) -> Option<HealthCheck> {
+    /// `tls`: the upstream's TLS settings, which an http check with
+    /// `tls = true` uses.
+    fn health_check(
+        &mut self,
+        path: &KeyPath,
+        raw: RawHealth,
+        tls: Option<&UpstreamTls>,
+    ) -> Option<HealthCheck> {
         let interval = raw.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0);
         let timeout = raw
             .timeout
@@ -184,6 +191,7 @@ impl Validator<'_> {
             ("host", raw.host.is_some()),
             ("expect_status", raw.expect_status.is_some()),
             ("expect_body", raw.expect_body.is_some()),
+            ("tls", raw.tls.is_some()),
         ];
         let tcp_keys = [
             ("send", raw.send.is_some()),
@@ -242,12 +250,21 @@ impl Validator<'_> {
                         parsed
                     }
                 };
+                let tls = match (raw.tls.unwrap_or(false), tls) {
+                    (false, _) => None,
+                    (true, Some(tls)) => Some(tls.clone()),
+                    (true, None) => {
+                        self.problem(path.key("tls"), "tls = true checks with the upstream's [upstream.NAME.tls] settings: add that section");
+                        return None;
+                    }
+                };
                 CheckKind::Http(HttpCheck {
                     method,
                     path: check_path,
                     host: raw.host,
                     expect_status,
                     expect_body: raw.expect_body,
+                    tls,
                 })
             }
             RawCheckType::Tcp => CheckKind::Tcp(TcpCheck {
