@@ -219,3 +219,25 @@ async fn malformed_socks5_handshakes_get_closed_and_good_ones_still_work() {
     stream.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"echo:ok");
 }
+
+#[tokio::test]
+async fn garbage_to_the_forward_proxy_costs_only_its_connection() {
+    let echo = echo_server().await;
+    let node = Node::start(&config("forward", "allow = [\"127.0.0.1\"]\n"));
+    let proxy = node.listener("p").await;
+    for garbage in [
+        &b"\x16\x03\x01\x00\xff\x00\x00"[..],
+        b"CONNECT\r\n\r\n",
+        b"CONNECT nohost HTTP/1.1\r\n\r\n",
+        b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let answer = raw_exchange(proxy, garbage, Duration::from_secs(2)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer}"
+        );
+    }
+    let (status, _) = connect_via(proxy, &echo.to_string(), None).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+}
