@@ -2,10 +2,13 @@
 //! controller that runs a fleet of them.
 //!
 //! The node's modules follow the path a request takes: `listen` accepts,
-//! `http` speaks the protocol, `route` picks a target, `upstream` picks a
-//! server and holds the connection pools, `static_files` serves from disk.
+//! `tls` terminates TLS, `http` speaks HTTP (or `tcp_proxy` and `proxy`
+//! handle TCP, CONNECT and SOCKS5, over a `tunnel`), `route` picks a
+//! target, `upstream` picks a server and holds the connection pools,
+//! `health` checks the servers, `static_files` serves from disk.
 //! `config` turns TOML into a validated `Config`; `supervisor` applies
-//! configs as `generation`s; `control` serves the gRPC control API.
+//! configs as `generation`s; `control` serves the gRPC control API and
+//! `ctl` is its command-line client.
 
 pub mod cli;
 pub mod config;
