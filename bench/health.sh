@@ -13,23 +13,6 @@ KILL_AFTER=2
 need_apt wrk:wrk nginx:nginx-light
 build_tether
 
-origin_conf() {
-    local name=$1 port=$2
-    mkdir -p "$WORK/$name"
-    cat >"$WORK/$name.conf" <<CONF
-# One process, so killing it kills the server.
-master_process off;
-daemon off;
-pid $WORK/$name.pid;
-error_log $WORK/$name-error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    server { listen 127.0.0.1:$port; location / { return 200 "$name\n"; } }
-}
-CONF
-}
-for i in 1 2 3; do origin_conf "origin$i" $((19500 + i)); done
 
 node_conf() {
     local checks=$1 retries=$2
@@ -54,8 +37,7 @@ printf '\n| active checks | retries | requests | failed | failed share |\n|---|-
 for checks in off on; do
     for retries in 0 1; do
         node_conf $checks $retries >"$WORK/node.toml"
-        for i in 1 2 3; do start "origin$i" "$LOAD_CPU" nginx -c "$WORK/origin$i.conf" -p "$WORK/origin$i"; done
-        wait_port 19501; wait_port 19502; wait_port 19503
+        for i in 1 2 3; do start_origin "origin$i" $((19500 + i)); done
         start tether "$PROXY_CPU" "$TETHER" node --config "$WORK/node.toml"; node=$STARTED
         wait_port 19600
         sleep 2.5 # first health results

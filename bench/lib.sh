@@ -100,3 +100,32 @@ to_us() {
         else if (v ~ /s$/) print int(n * 1000000)
         else print 0 }'
 }
+
+# start_origin NAME PORT...: an nginx origin pinned to the load core that
+# answers "NAME PORT" on each port, as one process (so killing its pid
+# kills the server); waits until every port listens. Pid in STARTED.
+start_origin() {
+    local name=$1
+    shift
+    mkdir -p "$WORK/$name"
+    {
+        cat <<CONF
+master_process off;
+daemon off;
+pid $WORK/$name.pid;
+error_log $WORK/$name-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+CONF
+        for port in "$@"; do
+            echo "    server { listen 127.0.0.1:$port; location / { return 200 \"$name $port\\n\"; } }"
+        done
+        echo "}"
+    } >"$WORK/$name.conf"
+    start "$name" "$LOAD_CPU" nginx -c "$WORK/$name.conf" -p "$WORK/$name"
+    local origin=$STARTED
+    for port in "$@"; do wait_port "$port"; done
+    STARTED=$origin
+}

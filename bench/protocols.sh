@@ -21,22 +21,10 @@ build_tether
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench.test" \
     -addext "subjectAltName=DNS:bench.test" -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
-mkdir -p "$WORK/origin" "$WORK/nginx"
-cat >"$WORK/origin.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/origin.pid;
-error_log $WORK/origin-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:19901; location / { return 200 "hello\n"; } }
-}
-CONF
-start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -p "$WORK/origin"
+mkdir -p "$WORK/nginx"
+start_origin origin 19901
 start iperf "$LOAD_CPU" iperf3 -s -p 19902
-wait_port 19901; wait_port 19902
+wait_port 19902
 
 cat >"$WORK/tether.toml" <<CONF
 [control]

@@ -27,19 +27,6 @@ fi
 build_tether
 
 mkdir -p "$WORK/nginx"
-cat >"$WORK/origin.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/origin.pid;
-error_log $WORK/origin-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:$ORIGIN_A; location / { return 200 "hello from a\n"; } }
-    server { listen 127.0.0.1:$ORIGIN_B; location / { return 200 "hello from b\n"; } }
-}
-CONF
 
 cat >"$WORK/tether.toml" <<CONF
 [control]
@@ -133,8 +120,7 @@ static_resources:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $ORIGIN_B } } }
 CONF
 
-start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -p "$WORK/nginx"
-wait_port $ORIGIN_A; wait_port $ORIGIN_B
+start_origin origin $ORIGIN_A $ORIGIN_B
 
 # Each proxy runs ROUNDS times, interleaved with the others, and the median
 # run is reported: these machines are shared and noisy.

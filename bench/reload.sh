@@ -18,22 +18,8 @@ need_apt wrk:wrk nginx:nginx-light
 build_tether
 ctl() { "$TETHER" ctl --addr $CONTROL "$@"; }
 
-mkdir -p "$WORK/origin" "$WORK/nginx"
-cat >"$WORK/origin.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/origin.pid;
-error_log $WORK/origin-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:19701; location / { return 200 "a\n"; } }
-    server { listen 127.0.0.1:19702; location / { return 200 "b\n"; } }
-}
-CONF
-start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -p "$WORK/origin"
-wait_port 19701; wait_port 19702
+mkdir -p "$WORK/nginx"
+start_origin origin 19701 19702
 
 # tether_conf ROUTES BALANCE → a config with ROUTES path routes plus "/".
 tether_conf() {
