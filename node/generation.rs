@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use tokio::sync::broadcast;
 
-use crate::config::{Config, ListenerConfig, Protocol};
+use crate::config::{Config, ListenAddr, ListenerConfig, Protocol};
 use crate::health::PreparedChecks;
 use crate::http::HttpListener;
 use crate::proxy::forward::ForwardProxy;
@@ -68,7 +67,7 @@ pub struct Generation {
 pub struct ListenerRuntime {
     pub config: ListenerConfig,
     /// The address actually bound (differs from the config for port 0).
-    pub bound: SocketAddr,
+    pub bound: ListenAddr,
     pub service: ListenerService,
     open_connections: AtomicU64,
 }
@@ -91,7 +90,7 @@ impl Generation {
         number: u64,
         config: Arc<Config>,
         info: ConfigInfo,
-        bound: &[SocketAddr],
+        bound: &[ListenAddr],
         previous: Option<&Generation>,
         shared: Shared,
     ) -> Result<Generation, (usize, String)> {
@@ -115,7 +114,7 @@ impl Generation {
             })
             .collect();
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (index, (listener, &bound)) in config.listeners.iter().zip(bound).enumerate() {
+        for (index, (listener, bound)) in config.listeners.iter().zip(bound).enumerate() {
             let service = match listener.protocol {
                 Protocol::Http | Protocol::Https => ListenerService::Http(Arc::new(
                     HttpListener::new(listener, &upstreams).map_err(|e| (index, e))?,
@@ -137,7 +136,7 @@ impl Generation {
             };
             listeners.push(ListenerRuntime {
                 config: listener.clone(),
-                bound,
+                bound: bound.clone(),
                 service,
                 open_connections: AtomicU64::new(0),
             });

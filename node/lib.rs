@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod report;
 pub mod route;
 pub mod static_files;
+pub mod stream;
 pub mod supervisor;
 pub mod tcp_proxy;
 pub mod telemetry;

@@ -4,25 +4,57 @@
 //! as some generation lists it. A new generation gets a duplicate of the
 //! same socket (same accept queue), so a reload never closes a socket that
 //! has connections waiting in its queue. Only new addresses are bound.
+//! Unix sockets work the same way; a stale socket file left by a process
+//! that is gone is replaced, a live one is an address in use.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenAddr, ListenerConfig};
 use crate::generation::{ConnectionGuard, Generation, ListenerService};
+use crate::stream::ClientStream;
+
+/// A listening socket the node holds.
+enum Held {
+    Tcp(StdListener),
+    Unix(StdUnixListener),
+}
+
+impl Held {
+    fn try_clone(&self) -> io::Result<Held> {
+        Ok(match self {
+            Held::Tcp(socket) => Held::Tcp(socket.try_clone()?),
+            Held::Unix(socket) => Held::Unix(socket.try_clone()?),
+        })
+    }
+
+    fn local_addr(&self, configured: &ListenAddr) -> io::Result<ListenAddr> {
+        match self {
+            Held::Tcp(socket) => socket.local_addr().map(ListenAddr::Tcp),
+            Held::Unix(_) => Ok(configured.clone()),
+        }
+    }
+}
+
+/// Unix clients have no IP address; they are local, and appear as the
+/// loopback address in X-Forwarded-For and to the balancers.
+const UNIX_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 const BACKLOG: i32 = 4096;
 
 /// The sockets the node holds, by configured address.
 #[derive(Default)]
 pub struct SocketRegistry {
-    sockets: HashMap<SocketKey, StdListener>,
+    sockets: HashMap<SocketKey, Held>,
 }
 
 /// What identifies a listening socket across configs: its address, and for
@@ -30,15 +62,16 @@ pub struct SocketRegistry {
 /// listener gets a port of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SocketKey {
-    addr: SocketAddr,
+    addr: ListenAddr,
     ephemeral_owner: Option<String>,
 }
 
 impl SocketKey {
     fn of(listener: &ListenerConfig) -> Self {
         SocketKey {
-            addr: listener.listen,
-            ephemeral_owner: (listener.listen.port() == 0).then(|| listener.name.clone()),
+            addr: listener.listen.clone(),
+            ephemeral_owner: matches!(listener.listen, ListenAddr::Tcp(addr) if addr.port() == 0)
+                .then(|| listener.name.clone()),
         }
     }
 }
@@ -46,14 +79,14 @@ impl SocketKey {
 /// A socket for each listener of a config being applied, not yet in force.
 pub struct PreparedSockets {
     /// In listener order.
-    sockets: Vec<(SocketKey, StdListener)>,
+    sockets: Vec<(SocketKey, Held)>,
 }
 
 /// A listener whose address could not be bound.
 #[derive(Debug)]
 pub struct BindFailure {
     pub listener_index: usize,
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
     pub error: io::Error,
 }
 
@@ -68,11 +101,11 @@ impl SocketRegistry {
         let mut sockets = Vec::with_capacity(listeners.len());
         let mut failures = Vec::new();
         for (listener_index, listener) in listeners.iter().enumerate() {
-            let addr = listener.listen;
+            let addr = listener.listen.clone();
             let key = SocketKey::of(listener);
             let socket = match self.sockets.get(&key) {
                 Some(held) => held.try_clone(),
-                None => bind(addr),
+                None => bind(&addr),
             };
             match socket {
                 Ok(socket) => sockets.push((key, socket)),
@@ -108,14 +141,20 @@ impl SocketRegistry {
 }
 
 impl PreparedSockets {
-    pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
-        self.sockets.iter().map(|(_, s)| s.local_addr()).collect()
+    pub fn local_addrs(&self) -> io::Result<Vec<ListenAddr>> {
+        self.sockets
+            .iter()
+            .map(|(key, s)| s.local_addr(&key.addr))
+            .collect()
     }
 
     /// Starts one accept loop per listener of `generation`, in its task set.
     pub fn start_accepting(self, generation: &Arc<Generation>) -> io::Result<()> {
         for (index, (_, socket)) in self.sockets.into_iter().enumerate() {
-            let listener = TcpListener::from_std(socket)?;
+            let listener = match socket {
+                Held::Tcp(socket) => Accepting::Tcp(TcpListener::from_std(socket)?),
+                Held::Unix(socket) => Accepting::Unix(UnixListener::from_std(socket)?),
+            };
             generation
                 .lifecycle
                 .tasks()
@@ -125,7 +164,30 @@ impl PreparedSockets {
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<StdListener> {
+fn bind(addr: &ListenAddr) -> io::Result<Held> {
+    match addr {
+        ListenAddr::Tcp(addr) => bind_tcp(*addr).map(Held::Tcp),
+        ListenAddr::Unix(path) => bind_unix(path).map(Held::Unix),
+    }
+}
+
+fn bind_unix(path: &Path) -> io::Result<StdUnixListener> {
+    if path.exists() {
+        if StdUnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on this socket",
+            ));
+        }
+        // Left behind by a process that is gone.
+        std::fs::remove_file(path)?;
+    }
+    let listener = StdUnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<StdListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -138,7 +200,28 @@ fn bind(addr: SocketAddr) -> io::Result<StdListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, index: usize, generation: Arc<Generation>) {
+enum Accepting {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Accepting {
+    async fn accept(&self) -> io::Result<(ClientStream, SocketAddr)> {
+        match self {
+            Accepting::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((ClientStream::Tcp(stream), peer))
+            }
+            Accepting::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok((ClientStream::Unix(stream), UNIX_PEER))
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generation>) {
     let lifecycle = &generation.lifecycle;
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -150,7 +233,6 @@ async fn accept_loop(listener: TcpListener, index: usize, generation: Arc<Genera
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                let _ = stream.set_nodelay(true);
                 let connection = ConnectionGuard::new(generation.clone(), index);
                 let tasks = lifecycle.tasks();
                 match &generation.listeners[index].service {

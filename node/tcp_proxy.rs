@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::stream::ClientStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerConfig;
@@ -51,7 +53,7 @@ impl TcpProxy {
 
     pub async fn serve_connection(
         self,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {

@@ -124,10 +124,26 @@ impl std::fmt::Debug for CertificateConfig {
     }
 }
 
+/// Where a listener listens: a TCP address, or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     pub protocol: Protocol,
     pub routes: Vec<RouteConfig>,
     pub http: HttpSettings,

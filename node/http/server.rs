@@ -11,7 +11,8 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use crate::stream::ClientStream;
 
 use super::body::ProxyBody;
 use super::respond::status_response;
@@ -20,7 +21,7 @@ use crate::generation::{ConnectionGuard, RequestGuard};
 use crate::static_files;
 
 pub async fn serve_connection(
-    stream: TcpStream,
+    stream: ClientStream,
     peer: SocketAddr,
     connection: ConnectionGuard,
     http: Arc<HttpListener>,

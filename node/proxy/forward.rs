@@ -14,7 +14,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+
+use crate::stream::ClientStream;
 
 use super::{authenticate, connect, policy, Destination, Refusal, HANDSHAKE_TIMEOUT};
 use crate::config::ProxySettings;
@@ -39,7 +40,7 @@ impl ForwardProxy {
 
     pub async fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {

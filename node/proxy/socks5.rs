@@ -7,7 +7,8 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::stream::ClientStream;
 
 use super::{authenticate, connect, Destination, Refusal, HANDSHAKE_TIMEOUT};
 use crate::config::ProxySettings;
@@ -43,7 +44,7 @@ impl Socks5Proxy {
 
     pub async fn serve_connection(
         self: std::sync::Arc<Self>,
-        mut client: TcpStream,
+        mut client: ClientStream,
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {
@@ -87,7 +88,7 @@ impl Socks5Proxy {
 
     /// Method negotiation, authentication and the request; answers where
     /// the client wants to go.
-    async fn handshake(&self, client: &mut TcpStream) -> io::Result<Destination> {
+    async fn handshake(&self, client: &mut ClientStream) -> io::Result<Destination> {
         let [version, count] = read_array(client).await?;
         if version != VERSION {
             return Err(invalid("not SOCKS version 5"));
@@ -160,13 +161,17 @@ impl Socks5Proxy {
     }
 }
 
-async fn read_array<const N: usize>(client: &mut TcpStream) -> io::Result<[u8; N]> {
+async fn read_array<const N: usize>(client: &mut ClientStream) -> io::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     client.read_exact(&mut bytes).await?;
     Ok(bytes)
 }
 
-async fn reply(client: &mut TcpStream, code: Reply, bound: Option<SocketAddr>) -> io::Result<()> {
+async fn reply(
+    client: &mut ClientStream,
+    code: Reply,
+    bound: Option<SocketAddr>,
+) -> io::Result<()> {
     let bound = bound.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut message = vec![VERSION, code as u8, 0];
     match bound.ip() {

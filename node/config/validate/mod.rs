@@ -195,7 +195,9 @@ impl Validator<'_> {
                     self.problem(path.key("name"), message);
                 }
                 // Port 0 asks for any free port: each such listener gets its own.
-                if listener.listen.port() != 0 && !addresses.insert(listener.listen) {
+                let ephemeral =
+                    matches!(listener.listen, ListenAddr::Tcp(addr) if addr.port() == 0);
+                if !ephemeral && !addresses.insert(listener.listen.clone()) {
                     let message =
                         format!("address {} is used by another listener", listener.listen);
                     self.problem(path.key("listen"), message);
@@ -358,7 +360,19 @@ impl Validator<'_> {
         if raw.name.trim().is_empty() {
             self.problem(path.key("name"), "listener name must not be empty");
         }
-        let listen = self.socket_addr(&path.key("listen"), &raw.listen);
+        let listen = match raw.listen.strip_prefix("unix:") {
+            Some("") => {
+                self.problem(
+                    path.key("listen"),
+                    "write a socket path after `unix:`, e.g. \"unix:/run/tether/web.sock\"",
+                );
+                None
+            }
+            Some(socket) => Some(ListenAddr::Unix(self.base_dir.join(socket))),
+            None => self
+                .socket_addr(&path.key("listen"), &raw.listen)
+                .map(ListenAddr::Tcp),
+        };
         let protocol = match raw.protocol {
             RawProtocol::Http => Protocol::Http,
             RawProtocol::Https => Protocol::Https,
