@@ -165,20 +165,8 @@ async fn sni_picks_the_certificate_and_alpn_serves_h2_and_http1() {
     // ALPN http/1.1 on the same port.
     let (_, alpn, stream) = connect(addr, &certs.ca, "x.b.test", &[b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let response = sender
-        .send_request(
-            Request::get("/h1")
-                .header("host", "x.b.test")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let response = get_over(stream, "x.b.test", "/h1").await;
+    assert_eq!(response.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -6,32 +6,19 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 async fn get_over_unix(socket: &Path, path: &str) -> (StatusCode, String) {
-    let stream = UnixStream::connect(socket).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let response = sender
-        .send_request(
-            Request::get(path)
-                .header("host", "unix.test")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let answer = get_over(
+        UnixStream::connect(socket).await.unwrap(),
+        "unix.test",
+        path,
+    )
+    .await;
+    (answer.status, answer.text())
 }
 
 fn config(web: &Path, tcp: &Path, origin: &Origin) -> String {
@@ -82,20 +69,8 @@ async fn http_and_tcp_listeners_serve_on_unix_sockets_across_reloads() {
     let listed = node.get_config().await.listeners;
     assert_eq!(listed[0].bound, format!("unix:{}", web.display()));
     node.reload(&config(&web, &raw, &origin).replace("upstream = \"u\"\n[[listener]]", "upstream = \"u\"\nhost = \"other.test\"\n[[listener.route]]\nupstream = \"u\"\n[[listener]]")).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(early))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let response = sender
-        .send_request(
-            Request::get("/early")
-                .header("host", "x")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let response = get_over(early, "x", "/early").await;
+    assert_eq!(response.status, StatusCode::OK);
     assert_eq!(get_over_unix(&web, "/after").await.0, StatusCode::OK);
 }
 

@@ -88,3 +88,30 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
     answer
 }
+
+/// One HTTP/1.1 GET over an already open stream (TLS, Unix socket, ...).
+pub async fn get_over<S>(stream: S, host: &str, path: &str) -> Answer
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("request");
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default(),
+    }
+}
