@@ -318,13 +318,7 @@ async fn reflection_v1_and_v1alpha_and_grpc_health_are_served() {
 async fn watch_health_starts_with_a_snapshot_and_streams_applies() {
     let origin = Origin::start("o").await;
     let node = Node::start(&web_config(&origin, "round_robin"));
-    let mut stream = node
-        .control()
-        .await
-        .watch_health(pb::WatchHealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = node.watch_health().await;
     let first = stream.message().await.unwrap().unwrap();
     let Some(pb::node_event::Event::Snapshot(snapshot)) = first.event else {
         panic!("first event must be a snapshot: {first:?}")

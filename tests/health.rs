@@ -182,10 +182,7 @@ async fn wrong_status_wrong_body_and_a_hung_server_are_all_down() {
 #[tokio::test]
 async fn tcp_checks_and_try_all() {
     let origin = Origin::start("o").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = free_addr();
     let upstreams = format!(
         "[upstream.u]\nservers = [{{ addr = \"{}\" }}, {{ addr = \"{closed}\" }}]\nall_down = \"try_all\"\n[upstream.u.health]\ntype = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nfall = 1\njitter = \"0ms\"\n",
         origin.addr
@@ -234,13 +231,7 @@ async fn passive_checks_eject_a_failing_server_and_let_it_back_after_the_period(
     );
     let node = Node::start(&config(&upstreams));
     let web = node.listener("web").await;
-    let mut watch = node
-        .control()
-        .await
-        .watch_health(pb::WatchHealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = node.watch_health().await;
     watch.message().await.unwrap();
     bad.set_failing(true);
     let client = http1_client();
@@ -295,10 +286,7 @@ async fn passive_checks_eject_a_failing_server_and_let_it_back_after_the_period(
 #[tokio::test]
 async fn a_failed_connect_is_retried_on_another_server() {
     let good = Origin::start("good").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = free_addr();
     let node = Node::start(&config(&format!(
         "[upstream.u]\nservers = [{{ addr = \"{closed}\" }}, {{ addr = \"{}\" }}]\nretries = 1\n",
         good.addr
@@ -412,13 +400,7 @@ async fn watch_health_streams_a_transition_when_a_server_stops() {
         Duration::from_secs(3),
     )
     .await;
-    let mut watch = node
-        .control()
-        .await
-        .watch_health(pb::WatchHealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = node.watch_health().await;
     let Some(Event::Snapshot(snapshot)) = watch.message().await.unwrap().unwrap().event else {
         panic!("snapshot first")
     };

@@ -303,10 +303,7 @@ async fn least_conn_and_power_of_two_avoid_a_busy_server() {
 #[tokio::test]
 async fn refused_upstream_is_502_and_slow_upstream_is_504() {
     let origin = Origin::start("o").await;
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let dead = free_addr();
     let node = Node::start(&format!(
         r#"
 [[listener]]

@@ -53,14 +53,6 @@ fn strict_client() -> Client<HttpConnector, Full<Bytes>> {
         .build(HttpConnector::new())
 }
 
-/// A free loopback address: bound, read back, released.
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_reloads_under_load_lose_nothing() {
     let (a, b, c) = (
@@ -294,13 +286,7 @@ async fn a_request_that_outlives_the_drain_timeout_is_closed() {
         .replace("drain_timeout = \"10s\"", "drain_timeout = \"1s\"");
     let node = Node::start(&short);
     let web = node.listener("web").await;
-    let mut watch = node
-        .control()
-        .await
-        .watch_health(pb::WatchHealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = node.watch_health().await;
     let first = watch.message().await.unwrap().unwrap();
     assert!(matches!(
         first.event,

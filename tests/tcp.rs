@@ -81,10 +81,7 @@ async fn balances_copies_both_ways_and_passes_half_close() {
 #[tokio::test]
 async fn an_idle_session_is_closed_and_a_dead_server_is_skipped() {
     let a = echo_server("a").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let node = Node::start(&config("127.0.0.1:0", &[dead, a], "300ms", "5s"));
     let addr = node.listener("tcp").await;
     for _ in 0..2 {
@@ -111,11 +108,7 @@ async fn an_idle_session_is_closed_and_a_dead_server_is_skipped() {
 #[tokio::test]
 async fn a_session_survives_a_reload_until_the_drain_deadline() {
     let a = echo_server("a").await;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let listen = free_addr().to_string();
     let node = Node::start(&config(&listen, &[a], "10s", "1s"));
     let addr = node.listener("tcp").await;
     let mut stream = TcpStream::connect(addr).await.unwrap();

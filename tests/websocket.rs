@@ -62,11 +62,7 @@ async fn roundtrip(
 #[tokio::test]
 async fn a_websocket_passes_through_and_survives_a_reload() {
     let upstream = echo_server().await;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let listen = free_addr().to_string();
     let node = Node::start(&config(&listen, upstream, "10s"));
     let web = node.listener("web").await;
     let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
@@ -102,11 +98,7 @@ async fn a_websocket_passes_through_and_survives_a_reload() {
 #[tokio::test]
 async fn a_websocket_outliving_the_drain_timeout_is_closed() {
     let upstream = echo_server().await;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let listen = free_addr().to_string();
     let node = Node::start(&config(&listen, upstream, "500ms"));
     let web = node.listener("web").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))

@@ -146,6 +146,16 @@ impl Node {
             .map(|r| r.into_inner())
     }
 
+    /// Opens a WatchHealth stream.
+    pub async fn watch_health(&self) -> tonic::Streaming<pb::NodeEvent> {
+        self.control()
+            .await
+            .watch_health(pb::WatchHealthRequest {})
+            .await
+            .expect("WatchHealth")
+            .into_inner()
+    }
+
     /// Waits until no retired generation is left draining.
     pub async fn wait_drained(&self, within: Duration) {
         let deadline = Instant::now() + within;
@@ -217,6 +227,15 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free loopback address: bound, read back, released. For a listener a
+/// test brings back at the same address, or a server nothing listens on.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Writes `files` (relative path, content) under `dir`.
