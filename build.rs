@@ -4,7 +4,10 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/tether/v1/control.proto"];
+const PROTOS: &[&str] = &[
+    "proto/tether/v1/control.proto",
+    "proto/tether/v1/controller.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
@@ -19,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // One buffer per published version, shared by every node's stream.
+        .bytes(".tether.v1.Push.config")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -37,6 +37,11 @@ enum Command {
     },
     /// Drive a running node over its control service.
     Ctl(crate::ctl::CtlArgs),
+    /// Run the controller: stores config versions and pushes them to nodes.
+    Controller(crate::controller::ControllerArgs),
+    /// Drive the fleet through the controller: publish, nodes, versions,
+    /// rollback, watch.
+    Fleet(crate::controller::fleet_cli::FleetArgs),
 }
 
 /// How long the control service may take to answer its last calls once
@@ -47,16 +52,28 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
-        Command::Ctl(args) => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime.block_on(crate::ctl::run(args)),
-            Err(e) => {
-                eprintln!("tether: cannot start the runtime: {e}");
-                ExitCode::from(2)
+        Command::Ctl(args) => client_runtime(crate::ctl::run(args)),
+        Command::Fleet(args) => client_runtime(crate::controller::fleet_cli::run(args)),
+        Command::Controller(args) => {
+            crate::telemetry::init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("tether: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::controller::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("tether controller: {message}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Node { config } => {
             crate::telemetry::init_logging();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -70,6 +87,20 @@ pub fn main() -> ExitCode {
                 }
             };
             runtime.block_on(run_node(config))
+        }
+    }
+}
+
+/// Command-line clients run on one thread.
+fn client_runtime(client: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(client),
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -107,6 +138,41 @@ fn print_config_errors(file: &Path, errors: &[crate::config::ConfigError]) {
     }
 }
 
+/// Starts the node on the last config its controller pushed, if it has
+/// one, so that a restart while the controller is down serves what the
+/// fleet last agreed on; otherwise (or if that config no longer applies
+/// here) on the config file.
+async fn start_node(config_path: &Path) -> Result<supervisor::NodeHandle, ApplyError> {
+    let file = Some(config_path.to_path_buf());
+    let last_acked = std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|text| {
+            let base_dir = config_path.parent().unwrap_or(Path::new("."));
+            Config::parse(&text, base_dir).ok()?.controller
+        })
+        .and_then(|controller| match crate::agent::state::load(&controller.state_dir) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the saved controller config");
+                None
+            }
+        });
+    if let Some(state) = last_acked {
+        let source = ApplySource::Controller {
+            version: state.version,
+            text: state.config,
+        };
+        match supervisor::start(file.clone(), source).await {
+            Ok(node) => {
+                tracing::info!(version = state.version, "serving the last config acknowledged to the controller");
+                return Ok(node);
+            }
+            Err(e) => tracing::warn!(error = %e, version = state.version, "the saved controller config does not apply; starting from the file"),
+        }
+    }
+    supervisor::start(file, ApplySource::File).await
+}
+
 async fn run_node(config_path: PathBuf) -> ExitCode {
     let (mut hangup, mut terminate, mut interrupt) = match (
         signal(SignalKind::hangup()),
@@ -119,7 +185,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let node = match supervisor::start(Some(config_path.clone()), None).await {
+    let node = match start_node(&config_path).await {
         Ok(node) => node,
         Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
             print_config_errors(&config_path, &errors);
@@ -137,6 +203,12 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
     }
     let control_settings = generation.config.control.clone();
+    // `[controller]` is read once, at start: the agent's connection is not
+    // re-pointed by a reload.
+    let agent = generation.config.controller.clone().map(|settings| {
+        let id = generation.config.node.id.clone();
+        tokio::spawn(crate::agent::run(node.clone(), settings, id))
+    });
     let control_listen = control_settings.listen;
     drop(generation);
     let control = match tokio::net::TcpListener::bind(control_listen).await {
@@ -185,6 +257,9 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     // Lets the control service finish answering (a Stop call, say), but a
     // client that keeps its connection open does not hold the exit.
     let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control).await;
+    if let Some(agent) = agent {
+        agent.abort();
+    }
     tracing::info!("stopped");
     code
 }

@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::grpc::{self, ClientTls};
 use crate::config::{format_duration, parse_duration, DEFAULT_CONTROL_LISTEN};
 use crate::proto::v1::control_service_client::ControlServiceClient;
 use crate::proto::v1::{self as pb, node_event::Event};
@@ -94,28 +95,19 @@ pub async fn run(args: CtlArgs) -> ExitCode {
 }
 
 async fn connect(args: &CtlArgs) -> Result<ControlServiceClient<Channel>, String> {
-    let scheme = if args.ca.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", args.addr))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5));
-    if let (Some(ca), Some(cert), Some(key)) = (&args.ca, &args.cert, &args.key) {
-        let read =
-            |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-        let host = args
-            .addr
-            .rsplit_once(':')
-            .map_or(args.addr.as_str(), |(h, _)| h);
-        let server_name = args.server_name.clone().unwrap_or_else(|| {
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned()
-        });
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
-            .identity(Identity::from_pem(read(cert)?, read(key)?))
-            .domain_name(server_name);
-        endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
-    }
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let endpoint = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
+            let tls = ClientTls {
+                ca_pem: &ca,
+                identity: Some((&cert, &key)),
+                server_name: args.server_name.as_deref(),
+            };
+            grpc::endpoint(&format!("https://{}", args.addr), Some(tls))?
+        }
+        _ => grpc::endpoint(&format!("http://{}", args.addr), None)?,
+    };
     let channel = endpoint
         .connect()
         .await

@@ -40,7 +40,17 @@ pub struct Shared<'a> {
 pub enum ConfigSource {
     File(PathBuf),
     Inline,
-    Controller,
+    Controller { version: u64 },
+}
+
+impl ConfigSource {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ConfigSource::File(_) => "file",
+            ConfigSource::Inline => "inline",
+            ConfigSource::Controller { .. } => "controller",
+        }
+    }
 }
 
 /// What the node records about the config a generation runs.

@@ -10,11 +10,15 @@
 //! configs as `generation`s; `control` serves the gRPC control API and
 //! `ctl` is its command-line client.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
+#[path = "../controller/mod.rs"]
+pub mod controller;
 pub mod ctl;
 pub mod generation;
+pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod listen;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{content_version, Config, ConfigError};
+use crate::config::{compose_pushed, content_version, Config, ConfigError};
 use crate::generation::{self, ConfigInfo, ConfigSource, Generation};
 use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
@@ -28,6 +28,9 @@ pub enum ApplySource {
     File,
     /// Config text given directly (control service).
     Inline(String),
+    /// Traffic config pushed by a controller (or its last acknowledged
+    /// push, at start); the node-local sections come from the config file.
+    Controller { version: u64, text: String },
 }
 
 /// The outcome of a successful apply.
@@ -104,6 +107,13 @@ struct Shared {
     config_path: Option<PathBuf>,
 }
 
+/// The controller push in force, so that re-reading the file (SIGHUP)
+/// refreshes the node-local sections and keeps the pushed traffic config.
+struct Pushed {
+    version: u64,
+    text: String,
+}
+
 /// A cheap handle to a running node.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -118,7 +128,7 @@ const EVENT_BUFFER: usize = 1024;
 /// if the first config cannot be applied.
 pub async fn start(
     config_path: Option<PathBuf>,
-    inline: Option<String>,
+    first: ApplySource,
 ) -> Result<NodeHandle, ApplyError> {
     let (commands, receiver) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -135,12 +145,9 @@ pub async fn start(
         clients: ClientRegistry::default(),
         next_generation: 1,
         drains: TaskTracker::new(),
+        pushed: None,
     };
-    let source = match inline {
-        Some(text) => ApplySource::Inline(text),
-        None => ApplySource::File,
-    };
-    supervisor.apply(source).await?;
+    supervisor.apply(first).await?;
     tokio::spawn(supervisor.run(receiver));
     Ok(NodeHandle { commands, shared })
 }
@@ -208,6 +215,7 @@ struct Supervisor {
     next_generation: u64,
     /// One task per retired generation, draining it.
     drains: TaskTracker,
+    pushed: Option<Pushed>,
 }
 
 impl Supervisor {
@@ -250,42 +258,64 @@ impl Supervisor {
         let _ = self.shared.stopped.send(true);
     }
 
-    fn read_source(
-        &self,
-        source: ApplySource,
-    ) -> Result<(String, ConfigSource, PathBuf), ApplyError> {
+    fn read_file(&self) -> Result<(String, PathBuf), ApplyError> {
+        let path = self
+            .shared
+            .config_path
+            .clone()
+            .ok_or(ApplyError::NoConfigFile)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ApplyError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((text, path))
+    }
+
+    /// The text to apply, where it came from, the directory its relative
+    /// file names are under, and the push it carries (if any).
+    fn read_source(&self, source: ApplySource) -> Result<SourceText, ApplyError> {
         let base_dir = |path: &Path| path.parent().map(Path::to_path_buf).unwrap_or_default();
         match source {
-            ApplySource::File => {
-                let path = self
-                    .shared
-                    .config_path
-                    .clone()
-                    .ok_or(ApplyError::NoConfigFile)?;
-                let text = std::fs::read_to_string(&path).map_err(|e| ApplyError::Read {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                let base = base_dir(&path);
-                Ok((text, ConfigSource::File(path), base))
-            }
+            ApplySource::File => match &self.pushed {
+                Some(pushed) => self.read_source(ApplySource::Controller {
+                    version: pushed.version,
+                    text: pushed.text.clone(),
+                }),
+                None => {
+                    let (text, path) = self.read_file()?;
+                    let base = base_dir(&path);
+                    Ok((text, ConfigSource::File(path), base, None))
+                }
+            },
             ApplySource::Inline(text) => {
                 let base = match &self.shared.config_path {
                     Some(path) => base_dir(path),
                     None => std::env::current_dir().unwrap_or_default(),
                 };
-                Ok((text, ConfigSource::Inline, base))
+                Ok((text, ConfigSource::Inline, base, None))
+            }
+            ApplySource::Controller { version, text } => {
+                let (local, path) = self.read_file()?;
+                let composed = compose_pushed(&text, &local).map_err(ApplyError::Invalid)?;
+                let pushed = Pushed { version, text };
+                let source = ConfigSource::Controller { version };
+                Ok((composed, source, base_dir(&path), Some(pushed)))
             }
         }
     }
 
     async fn apply(&mut self, source: ApplySource) -> Result<Applied, ApplyError> {
         let started = Instant::now();
-        let (text, source, base_dir) = self.read_source(source)?;
+        let (text, source, base_dir, pushed) = self.read_source(source)?;
         let result = self.apply_text(text, source, &base_dir);
+        if result.is_ok() {
+            // An inline Reload replaces a pushed config until the next push.
+            self.pushed = pushed;
+        }
         match &result {
             Ok(applied) => tracing::info!(
                 generation = applied.generation,
+                source = applied.info.source.as_str(),
                 version = %applied.info.version,
                 duration = ?started.elapsed(),
                 "config applied"
@@ -314,7 +344,10 @@ impl Supervisor {
         let number = self.next_generation;
         let text: Arc<str> = text.into();
         let info = ConfigInfo {
-            version: content_version(&text),
+            version: match source {
+                ConfigSource::Controller { version } => format!("v{version}"),
+                _ => content_version(&text),
+            },
             source,
             applied_at: SystemTime::now(),
             text: text.clone(),
@@ -440,6 +473,8 @@ impl Supervisor {
         let _ = reply.send(report);
     }
 }
+
+type SourceText = (String, ConfigSource, PathBuf, Option<Pushed>);
 
 fn bind_errors(text: &str, failures: Vec<crate::listen::BindFailure>) -> Vec<ConfigError> {
     failures

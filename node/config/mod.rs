@@ -5,6 +5,7 @@
 mod duration;
 mod error;
 mod pem;
+mod pushed;
 mod raw;
 mod validate;
 
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
+pub use pushed::{compose_pushed, check_pushed, NODE_LOCAL_SECTIONS};
 
 /// Where the control service listens unless `[control] listen` says otherwise.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8837";
@@ -27,6 +29,8 @@ pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8837";
 pub struct Config {
     pub node: NodeSettings,
     pub control: ControlSettings,
+    /// Set when the node takes its traffic config from a controller.
+    pub controller: Option<ControllerSettings>,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
@@ -63,6 +67,34 @@ impl std::fmt::Debug for ControlTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
         f.debug_struct("ControlTls").finish_non_exhaustive()
+    }
+}
+
+/// `[controller]`: where the node subscribes for its traffic config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerSettings {
+    /// `http://` (loopback only) or `https://` with `tls`.
+    pub url: String,
+    /// From `labels_file` (the Kubernetes downward API format), then `labels`.
+    pub labels: BTreeMap<String, String>,
+    /// Where the last acknowledged config is kept across restarts.
+    pub state_dir: PathBuf,
+    pub tls: Option<ControllerTls>,
+}
+
+/// PEM material to reach the controller: the CA that signed its
+/// certificate, and the node's own certificate (its identity).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ControllerTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ControllerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -403,7 +435,14 @@ impl Config {
     /// resolved against `base_dir`, normally the config file's directory.
     /// On failure every error found is returned, each with its location.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
-        validate::parse(text, base_dir)
+        validate::parse(text, Some(base_dir))
+    }
+
+    /// Validates without touching the filesystem: certificate files and
+    /// static roots are named but not read. What a controller checks
+    /// before it stores a config meant for nodes whose files it cannot see.
+    pub fn parse_portable(text: &str) -> Result<Config, Vec<ConfigError>> {
+        validate::parse(text, None)
     }
 
     /// One line for `tether check` and `Validate`.

@@ -28,6 +28,25 @@ pub struct RawControlTls {
     pub client_ca: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawController {
+    pub url: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels_file: Option<String>,
+    pub state_dir: Option<String>,
+    pub tls: Option<RawControllerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControllerTls {
+    pub ca: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawProtocol {

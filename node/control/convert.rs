@@ -7,6 +7,8 @@ use prost_types::Timestamp;
 use crate::config::ConfigError;
 use crate::generation::{ConfigInfo, ConfigSource, Generation};
 use crate::proto::v1 as pb;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use crate::upstream::{Health, Upstream};
 
 pub fn timestamp(time: SystemTime) -> Timestamp {
@@ -17,7 +19,7 @@ pub fn config_info(generation: u64, info: &ConfigInfo) -> pb::ConfigInfo {
     let (source, detail) = match &info.source {
         ConfigSource::File(path) => (pb::ConfigSource::File, path.display().to_string()),
         ConfigSource::Inline => (pb::ConfigSource::Inline, String::new()),
-        ConfigSource::Controller => (pb::ConfigSource::Controller, String::new()),
+        ConfigSource::Controller { .. } => (pb::ConfigSource::Controller, String::new()),
     };
     pb::ConfigInfo {
         version: info.version.clone(),
@@ -34,6 +36,40 @@ pub fn config_error(error: &ConfigError) -> pb::ConfigError {
         line: error.line,
         column: error.column,
         message: error.message.clone(),
+    }
+}
+
+/// Config errors as a status: the message lists every error; the details
+/// carry them as google.rpc.BadRequest field violations.
+pub fn config_errors_status(code: Code, message: String, errors: &[ConfigError]) -> Status {
+    if errors.is_empty() {
+        return Status::new(code, message);
+    }
+    let violations: Vec<FieldViolation> = errors
+        .iter()
+        .map(|e| {
+            FieldViolation::new(
+                e.path.clone(),
+                format!("{}:{}: {}", e.line, e.column, e.message),
+            )
+        })
+        .collect();
+    Status::with_error_details(code, message, ErrorDetails::with_bad_request(violations))
+}
+
+pub fn health_transition(
+    upstream: String,
+    server: std::net::SocketAddr,
+    from: Health,
+    to: Health,
+    reason: String,
+) -> pb::HealthTransition {
+    pb::HealthTransition {
+        upstream,
+        server: server.to_string(),
+        from: health(from) as i32,
+        to: health(to) as i32,
+        reason,
     }
 }
 

@@ -2,7 +2,7 @@
 //! reflection (v1 and v1alpha, so every grpcurl works without a .proto)
 //! and the standard `grpc.health.v1` service for probes.
 
-mod convert;
+pub mod convert;
 mod service;
 
 use std::future::Future;
@@ -13,7 +13,6 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::ControlTls;
 use crate::proto::v1::control_service_server::ControlServiceServer;
-use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::supervisor::NodeHandle;
 
 pub use service::ControlApi;
@@ -31,16 +30,7 @@ pub async fn serve(
     health
         .set_serving::<ControlServiceServer<ControlApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor set is valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the embedded descriptor set is valid");
+    let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection();
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(

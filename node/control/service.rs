@@ -9,7 +9,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use super::convert;
 use crate::config::{Config, ConfigError};
@@ -73,13 +72,9 @@ fn node_event(node_event: NodeEvent) -> pb::NodeEvent {
             from,
             to,
             reason,
-        } => Event::Transition(pb::HealthTransition {
-            upstream,
-            server: server.to_string(),
-            from: convert::health(from) as i32,
-            to: convert::health(to) as i32,
-            reason,
-        }),
+        } => Event::Transition(convert::health_transition(
+            upstream, server, from, to, reason,
+        )),
     })
 }
 
@@ -93,23 +88,7 @@ fn apply_status(error: ApplyError) -> Status {
         ApplyError::Superseded => (Code::Aborted, &[][..]),
         ApplyError::Stopping => (Code::Unavailable, &[][..]),
     };
-    if errors.is_empty() {
-        return Status::new(code, error.to_string());
-    }
-    let violations: Vec<FieldViolation> = errors
-        .iter()
-        .map(|e| {
-            FieldViolation::new(
-                e.path.clone(),
-                format!("{}:{}: {}", e.line, e.column, e.message),
-            )
-        })
-        .collect();
-    Status::with_error_details(
-        code,
-        error.to_string(),
-        ErrorDetails::with_bad_request(violations),
-    )
+    convert::config_errors_status(code, error.to_string(), errors)
 }
 
 fn validate_response(result: Result<Config, Vec<ConfigError>>) -> pb::ValidateResponse {

@@ -42,9 +42,11 @@ const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
-const SECTIONS: &[&str] = &["node", "control", "listener", "upstream"];
+const SECTIONS: &[&str] = &["node", "control", "controller", "listener", "upstream"];
 
-pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
+/// `base_dir` is where relative file names point; `None` validates
+/// without reading any file (`Config::parse_portable`).
+pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
     let (root, syntax_errors) = DeTable::parse_recoverable(text);
     let locator = Locator::new(text, &root);
     if !syntax_errors.is_empty() {
@@ -62,6 +64,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         match name {
             "node" => sections.node = decode(&locator, &path, value, &mut errors),
             "control" => sections.control = decode(&locator, &path, value, &mut errors),
+            "controller" => sections.controller = decode(&locator, &path, value, &mut errors),
             "listener" => sections.listeners = decode_array(&locator, &path, value, &mut errors),
             "upstream" => {
                 if let DeValue::Table(table) = value.get_ref() {
@@ -98,6 +101,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
 struct Sections {
     node: Option<RawNode>,
     control: Option<RawControl>,
+    controller: Option<RawController>,
     listeners: Vec<(KeyPath, RawListener)>,
     upstreams: Vec<(KeyPath, String, RawUpstream)>,
     /// Every name under [upstream], including entries that failed to
@@ -160,7 +164,8 @@ fn decode_table<T: DeserializeOwned>(
 
 struct Validator<'a> {
     problems: &'a mut Vec<Problem>,
-    base_dir: &'a Path,
+    /// `None`: file names are checked for shape only, never opened.
+    base_dir: Option<&'a Path>,
     upstream_names: HashSet<String>,
 }
 
@@ -175,6 +180,7 @@ impl Validator<'_> {
     fn config(&mut self, sections: Sections) -> Config {
         let node = self.node(sections.node.unwrap_or_default());
         let control = self.control(sections.control.unwrap_or_default());
+        let controller = sections.controller.and_then(|raw| self.controller(raw));
         let upstreams: BTreeMap<String, UpstreamConfig> = sections
             .upstreams
             .into_iter()
@@ -208,6 +214,7 @@ impl Validator<'_> {
         Config {
             node,
             control,
+            controller,
             listeners,
             upstreams,
         }
@@ -303,7 +310,11 @@ impl Validator<'_> {
             let (Some(chain_pem), Some(key_pem)) = (chain, key) else {
                 continue;
             };
-            if let Err(message) = crate::tls::certified_key(&chain_pem, &key_pem) {
+            let portable = self.base_dir.is_none();
+            if let Err(message) = (!portable)
+                .then(|| crate::tls::certified_key(&chain_pem, &key_pem))
+                .transpose()
+            {
                 self.problem(path.key("key"), message);
                 continue;
             }
@@ -322,7 +333,10 @@ impl Validator<'_> {
     /// Reads a PEM file (relative to the config's directory) and checks
     /// that it holds what it should.
     fn read_pem(&mut self, path: &KeyPath, file: &str, expect: pem::Expect) -> Option<Vec<u8>> {
-        let full = self.base_dir.join(file);
+        let Some(base_dir) = self.base_dir else {
+            return Some(Vec::new());
+        };
+        let full = base_dir.join(file);
         match std::fs::read(&full) {
             Ok(bytes) => match pem::check(&bytes, expect) {
                 Ok(()) => Some(bytes),
@@ -368,7 +382,7 @@ impl Validator<'_> {
                 );
                 None
             }
-            Some(socket) => Some(ListenAddr::Unix(self.base_dir.join(socket))),
+            Some(socket) => Some(ListenAddr::Unix(self.path(socket))),
             None => self
                 .socket_addr(&path.key("listen"), &raw.listen)
                 .map(ListenAddr::Tcp),
@@ -607,7 +621,18 @@ impl Validator<'_> {
     }
 
     fn static_files(&mut self, path: &KeyPath, raw: RawStatic) -> Option<StaticConfig> {
-        let root = self.base_dir.join(&raw.root);
+        let index = raw.index.unwrap_or_else(|| "index.html".to_owned());
+        if index.is_empty() || index.contains('/') || index == ".." {
+            self.problem(
+                path.key("index"),
+                "index must be a plain file name such as \"index.html\"",
+            );
+        }
+        let Some(base_dir) = self.base_dir else {
+            let root = PathBuf::from(raw.root);
+            return Some(StaticConfig { root, index });
+        };
+        let root = base_dir.join(&raw.root);
         let root = match root.canonicalize() {
             Ok(root) if root.is_dir() => root,
             Ok(_) => {
@@ -628,15 +653,120 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let index = raw.index.unwrap_or_else(|| "index.html".to_owned());
-        if index.is_empty() || index.contains('/') || index == ".." {
-            self.problem(
-                path.key("index"),
-                "index must be a plain file name such as \"index.html\"",
-            );
-        }
         Some(StaticConfig { root, index })
     }
+
+    /// A file name from the config, relative to the config's directory.
+    fn path(&self, name: &str) -> PathBuf {
+        match self.base_dir {
+            Some(base_dir) => base_dir.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
+    fn controller(&mut self, raw: RawController) -> Option<ControllerSettings> {
+        let path = KeyPath::root().key("controller");
+        let uri: Option<http::Uri> = match raw.url.parse::<http::Uri>() {
+            Ok(uri) if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) => {
+                Some(uri)
+            }
+            _ => {
+                self.problem(
+                    path.key("url"),
+                    format!(
+                        "invalid controller url {:?}: write http://HOST:PORT (loopback) or \
+                         https://HOST:PORT with [controller.tls]",
+                        raw.url
+                    ),
+                );
+                None
+            }
+        };
+        let tls = raw.tls.map(|tls| {
+            let tls_path = path.key("tls");
+            let ca = self.read_pem(&tls_path.key("ca"), &tls.ca, pem::Expect::Certificates);
+            let identity = match (tls.cert, tls.key) {
+                (Some(cert), Some(key)) => {
+                    let cert = self.read_pem(&tls_path.key("cert"), &cert, pem::Expect::Certificates);
+                    let key = self.read_pem(&tls_path.key("key"), &key, pem::Expect::PrivateKey);
+                    cert.zip(key)
+                }
+                (None, None) => None,
+                _ => {
+                    self.problem(tls_path.clone(), "cert and key go together: set both or neither");
+                    None
+                }
+            };
+            ControllerTls {
+                ca_pem: ca.unwrap_or_default(),
+                identity,
+            }
+        });
+        if let Some(uri) = &uri {
+            let https = uri.scheme_str() == Some("https");
+            if https && tls.is_none() {
+                self.problem(
+                    path.key("url"),
+                    "an https:// controller needs [controller.tls] with its ca",
+                );
+            }
+            if !https && tls.is_some() {
+                self.problem(
+                    path.key("url"),
+                    "[controller.tls] is set: write the url as https://",
+                );
+            }
+        }
+        let mut labels = BTreeMap::new();
+        if let Some(file) = &raw.labels_file {
+            let full = self.path(file);
+            match std::fs::read_to_string(&full) {
+                Ok(text) => labels.extend(downward_api_labels(&text)),
+                Err(e) => self.problem(
+                    path.key("labels_file"),
+                    format!("cannot read {}: {e}", full.display()),
+                ),
+            }
+        }
+        labels.extend(raw.labels);
+        for key in labels.keys() {
+            if key.is_empty() || key.contains([',', '=', ' ']) {
+                self.problem(
+                    path.key("labels").key(key),
+                    "a label name is not empty and has no ',', '=' or space",
+                );
+            }
+        }
+        for (key, value) in &labels {
+            if value.contains(',') {
+                self.problem(path.key("labels").key(key), "a label value has no ','");
+            }
+        }
+        let state_dir = self.path(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+        Some(ControllerSettings {
+            url: uri?.to_string().trim_end_matches('/').to_owned(),
+            labels,
+            state_dir,
+            tls,
+        })
+    }
+}
+
+/// Where a node keeps its last acknowledged config unless
+/// `[controller] state_dir` says otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
+
+/// Parses the Kubernetes downward API labels file: `key="value"` lines.
+fn downward_api_labels(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    text.lines().filter_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        Some((key.trim().to_owned(), value.replace("\\\"", "\"")))
+    })
 }
 
 fn hostname() -> String {

@@ -1,0 +1,189 @@
+//! `tether.v1.FleetService`: what operators (and `tether fleet`) call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use super::fleet::{Fleet, Publication};
+use super::identity::Identity;
+use super::selector::Selector;
+use crate::config::{check_pushed, Config};
+use crate::control::convert::config_errors_status;
+use crate::proto::v1::fleet_service_server::FleetService;
+use crate::proto::v1::{self as pb};
+
+pub struct FleetApi {
+    fleet: Arc<Fleet>,
+}
+
+impl FleetApi {
+    pub fn new(fleet: Arc<Fleet>) -> FleetApi {
+        FleetApi { fleet }
+    }
+}
+
+/// Only operators (or anyone, without TLS) may call FleetService; returns
+/// the name to record as author, if the certificate gives one.
+fn operator<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    match Identity::of(request)? {
+        Identity::Anonymous => Ok(None),
+        Identity::Operator(name) => Ok(Some(name)),
+        Identity::Node(id) => Err(Status::permission_denied(format!(
+            "node certificate {id:?} cannot call FleetService; use an operator certificate"
+        ))),
+    }
+}
+
+fn selector(text: &str) -> Result<Selector, Status> {
+    Selector::parse(text).map_err(|e| Status::invalid_argument(format!("selector: {e}")))
+}
+
+/// Checks a config as a node would before anything is stored: node-local
+/// sections refused, everything else validated without reading files
+/// (they live on the nodes).
+fn validate(text: &str) -> Result<(), Status> {
+    let errors = match check_pushed(text) {
+        Err(errors) => errors,
+        Ok(()) => match Config::parse_portable(text) {
+            Ok(_) => return Ok(()),
+            Err(errors) => errors,
+        },
+    };
+    let message = format!(
+        "invalid config ({} error{}):\n{}",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" },
+        errors
+            .iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Err(config_errors_status(Code::InvalidArgument, message, &errors))
+}
+
+type FleetEvents = Pin<Box<dyn Stream<Item = Result<pb::FleetEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FleetService for FleetApi {
+    async fn publish_config(
+        &self,
+        request: Request<pb::PublishConfigRequest>,
+    ) -> Result<Response<pb::PublishConfigResponse>, Status> {
+        let certified = operator(&request)?;
+        let request = request.into_inner();
+        validate(&request.config)?;
+        let publication = Publication {
+            config: request.config,
+            selector: selector(&request.selector)?,
+            comment: request.comment,
+            author: certified.unwrap_or(request.author),
+            rollback_of: 0,
+        };
+        self.publish(publication).await
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        operator(&request)?;
+        let selector = selector(&request.get_ref().selector)?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: self.fleet.nodes(&selector),
+        }))
+    }
+
+    async fn list_versions(
+        &self,
+        request: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        operator(&request)?;
+        Ok(Response::new(pb::ListVersionsResponse {
+            versions: self.fleet.versions(),
+        }))
+    }
+
+    async fn get_version(
+        &self,
+        request: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        operator(&request)?;
+        let number = request.get_ref().version;
+        let version = self
+            .fleet
+            .version(number)
+            .ok_or_else(|| Status::not_found(format!("no version {number}")))?;
+        Ok(Response::new(pb::GetVersionResponse {
+            info: Some(version.info()),
+            config: version.text().to_owned(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::PublishConfigResponse>, Status> {
+        let certified = operator(&request)?;
+        let request = request.into_inner();
+        let earlier = self
+            .fleet
+            .version(request.version)
+            .ok_or_else(|| Status::not_found(format!("no version {}", request.version)))?;
+        let comment = if request.comment.is_empty() {
+            format!("rollback to version {}", earlier.number)
+        } else {
+            request.comment
+        };
+        let publication = Publication {
+            config: earlier.text().to_owned(),
+            selector: earlier.selector.clone(),
+            comment,
+            author: certified.unwrap_or(request.author),
+            rollback_of: earlier.number,
+        };
+        self.publish(publication).await
+    }
+
+    type WatchFleetStream = FleetEvents;
+
+    async fn watch_fleet(
+        &self,
+        request: Request<pb::WatchFleetRequest>,
+    ) -> Result<Response<FleetEvents>, Status> {
+        operator(&request)?;
+        let events = self.fleet.events();
+        let stream = futures_util::stream::unfold(events, |mut events| async move {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(count)) => pb::FleetEvent {
+                    at: Some(std::time::SystemTime::now().into()),
+                    node_id: String::new(),
+                    event: Some(pb::fleet_event::Event::EventsMissed(pb::EventsMissed {
+                        count,
+                    })),
+                },
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((Ok(event), events))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl FleetApi {
+    async fn publish(
+        &self,
+        publication: Publication,
+    ) -> Result<Response<pb::PublishConfigResponse>, Status> {
+        let (version, targets) = self
+            .fleet
+            .publish(publication)
+            .await
+            .map_err(|e| Status::internal(format!("cannot store the version: {e}")))?;
+        Ok(Response::new(pb::PublishConfigResponse { version, targets }))
+    }
+}

@@ -1,0 +1,451 @@
+//! The fleet as the controller sees it: published versions, every node it
+//! has heard from, and the open Sync sessions.
+//!
+//! One lock guards the maps; nothing awaits while holding it. Each session
+//! holds a `watch` of the version its node should run: a publish only
+//! overwrites that value, so it never waits on a node, and a slow node that
+//! misses intermediate versions just gets the newest one.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::selector::Selector;
+use super::store::{Record, Store, StoredConfigError, StoredNack, StoredNode, StoredVersion};
+use crate::proto::v1::{self as pb, fleet_event::Event};
+
+/// Fleet events kept for watchers that fall behind; past this they get
+/// EventsMissed.
+const EVENT_BUFFER: usize = 16 * 1024;
+
+/// A published version, ready to push.
+#[derive(Debug)]
+pub struct Version {
+    pub number: u64,
+    /// The config text, shared by every stream it is pushed on.
+    pub config: Bytes,
+    pub checksum: String,
+    pub selector: Selector,
+    pub comment: String,
+    pub author: String,
+    pub published_at: SystemTime,
+    pub rollback_of: u64,
+}
+
+impl Version {
+    fn from_stored(stored: StoredVersion) -> Result<Version, String> {
+        Ok(Version {
+            number: stored.version,
+            selector: Selector::parse(&stored.selector)
+                .map_err(|e| format!("version {}: {e}", stored.version))?,
+            config: Bytes::from(stored.config),
+            checksum: stored.checksum,
+            comment: stored.comment,
+            author: stored.author,
+            published_at: from_millis(stored.published_at),
+            rollback_of: stored.rollback_of,
+        })
+    }
+
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.config).expect("versions are stored as UTF-8 text")
+    }
+
+    pub fn info(&self) -> pb::VersionInfo {
+        pb::VersionInfo {
+            version: self.number,
+            selector: self.selector.to_string(),
+            comment: self.comment.clone(),
+            author: self.author.clone(),
+            published_at: Some(self.published_at.into()),
+            checksum: self.checksum.clone(),
+            rollback_of: self.rollback_of,
+        }
+    }
+}
+
+/// What to publish.
+pub struct Publication {
+    pub config: String,
+    pub selector: Selector,
+    pub comment: String,
+    pub author: String,
+    pub rollback_of: u64,
+}
+
+/// The node's side of an open Sync stream.
+pub struct Session {
+    pub id: u64,
+    pub node_id: String,
+    /// The version the node should run; `None` while nothing matches or it
+    /// already runs the desired one.
+    pub desired: watch::Receiver<Option<Arc<Version>>>,
+    /// Cancelled when a newer stream of the same node replaces this one.
+    pub replaced: CancellationToken,
+}
+
+struct Connection {
+    session: u64,
+    desired: watch::Sender<Option<Arc<Version>>>,
+    replaced: CancellationToken,
+    address: String,
+}
+
+struct NodeEntry {
+    stored: StoredNode,
+    connection: Option<Connection>,
+    /// (upstream, server) → pb::HealthState, as the node last reported.
+    health: BTreeMap<(String, String), i32>,
+}
+
+#[derive(Default)]
+struct Inner {
+    versions: BTreeMap<u64, Arc<Version>>,
+    nodes: BTreeMap<String, NodeEntry>,
+}
+
+impl Inner {
+    /// The newest version whose selector matches `labels`.
+    fn desired_for(&self, labels: &BTreeMap<String, String>) -> Option<&Arc<Version>> {
+        self.versions
+            .values()
+            .rev()
+            .find(|version| version.selector.matches(labels))
+    }
+}
+
+pub struct Fleet {
+    inner: Mutex<Inner>,
+    store: Store,
+    events: broadcast::Sender<pb::FleetEvent>,
+    /// Publishes are numbered and stored one at a time.
+    publishing: tokio::sync::Mutex<()>,
+    next_session: AtomicU64,
+}
+
+impl Fleet {
+    pub fn new(store: Store, loaded: super::store::Loaded) -> Result<Fleet, String> {
+        let mut inner = Inner::default();
+        for stored in loaded.versions {
+            let version = Version::from_stored(stored)?;
+            inner.versions.insert(version.number, Arc::new(version));
+        }
+        for (id, stored) in loaded.nodes {
+            let entry = NodeEntry {
+                stored,
+                connection: None,
+                health: BTreeMap::new(),
+            };
+            inner.nodes.insert(id, entry);
+        }
+        Ok(Fleet {
+            inner: Mutex::new(inner),
+            store,
+            events: broadcast::channel(EVENT_BUFFER).0,
+            publishing: tokio::sync::Mutex::new(()),
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<pb::FleetEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, node_id: &str, event: Event) {
+        let _ = self.events.send(pb::FleetEvent {
+            at: Some(SystemTime::now().into()),
+            node_id: node_id.to_owned(),
+            event: Some(event),
+        });
+    }
+
+    /// Stores a new version durably, then hands it to every connected node
+    /// it targets. Returns its number and the ids of every known node it
+    /// targets.
+    pub async fn publish(&self, publication: Publication) -> std::io::Result<(u64, Vec<String>)> {
+        let _one_at_a_time = self.publishing.lock().await;
+        let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
+        let stored = StoredVersion {
+            version: number,
+            checksum: crate::config::content_version(&publication.config),
+            config: publication.config,
+            selector: publication.selector.to_string(),
+            comment: publication.comment,
+            author: publication.author,
+            published_at: millis(SystemTime::now()),
+            rollback_of: publication.rollback_of,
+        };
+        self.store
+            .append_durable(Record::Version(stored.clone()))
+            .await?;
+        let version = Arc::new(Version::from_stored(stored).map_err(std::io::Error::other)?);
+        let mut inner = self.lock();
+        inner.versions.insert(number, version.clone());
+        let mut targets = Vec::new();
+        for (id, node) in &inner.nodes {
+            if !version.selector.matches(&node.stored.labels) {
+                continue;
+            }
+            targets.push(id.clone());
+            if let Some(connection) = &node.connection {
+                connection.desired.send_replace(Some(version.clone()));
+            }
+        }
+        drop(inner);
+        tracing::info!(version = number, selector = %version.selector, targets = targets.len(), "version published");
+        self.emit("", Event::Published(version.info()));
+        Ok((number, targets))
+    }
+
+    pub fn version(&self, number: u64) -> Option<Arc<Version>> {
+        self.lock().versions.get(&number).cloned()
+    }
+
+    /// Newest first.
+    pub fn versions(&self) -> Vec<pb::VersionInfo> {
+        self.lock()
+            .versions
+            .values()
+            .rev()
+            .map(|v| v.info())
+            .collect()
+    }
+
+    /// A node opened a Sync stream and said Hello. A stream the node had
+    /// open before is ended.
+    pub fn connect(&self, hello: pb::Hello, address: String) -> Session {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let replaced = CancellationToken::new();
+        let mut inner = self.lock();
+        let desired = inner
+            .desired_for(&labels)
+            .filter(|version| version.number != hello.version)
+            .cloned();
+        let (desired_sender, desired_receiver) = watch::channel(desired);
+        let entry = inner
+            .nodes
+            .entry(hello.node_id.clone())
+            .or_insert_with(|| NodeEntry {
+                stored: StoredNode {
+                    id: hello.node_id.clone(),
+                    ..StoredNode::default()
+                },
+                connection: None,
+                health: BTreeMap::new(),
+            });
+        if let Some(previous) = entry.connection.take() {
+            previous.replaced.cancel();
+        }
+        entry.connection = Some(Connection {
+            session: id,
+            desired: desired_sender,
+            replaced: replaced.clone(),
+            address: address.clone(),
+        });
+        entry.stored.labels = labels.clone();
+        entry.stored.version = hello.version;
+        entry.stored.generation = hello.generation;
+        entry.stored.build = hello.build;
+        entry.stored.last_seen = millis(SystemTime::now());
+        entry.health = hello
+            .health
+            .into_iter()
+            .map(|h| ((h.upstream, h.server), h.state))
+            .collect();
+        self.store.append(Record::Node(entry.stored.clone()));
+        drop(inner);
+        tracing::info!(node = %hello.node_id, session = id, version = hello.version, %address, "node connected");
+        self.emit(
+            &hello.node_id,
+            Event::Connected(pb::NodeConnected {
+                labels: labels.into_iter().collect(),
+                version: hello.version,
+                address,
+            }),
+        );
+        Session {
+            id,
+            node_id: hello.node_id,
+            desired: desired_receiver,
+            replaced,
+        }
+    }
+
+    /// Runs `change` on the node's entry if `session` is still its
+    /// current stream, then stores the entry.
+    fn update(&self, session: &Session, change: impl FnOnce(&mut NodeEntry)) -> bool {
+        let mut inner = self.lock();
+        let Some(entry) = inner.nodes.get_mut(&session.node_id) else {
+            return false;
+        };
+        if entry.connection.as_ref().map(|c| c.session) != Some(session.id) {
+            return false;
+        }
+        change(entry);
+        entry.stored.last_seen = millis(SystemTime::now());
+        self.store.append(Record::Node(entry.stored.clone()));
+        true
+    }
+
+    pub fn ack(&self, session: &Session, ack: pb::Ack) {
+        let applied = self.update(session, |entry| {
+            entry.stored.version = ack.version;
+            entry.stored.generation = ack.generation;
+            if entry
+                .stored
+                .last_nack
+                .as_ref()
+                .is_some_and(|nack| nack.version <= ack.version)
+            {
+                entry.stored.last_nack = None;
+            }
+        });
+        if applied {
+            tracing::info!(node = %session.node_id, version = ack.version, generation = ack.generation, "ACK");
+            self.emit(&session.node_id, Event::Acked(ack));
+        }
+    }
+
+    pub fn nack(&self, session: &Session, nack: pb::Nack) {
+        let record = StoredNack {
+            version: nack.version,
+            reason: nack.reason.clone(),
+            errors: nack
+                .errors
+                .iter()
+                .map(|e| StoredConfigError {
+                    path: e.path.clone(),
+                    line: e.line,
+                    column: e.column,
+                    message: e.message.clone(),
+                })
+                .collect(),
+            at: millis(SystemTime::now()),
+        };
+        if self.update(session, |entry| entry.stored.last_nack = Some(record)) {
+            tracing::warn!(node = %session.node_id, version = nack.version, reason = %nack.reason, errors = nack.errors.len(), "NACK");
+            self.emit(&session.node_id, Event::Nacked(nack));
+        }
+    }
+
+    pub fn health(&self, session: &Session, report: pb::HealthReport) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.nodes.get_mut(&session.node_id) else {
+            return;
+        };
+        for transition in &report.transitions {
+            let key = (transition.upstream.clone(), transition.server.clone());
+            entry.health.insert(key, transition.to);
+        }
+        drop(inner);
+        for transition in report.transitions {
+            self.emit(&session.node_id, Event::Health(transition));
+        }
+    }
+
+    /// The stream ended. A stream already replaced by a newer one changes
+    /// nothing.
+    pub fn disconnect(&self, session: &Session, reason: String) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.nodes.get_mut(&session.node_id) else {
+            return;
+        };
+        if entry.connection.as_ref().map(|c| c.session) != Some(session.id) {
+            return;
+        }
+        entry.connection = None;
+        entry.stored.last_seen = millis(SystemTime::now());
+        self.store.append(Record::Node(entry.stored.clone()));
+        drop(inner);
+        tracing::info!(node = %session.node_id, session = session.id, %reason, "node disconnected");
+        self.emit(
+            &session.node_id,
+            Event::Disconnected(pb::NodeDisconnected { reason }),
+        );
+    }
+
+    pub fn nodes(&self, selector: &Selector) -> Vec<pb::NodeStatus> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .values()
+            .filter(|node| selector.matches(&node.stored.labels))
+            .map(|node| {
+                let stored = &node.stored;
+                let down: Vec<String> = node
+                    .health
+                    .iter()
+                    .filter(|(_, state)| **state == pb::HealthState::Unhealthy as i32)
+                    .map(|((upstream, server), _)| format!("{upstream}/{server}"))
+                    .collect();
+                let up = node
+                    .health
+                    .values()
+                    .filter(|state| **state == pb::HealthState::Healthy as i32)
+                    .count();
+                pb::NodeStatus {
+                    id: stored.id.clone(),
+                    labels: stored.labels.clone().into_iter().collect(),
+                    connected: node.connection.is_some(),
+                    last_seen: Some(from_millis(stored.last_seen).into()),
+                    desired_version: inner
+                        .desired_for(&stored.labels)
+                        .map_or(0, |v| v.number),
+                    version: stored.version,
+                    generation: stored.generation,
+                    last_nack: stored.last_nack.as_ref().map(|nack| pb::NackRecord {
+                        version: nack.version,
+                        reason: nack.reason.clone(),
+                        errors: nack
+                            .errors
+                            .iter()
+                            .map(|e| pb::ConfigError {
+                                path: e.path.clone(),
+                                line: e.line,
+                                column: e.column,
+                                message: e.message.clone(),
+                            })
+                            .collect(),
+                        at: Some(from_millis(nack.at).into()),
+                    }),
+                    servers_up: up as u32,
+                    servers_down: down.len() as u32,
+                    down,
+                    build: stored.build.clone(),
+                    address: node
+                        .connection
+                        .as_ref()
+                        .map(|c| c.address.clone())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn connected(&self) -> usize {
+        self.lock()
+            .nodes
+            .values()
+            .filter(|n| n.connection.is_some())
+            .count()
+    }
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_millis(millis: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis)
+}

@@ -1,0 +1,453 @@
+//! `tether fleet`: the operator's command line for FleetService. Prints
+//! for people by default, JSON (one object per line for `watch`) with
+//! `--json`. Exit codes: 0 done, 1 refused (invalid config, unknown
+//! version), 2 the controller could not be reached or failed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::grpc::{self, ClientTls};
+use crate::proto::v1::fleet_event::Event;
+use crate::proto::v1::fleet_service_client::FleetServiceClient;
+use crate::proto::v1::{self as pb};
+
+#[derive(Args)]
+pub struct FleetArgs {
+    /// The controller's URL (https:// with --ca, --cert and --key).
+    #[arg(long, global = true, default_value = concat!("http://", "127.0.0.1:8840"))]
+    controller: String,
+    /// CA that signed the controller's certificate.
+    #[arg(long, global = true, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// Operator certificate (URI SAN spiffe://tether/operator/NAME).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+    /// Name to verify the controller's certificate against (default: the URL's host).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: FleetCommand,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Validate, store and push a config to the nodes matching --selector.
+    Publish {
+        /// The config file: listeners, routes, upstreams (no node-local sections).
+        file: PathBuf,
+        /// Node labels that must all match, e.g. env=prod,region=eu (default: every node).
+        #[arg(long, default_value = "")]
+        selector: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Recorded with the version (default: $USER; with mTLS, the certificate's name).
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Every node: connected, the version it runs and should run, its last NACK, health.
+    Nodes {
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Published versions, newest first.
+    Versions,
+    /// One version with its config text.
+    Show { version: u64 },
+    /// Publish an earlier version again, as a new version.
+    Rollback {
+        version: u64,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Stream fleet events: connects, disconnects, publishes, ACKs, NACKs, health.
+    Watch,
+}
+
+pub async fn run(args: FleetArgs) -> ExitCode {
+    let mut client = match connect(&args).await {
+        Ok(client) => client,
+        Err(message) => {
+            eprintln!("tether fleet: cannot reach {}: {message}", args.controller);
+            return ExitCode::from(2);
+        }
+    };
+    let json = args.json;
+    let result = match args.command {
+        FleetCommand::Publish {
+            file,
+            selector,
+            comment,
+            author,
+        } => {
+            let config = match std::fs::read_to_string(&file) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("tether fleet: {}: {e}", file.display());
+                    return ExitCode::from(1);
+                }
+            };
+            let request = pb::PublishConfigRequest {
+                config,
+                selector,
+                comment,
+                author: author.unwrap_or_else(default_author),
+            };
+            client
+                .publish_config(request)
+                .await
+                .map(|r| print_published(&r.into_inner(), json))
+        }
+        FleetCommand::Rollback {
+            version,
+            comment,
+            author,
+        } => {
+            let request = pb::RollbackRequest {
+                version,
+                comment,
+                author: author.unwrap_or_else(default_author),
+            };
+            client
+                .rollback(request)
+                .await
+                .map(|r| print_published(&r.into_inner(), json))
+        }
+        FleetCommand::Nodes { selector } => client
+            .list_nodes(pb::ListNodesRequest { selector })
+            .await
+            .map(|r| print_nodes(&r.into_inner().nodes, json)),
+        FleetCommand::Versions => client
+            .list_versions(pb::ListVersionsRequest {})
+            .await
+            .map(|r| print_versions(&r.into_inner().versions, json)),
+        FleetCommand::Show { version } => client
+            .get_version(pb::GetVersionRequest { version })
+            .await
+            .map(|r| print_version(&r.into_inner(), json)),
+        FleetCommand::Watch => watch(&mut client, json).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => {
+            eprintln!("tether fleet: {}", status.message());
+            match status.code() {
+                Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
+                    ExitCode::from(1)
+                }
+                _ => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+fn default_author() -> String {
+    std::env::var("USER").unwrap_or_default()
+}
+
+async fn connect(args: &FleetArgs) -> Result<FleetServiceClient<Channel>, String> {
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let endpoint = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
+            let tls = ClientTls {
+                ca_pem: &ca,
+                identity: Some((&cert, &key)),
+                server_name: args.server_name.as_deref(),
+            };
+            grpc::endpoint(&args.controller, Some(tls))?
+        }
+        _ => grpc::endpoint(&args.controller, None)?,
+    };
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| crate::report::error_chain(&e))?;
+    Ok(FleetServiceClient::new(channel))
+}
+
+async fn watch(client: &mut FleetServiceClient<Channel>, json: bool) -> Result<(), Status> {
+    let mut events = client
+        .watch_fleet(pb::WatchFleetRequest {})
+        .await?
+        .into_inner();
+    while let Some(event) = events.message().await? {
+        if json {
+            println!("{}", event_json(&event));
+        } else {
+            println!("{}", event_line(&event));
+        }
+    }
+    Ok(())
+}
+
+fn print_published(response: &pb::PublishConfigResponse, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({ "version": response.version, "targets": response.targets })
+        );
+    } else {
+        println!(
+            "published version {} to {} node{}{}",
+            response.version,
+            response.targets.len(),
+            if response.targets.len() == 1 { "" } else { "s" },
+            if response.targets.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", response.targets.join(", "))
+            }
+        );
+    }
+}
+
+fn labels(labels: &std::collections::HashMap<String, String>) -> String {
+    let sorted: BTreeMap<_, _> = labels.iter().collect();
+    sorted
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn time(timestamp: Option<&prost_types::Timestamp>) -> String {
+    timestamp
+        .and_then(|t| SystemTime::try_from(*t).ok())
+        .map(httpdate::fmt_http_date)
+        .unwrap_or_default()
+}
+
+fn errors_json(errors: &[pb::ConfigError]) -> Value {
+    errors
+        .iter()
+        .map(|e| json!({ "path": e.path, "line": e.line, "column": e.column, "message": e.message }))
+        .collect()
+}
+
+fn node_json(node: &pb::NodeStatus) -> Value {
+    json!({
+        "id": node.id,
+        "labels": node.labels.iter().collect::<BTreeMap<_, _>>(),
+        "connected": node.connected,
+        "last_seen": time(node.last_seen.as_ref()),
+        "address": node.address,
+        "build": node.build,
+        "desired_version": node.desired_version,
+        "version": node.version,
+        "generation": node.generation,
+        "last_nack": node.last_nack.as_ref().map(|nack| json!({
+            "version": nack.version,
+            "reason": nack.reason,
+            "errors": errors_json(&nack.errors),
+            "at": time(nack.at.as_ref()),
+        })),
+        "servers_up": node.servers_up,
+        "servers_down": node.servers_down,
+        "down": node.down,
+    })
+}
+
+fn print_nodes(nodes: &[pb::NodeStatus], json: bool) {
+    if json {
+        println!("{}", Value::Array(nodes.iter().map(node_json).collect()));
+        return;
+    }
+    println!(
+        "{:<20} {:<10} {:>7} {:>7} {:>9}  {:<28} LABELS",
+        "NODE", "STATE", "VERSION", "DESIRED", "UP/DOWN", "LAST NACK"
+    );
+    for node in nodes {
+        let state = if node.connected {
+            "connected"
+        } else {
+            "away"
+        };
+        let nack = node
+            .last_nack
+            .as_ref()
+            .map(|n| format!("v{}: {}", n.version, n.reason))
+            .unwrap_or_else(|| "-".to_owned());
+        println!(
+            "{:<20} {:<10} {:>7} {:>7} {:>9}  {:<28} {}",
+            node.id,
+            state,
+            version(node.version),
+            version(node.desired_version),
+            format!("{}/{}", node.servers_up, node.servers_down),
+            nack,
+            labels(&node.labels)
+        );
+        if let Some(nack) = &node.last_nack {
+            for error in &nack.errors {
+                println!("    {error_line}", error_line = error_line(error));
+            }
+        }
+        for down in &node.down {
+            println!("    down: {down}");
+        }
+    }
+}
+
+fn version(number: u64) -> String {
+    if number == 0 {
+        "-".to_owned()
+    } else {
+        format!("v{number}")
+    }
+}
+
+fn error_line(error: &pb::ConfigError) -> String {
+    format!(
+        "{}:{}: {}: {}",
+        error.line, error.column, error.path, error.message
+    )
+}
+
+fn version_json(info: &pb::VersionInfo) -> Value {
+    json!({
+        "version": info.version,
+        "selector": info.selector,
+        "comment": info.comment,
+        "author": info.author,
+        "published_at": time(info.published_at.as_ref()),
+        "checksum": info.checksum,
+        "rollback_of": info.rollback_of,
+    })
+}
+
+fn print_versions(versions: &[pb::VersionInfo], json: bool) {
+    if json {
+        println!("{}", Value::Array(versions.iter().map(version_json).collect()));
+        return;
+    }
+    println!(
+        "{:<8} {:<30} {:<16} {:<20} COMMENT",
+        "VERSION", "PUBLISHED", "AUTHOR", "SELECTOR"
+    );
+    for info in versions {
+        let comment = if info.rollback_of > 0 && info.comment.is_empty() {
+            format!("rollback of v{}", info.rollback_of)
+        } else {
+            info.comment.clone()
+        };
+        println!(
+            "{:<8} {:<30} {:<16} {:<20} {}",
+            format!("v{}", info.version),
+            time(info.published_at.as_ref()),
+            info.author,
+            if info.selector.is_empty() {
+                "(all)"
+            } else {
+                &info.selector
+            },
+            comment
+        );
+    }
+}
+
+fn print_version(response: &pb::GetVersionResponse, json: bool) {
+    let info = response.info.clone().unwrap_or_default();
+    if json {
+        let mut value = version_json(&info);
+        value["config"] = Value::String(response.config.clone());
+        println!("{value}");
+    } else {
+        println!(
+            "# version {} ({}), by {}, selector {:?}: {}",
+            info.version,
+            time(info.published_at.as_ref()),
+            info.author,
+            info.selector,
+            info.comment
+        );
+        print!("{}", response.config);
+    }
+}
+
+fn event_json(event: &pb::FleetEvent) -> Value {
+    let (kind, detail) = match &event.event {
+        Some(Event::Connected(c)) => (
+            "connected",
+            json!({ "labels": c.labels.iter().collect::<BTreeMap<_, _>>(), "version": c.version, "address": c.address }),
+        ),
+        Some(Event::Disconnected(d)) => ("disconnected", json!({ "reason": d.reason })),
+        Some(Event::Published(info)) => ("published", version_json(info)),
+        Some(Event::Acked(ack)) => (
+            "ack",
+            json!({ "version": ack.version, "nonce": ack.nonce, "generation": ack.generation }),
+        ),
+        Some(Event::Nacked(nack)) => (
+            "nack",
+            json!({ "version": nack.version, "nonce": nack.nonce, "reason": nack.reason, "errors": errors_json(&nack.errors) }),
+        ),
+        Some(Event::Health(t)) => (
+            "health",
+            json!({ "upstream": t.upstream, "server": t.server, "from": health_name(t.from), "to": health_name(t.to), "reason": t.reason }),
+        ),
+        Some(Event::EventsMissed(m)) => ("events_missed", json!({ "count": m.count })),
+        None => ("unknown", Value::Null),
+    };
+    json!({ "at": time(event.at.as_ref()), "node": event.node_id, "event": kind, "detail": detail })
+}
+
+fn health_name(state: i32) -> &'static str {
+    match pb::HealthState::try_from(state) {
+        Ok(pb::HealthState::Healthy) => "healthy",
+        Ok(pb::HealthState::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
+}
+
+fn event_line(event: &pb::FleetEvent) -> String {
+    let at = time(event.at.as_ref());
+    let node = &event.node_id;
+    match &event.event {
+        Some(Event::Connected(c)) => format!(
+            "{at}  {node}: connected from {} running {} [{}]",
+            c.address,
+            version(c.version),
+            labels(&c.labels)
+        ),
+        Some(Event::Disconnected(d)) => format!("{at}  {node}: disconnected ({})", d.reason),
+        Some(Event::Published(info)) => format!(
+            "{at}  published v{} to {:?} by {}: {}",
+            info.version, info.selector, info.author, info.comment
+        ),
+        Some(Event::Acked(ack)) => format!(
+            "{at}  {node}: ACK v{} (generation {})",
+            ack.version, ack.generation
+        ),
+        Some(Event::Nacked(nack)) => {
+            let mut line = format!("{at}  {node}: NACK v{}: {}", nack.version, nack.reason);
+            for error in &nack.errors {
+                line.push_str(&format!("\n    {}", error_line(error)));
+            }
+            line
+        }
+        Some(Event::Health(t)) => format!(
+            "{at}  {node}: {}/{} {} -> {} ({})",
+            t.upstream,
+            t.server,
+            health_name(t.from),
+            health_name(t.to),
+            t.reason
+        ),
+        Some(Event::EventsMissed(m)) => format!("{at}  ({} events missed)", m.count),
+        None => format!("{at}  {node}: (unknown event)"),
+    }
+}

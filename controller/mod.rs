@@ -1,0 +1,186 @@
+//! The controller: stores config versions (`store`), knows the fleet
+//! (`fleet`), pushes versions down each node's Sync stream (`sync`) and
+//! answers operators (`api`, driven by `tether fleet`, `fleet_cli`).
+//! Callers are identified by their client certificates (`identity`).
+
+pub mod api;
+pub mod fleet;
+pub mod fleet_cli;
+pub mod identity;
+pub mod selector;
+pub mod store;
+pub mod sync;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::proto::v1::controller_service_server::ControllerServiceServer;
+use crate::proto::v1::fleet_service_server::FleetServiceServer;
+use fleet::Fleet;
+use store::Store;
+
+/// Where the controller listens unless `--listen` says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8840";
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Address for node streams and operators.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Directory of the durable store (versions and node states).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Server certificate chain (PEM); with --key and --client-ca, enables mTLS.
+    #[arg(long, requires_all = ["key", "client_ca"])]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// CA that signs node and operator certificates (PEM).
+    #[arg(long, requires = "cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Allow listening off loopback without TLS (anyone who reaches the
+    /// port can publish).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// The controller's mTLS material, read at start.
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Vec<u8>,
+}
+
+impl ControllerArgs {
+    /// Checks the arguments and reads the TLS files.
+    pub fn tls(&self) -> Result<Option<ServerTls>, String> {
+        let (Some(cert), Some(key), Some(client_ca)) = (&self.cert, &self.key, &self.client_ca)
+        else {
+            if !self.listen.ip().is_loopback() {
+                if !self.insecure {
+                    return Err(format!(
+                        "{} is not loopback: give --cert, --key and --client-ca for mTLS, or \
+                         --insecure to accept anyone who can reach it",
+                        self.listen
+                    ));
+                }
+                tracing::warn!(listen = %self.listen, "no TLS off loopback (--insecure): anyone who reaches this port can publish configs");
+            }
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        Ok(Some(ServerTls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: read(client_ca)?,
+        }))
+    }
+}
+
+/// Opens the store in `data`. Fails if it is damaged.
+pub fn open(data: &std::path::Path) -> Result<Arc<Fleet>, String> {
+    let (store, loaded) = Store::open(data)?;
+    tracing::info!(
+        path = %store.path().display(),
+        versions = loaded.versions.len(),
+        nodes = loaded.nodes.len(),
+        "store opened"
+    );
+    Ok(Arc::new(Fleet::new(store, loaded)?))
+}
+
+/// Serves ControllerService, FleetService, grpc.health.v1 and reflection
+/// until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    fleet: Arc<Fleet>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ControllerServiceServer<sync::SyncService>>()
+        .await;
+    health
+        .set_serving::<FleetServiceServer<api::FleetApi>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection();
+    let mut server = Server::builder()
+        // Half-dead node streams are found and closed.
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        server = server.tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem)),
+        )?;
+    }
+    server
+        .add_service(ControllerServiceServer::new(sync::SyncService::new(
+            fleet.clone(),
+        )))
+        .add_service(FleetServiceServer::new(api::FleetApi::new(fleet)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// `tether controller`: runs until SIGTERM or SIGINT.
+pub async fn run(args: ControllerArgs) -> Result<(), String> {
+    let tls = args.tls()?;
+    let fleet = open(&args.data)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(
+        address = %listener.local_addr().unwrap_or(args.listen),
+        mtls = tls.is_some(),
+        "controller listening"
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = serve(listener, tls, fleet, stop.clone().cancelled_owned());
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => return result.map_err(|e| crate::report::error_chain(&e)),
+        _ = termination() => {}
+    }
+    tracing::info!("stopping");
+    stop.cancel();
+    // Node streams never end on their own: give unary calls a moment, then
+    // close what is left (nodes reconnect to the next controller).
+    match tokio::time::timeout(SHUTDOWN_GRACE, serving).await {
+        Ok(result) => result.map_err(|e| crate::report::error_chain(&e)),
+        Err(_) => Ok(()),
+    }
+}
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut terminate), Ok(mut interrupt)) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

@@ -1,0 +1,278 @@
+//! The controller agent: keeps one `Sync` stream open to the controller,
+//! applies each push through the supervisor (the same apply path as a
+//! SIGHUP), answers ACK or NACK naming the push's version and nonce,
+//! persists what it acknowledged, and sends health transitions up.
+//!
+//! The node keeps serving whatever it runs while the controller is away;
+//! the agent reconnects with jittered exponential backoff.
+
+pub mod state;
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::config::{content_version, ConfigError, ControllerSettings};
+use crate::control::convert;
+use crate::generation::ConfigSource;
+use crate::grpc::{self, ClientTls};
+use crate::proto::v1::controller_message::Message as Down;
+use crate::proto::v1::controller_service_client::ControllerServiceClient;
+use crate::proto::v1::node_message::Message as Up;
+use crate::proto::v1::{self as pb};
+use crate::supervisor::{ApplyError, ApplySource, NodeEvent, NodeHandle};
+
+use state::LastAcked;
+
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(15);
+/// A stream that stayed up this long resets the backoff.
+const STABLE_STREAM: Duration = Duration::from_secs(30);
+/// Messages waiting to go up the stream; past this, health reports are
+/// dropped (the next Hello carries a full snapshot).
+const UPSTREAM_QUEUE: usize = 256;
+
+/// Runs the agent until the node stops.
+pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String) {
+    let mut retry = FIRST_RETRY;
+    loop {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            outcome = session(&node, &settings, &node_id) => outcome,
+            _ = node.stopped() => return,
+        };
+        match outcome {
+            Ok(()) => tracing::warn!(controller = %settings.url, "controller closed the stream"),
+            Err(reason) => tracing::warn!(controller = %settings.url, %reason, "controller unreachable"),
+        }
+        if started.elapsed() >= STABLE_STREAM {
+            retry = FIRST_RETRY;
+        }
+        let delay = jittered(retry);
+        retry = (retry * 2).min(MAX_RETRY);
+        tracing::info!(delay = ?delay, "reconnecting to the controller");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = node.stopped() => return,
+        }
+    }
+}
+
+/// Between half and all of `delay`, so a fleet that lost its controller
+/// does not reconnect in lockstep.
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+async fn connect(settings: &ControllerSettings) -> Result<Channel, String> {
+    let tls = settings.tls.as_ref().map(|tls| ClientTls {
+        ca_pem: &tls.ca_pem,
+        identity: tls
+            .identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
+        server_name: None,
+    });
+    grpc::endpoint(&settings.url, tls)?
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| crate::report::error_chain(&e))
+}
+
+/// One connection: Hello, then pushes down and answers and health up,
+/// until the stream ends. Err carries why it ended.
+async fn session(
+    node: &NodeHandle,
+    settings: &ControllerSettings,
+    node_id: &str,
+) -> Result<(), String> {
+    let channel = connect(settings).await?;
+    // Subscribed before the Hello snapshot so that no transition falls
+    // between the two.
+    let mut events = node.events();
+    let (up, up_queue) = mpsc::channel(UPSTREAM_QUEUE);
+    up.try_send(hello(node, settings, node_id))
+        .expect("the queue is empty");
+    let response = ControllerServiceClient::new(channel)
+        .sync(ReceiverStream::new(up_queue))
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    tracing::info!(controller = %settings.url, node = node_id, "connected to the controller");
+    let mut pushes = response.into_inner();
+    // Only the newest push matters: one that arrives while another is
+    // being applied replaces any still waiting.
+    let (latest, waiting) = watch::channel(None);
+    let applier = tokio::spawn(apply_pushes(
+        node.clone(),
+        settings.state_dir.clone(),
+        waiting,
+        up.clone(),
+    ));
+    let ended = loop {
+        tokio::select! {
+            message = pushes.message() => match message {
+                Ok(Some(pb::ControllerMessage { message: Some(Down::Push(push)) })) => {
+                    tracing::info!(version = push.version, nonce = %push.nonce, "push received");
+                    if let Some(superseded) = latest.send_replace(Some(push)) {
+                        tracing::info!(version = superseded.version, "push superseded before it was applied");
+                    }
+                }
+                Ok(Some(pb::ControllerMessage { message: Some(Down::Refused(refused)) })) => {
+                    break Err(format!("refused: {}", refused.reason));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(format!("{:?}: {}", status.code(), status.message())),
+            },
+            event = events.recv() => match event {
+                Ok(NodeEvent::HealthChanged { upstream, server, from, to, reason }) => {
+                    let report = pb::HealthReport {
+                        transitions: vec![convert::health_transition(upstream, server, from, to, reason)],
+                    };
+                    if up.try_send(message(Up::Health(report))).is_err() {
+                        tracing::debug!("controller stream backed up; health report dropped");
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+        }
+    };
+    // The applier finishes a push it has started (and persists it), then
+    // ends: the watch sender is gone.
+    drop(latest);
+    let _ = applier.await;
+    ended
+}
+
+fn message(message: Up) -> pb::NodeMessage {
+    pb::NodeMessage {
+        message: Some(message),
+    }
+}
+
+fn hello(node: &NodeHandle, settings: &ControllerSettings, node_id: &str) -> pb::NodeMessage {
+    let current = node.current();
+    let (version, content, generation) = match &current {
+        Some(generation) => (
+            controller_version(&generation.info.source),
+            content_version(&generation.info.text),
+            generation.number,
+        ),
+        None => (0, String::new(), 0),
+    };
+    let health = current
+        .iter()
+        .flat_map(|generation| generation.upstreams.values())
+        .flat_map(|upstream| {
+            upstream.servers.iter().map(|server| pb::ServerHealth {
+                upstream: upstream.config.name.clone(),
+                server: server.addr.to_string(),
+                state: convert::health(server.health()) as i32,
+            })
+        })
+        .collect();
+    message(Up::Hello(pb::Hello {
+        node_id: node_id.to_owned(),
+        labels: settings.labels.clone().into_iter().collect(),
+        version,
+        content_version: content,
+        generation,
+        build: concat!("tether ", env!("CARGO_PKG_VERSION")).to_owned(),
+        health,
+    }))
+}
+
+fn controller_version(source: &ConfigSource) -> u64 {
+    match source {
+        ConfigSource::Controller { version } => *version,
+        _ => 0,
+    }
+}
+
+async fn apply_pushes(
+    node: NodeHandle,
+    state_dir: std::path::PathBuf,
+    mut waiting: watch::Receiver<Option<pb::Push>>,
+    up: mpsc::Sender<pb::NodeMessage>,
+) {
+    while waiting.changed().await.is_ok() {
+        let Some(push) = waiting.borrow_and_update().clone() else {
+            continue;
+        };
+        let answer = apply_push(&node, &state_dir, push).await;
+        // A full queue means the stream is stuck: waiting here is right,
+        // the answer must not be lost while the stream lives.
+        if up.send(message(answer)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Push) -> Up {
+    let nack = |errors: Vec<ConfigError>, reason: String| {
+        tracing::warn!(version = push.version, %reason, errors = errors.len(), "push refused (NACK)");
+        Up::Nack(pb::Nack {
+            version: push.version,
+            nonce: push.nonce.clone(),
+            errors: errors.iter().map(convert::config_error).collect(),
+            reason,
+        })
+    };
+    let Ok(text) = std::str::from_utf8(&push.config) else {
+        return nack(Vec::new(), "the pushed config is not UTF-8".to_owned());
+    };
+    let checksum = content_version(text);
+    if checksum != push.checksum {
+        return nack(
+            Vec::new(),
+            format!(
+                "checksum mismatch: the push says {}, the text is {checksum}",
+                push.checksum
+            ),
+        );
+    }
+    // Already serving this version (a push repeated after a reconnect):
+    // acknowledge without building a new generation.
+    if let Some(current) = node.current() {
+        if controller_version(&current.info.source) == push.version {
+            return ack(&push, current.number);
+        }
+    }
+    let source = ApplySource::Controller {
+        version: push.version,
+        text: text.to_owned(),
+    };
+    match node.apply(source).await {
+        Ok(applied) => {
+            let state = LastAcked {
+                version: push.version,
+                checksum,
+                config: text.to_owned(),
+            };
+            if let Err(e) = state::save(state_dir, &state) {
+                tracing::warn!(error = %e, dir = %state_dir.display(), "cannot persist the acknowledged config; a restart without the controller falls back to the file");
+            }
+            tracing::info!(version = push.version, generation = applied.generation, "push applied (ACK)");
+            ack(&push, applied.generation)
+        }
+        Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
+            let reason = format!("{} error{}", errors.len(), if errors.len() == 1 { "" } else { "s" });
+            nack(errors, reason)
+        }
+        Err(other) => nack(Vec::new(), other.to_string()),
+    }
+}
+
+fn ack(push: &pb::Push, generation: u64) -> Up {
+    Up::Ack(pb::Ack {
+        version: push.version,
+        nonce: push.nonce.clone(),
+        generation,
+    })
+}

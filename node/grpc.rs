@@ -1,0 +1,63 @@
+//! gRPC plumbing shared by the node's control service, the controller and
+//! their clients: server reflection and client endpoints with optional mTLS.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::FILE_DESCRIPTOR_SET;
+
+/// Reflection v1 and v1alpha over every tether service and grpc.health.v1
+/// (grpcurl 1.8 speaks only v1alpha).
+pub fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+    (v1, v1alpha)
+}
+
+/// TLS material a client presents and trusts.
+pub struct ClientTls<'a> {
+    pub ca_pem: &'a [u8],
+    /// Certificate chain and key: the client's identity for mTLS.
+    pub identity: Option<(&'a [u8], &'a [u8])>,
+    /// Name the server's certificate must carry (default: the url's host).
+    pub server_name: Option<&'a str>,
+}
+
+/// An endpoint for `url` (`http://` or `https://`), with TLS when given.
+pub fn endpoint(url: &str, tls: Option<ClientTls<'_>>) -> Result<Endpoint, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("invalid url {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        let uri = endpoint.uri().clone();
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(tls.ca_pem))
+            .domain_name(tls.server_name.unwrap_or(host));
+        if let Some((cert, key)) = tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| e.to_string())?;
+    }
+    Ok(endpoint)
+}
