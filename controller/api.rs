@@ -62,7 +62,11 @@ fn validate(text: &str) -> Result<(), Status> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Err(config_errors_status(Code::InvalidArgument, message, &errors))
+    Err(config_errors_status(
+        Code::InvalidArgument,
+        message,
+        &errors,
+    ))
 }
 
 type FleetEvents = Pin<Box<dyn Stream<Item = Result<pb::FleetEvent, Status>> + Send>>;
@@ -184,6 +188,9 @@ impl FleetApi {
             .publish(publication)
             .await
             .map_err(|e| Status::internal(format!("cannot store the version: {e}")))?;
-        Ok(Response::new(pb::PublishConfigResponse { version, targets }))
+        Ok(Response::new(pb::PublishConfigResponse {
+            version,
+            targets,
+        }))
     }
 }

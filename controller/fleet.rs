@@ -398,9 +398,7 @@ impl Fleet {
                     labels: stored.labels.clone().into_iter().collect(),
                     connected: node.connection.is_some(),
                     last_seen: Some(from_millis(stored.last_seen).into()),
-                    desired_version: inner
-                        .desired_for(&stored.labels)
-                        .map_or(0, |v| v.number),
+                    desired_version: inner.desired_for(&stored.labels).map_or(0, |v| v.number),
                     version: stored.version,
                     generation: stored.generation,
                     last_nack: stored.last_nack.as_ref().map(|nack| pb::NackRecord {

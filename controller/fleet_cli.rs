@@ -235,7 +235,9 @@ fn time(timestamp: Option<&prost_types::Timestamp>) -> String {
 fn errors_json(errors: &[pb::ConfigError]) -> Value {
     errors
         .iter()
-        .map(|e| json!({ "path": e.path, "line": e.line, "column": e.column, "message": e.message }))
+        .map(
+            |e| json!({ "path": e.path, "line": e.line, "column": e.column, "message": e.message }),
+        )
         .collect()
 }
 
@@ -272,11 +274,7 @@ fn print_nodes(nodes: &[pb::NodeStatus], json: bool) {
         "NODE", "STATE", "VERSION", "DESIRED", "UP/DOWN", "LAST NACK"
     );
     for node in nodes {
-        let state = if node.connected {
-            "connected"
-        } else {
-            "away"
-        };
+        let state = if node.connected { "connected" } else { "away" };
         let nack = node
             .last_nack
             .as_ref()
@@ -332,7 +330,10 @@ fn version_json(info: &pb::VersionInfo) -> Value {
 
 fn print_versions(versions: &[pb::VersionInfo], json: bool) {
     if json {
-        println!("{}", Value::Array(versions.iter().map(version_json).collect()));
+        println!(
+            "{}",
+            Value::Array(versions.iter().map(version_json).collect())
+        );
         return;
     }
     println!(

@@ -77,7 +77,8 @@ impl ControllerArgs {
             }
             return Ok(None);
         };
-        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        let read =
+            |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
         Ok(Some(ServerTls {
             cert_pem: read(cert)?,
             key_pem: read(key)?,

@@ -96,12 +96,14 @@ impl Store {
     /// Opens (or creates) the log in `dir`, replays it, compacts it when
     /// worthwhile, and starts the writer.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let path = dir.join(LOG_FILE);
         let (loaded, records) = replay(&path)?;
         let live = loaded.versions.len() + loaded.nodes.len();
         if records > 1024 && records > 2 * live {
-            compact(dir, &path, &loaded).map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
+            compact(dir, &path, &loaded)
+                .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
             tracing::info!(records, live, "store compacted");
         }
         let file = OpenOptions::new()

@@ -81,14 +81,20 @@ impl ControllerService for SyncService {
 }
 
 /// The node's answers and health reports, until its stream ends.
-async fn receive(fleet: Arc<Fleet>, session: Arc<Session>, mut inbound: Streaming<pb::NodeMessage>) {
+async fn receive(
+    fleet: Arc<Fleet>,
+    session: Arc<Session>,
+    mut inbound: Streaming<pb::NodeMessage>,
+) {
     let reason = loop {
         let message = tokio::select! {
             message = inbound.message() => message,
             _ = session.replaced.cancelled() => break "replaced by a newer stream".to_owned(),
         };
         match message {
-            Ok(Some(pb::NodeMessage { message: Some(message) })) => match message {
+            Ok(Some(pb::NodeMessage {
+                message: Some(message),
+            })) => match message {
                 Up::Ack(ack) => fleet.ack(&session, ack),
                 Up::Nack(nack) => fleet.nack(&session, nack),
                 Up::Health(report) => fleet.health(&session, report),

@@ -150,13 +150,15 @@ async fn start_node(config_path: &Path) -> Result<supervisor::NodeHandle, ApplyE
             let base_dir = config_path.parent().unwrap_or(Path::new("."));
             Config::parse(&text, base_dir).ok()?.controller
         })
-        .and_then(|controller| match crate::agent::state::load(&controller.state_dir) {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring the saved controller config");
-                None
-            }
-        });
+        .and_then(
+            |controller| match crate::agent::state::load(&controller.state_dir) {
+                Ok(state) => state,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring the saved controller config");
+                    None
+                }
+            },
+        );
     if let Some(state) = last_acked {
         let source = ApplySource::Controller {
             version: state.version,
@@ -164,10 +166,15 @@ async fn start_node(config_path: &Path) -> Result<supervisor::NodeHandle, ApplyE
         };
         match supervisor::start(file.clone(), source).await {
             Ok(node) => {
-                tracing::info!(version = state.version, "serving the last config acknowledged to the controller");
+                tracing::info!(
+                    version = state.version,
+                    "serving the last config acknowledged to the controller"
+                );
                 return Ok(node);
             }
-            Err(e) => tracing::warn!(error = %e, version = state.version, "the saved controller config does not apply; starting from the file"),
+            Err(e) => {
+                tracing::warn!(error = %e, version = state.version, "the saved controller config does not apply; starting from the file")
+            }
         }
     }
     supervisor::start(file, ApplySource::File).await

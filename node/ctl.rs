@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::grpc::{self, ClientTls};
 use crate::config::{format_duration, parse_duration, DEFAULT_CONTROL_LISTEN};
+use crate::grpc::{self, ClientTls};
 use crate::proto::v1::control_service_client::ControlServiceClient;
 use crate::proto::v1::{self as pb, node_event::Event};
 

@@ -45,7 +45,9 @@ pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String
         };
         match outcome {
             Ok(()) => tracing::warn!(controller = %settings.url, "controller closed the stream"),
-            Err(reason) => tracing::warn!(controller = %settings.url, %reason, "controller unreachable"),
+            Err(reason) => {
+                tracing::warn!(controller = %settings.url, %reason, "controller unreachable")
+            }
         }
         if started.elapsed() >= STABLE_STREAM {
             retry = FIRST_RETRY;
@@ -258,15 +260,31 @@ async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Pu
             if let Err(e) = state::save(state_dir, &state) {
                 tracing::warn!(error = %e, dir = %state_dir.display(), "cannot persist the acknowledged config; a restart without the controller falls back to the file");
             }
-            tracing::info!(version = push.version, generation = applied.generation, "push applied (ACK)");
+            tracing::info!(
+                version = push.version,
+                generation = applied.generation,
+                "push applied (ACK)"
+            );
             ack(&push, applied.generation)
         }
-        Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
-            let reason = format!("{} error{}", errors.len(), if errors.len() == 1 { "" } else { "s" });
+        Err(ApplyError::Invalid(errors)) => {
+            let reason = format!("invalid config: {}", count(&errors));
+            nack(errors, reason)
+        }
+        Err(ApplyError::Bind(errors)) => {
+            let reason = format!("cannot bind: {}", count(&errors));
             nack(errors, reason)
         }
         Err(other) => nack(Vec::new(), other.to_string()),
     }
+}
+
+fn count(errors: &[ConfigError]) -> String {
+    format!(
+        "{} error{}",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    )
 }
 
 fn ack(push: &pb::Push, generation: u64) -> Up {

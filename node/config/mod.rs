@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
-pub use pushed::{compose_pushed, check_pushed, NODE_LOCAL_SECTIONS};
+pub use pushed::{check_pushed, compose_pushed, NODE_LOCAL_SECTIONS};
 
 /// Where the control service listens unless `[control] listen` says otherwise.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8837";

@@ -7,9 +7,9 @@ use prost_types::Timestamp;
 use crate::config::ConfigError;
 use crate::generation::{ConfigInfo, ConfigSource, Generation};
 use crate::proto::v1 as pb;
+use crate::upstream::{Health, Upstream};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
-use crate::upstream::{Health, Upstream};
 
 pub fn timestamp(time: SystemTime) -> Timestamp {
     Timestamp::from(time)

@@ -2,7 +2,7 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 pub struct TestCa {
@@ -33,13 +33,29 @@ impl TestCa {
     /// A leaf certificate for `names` (DNS names or IP addresses), usable by
     /// servers and clients alike.
     pub fn issue(&self, names: &[&str]) -> Issued {
+        self.issue_with_uri(names, None)
+    }
+
+    /// A client certificate whose identity is the URI SAN `uri` (such as
+    /// `spiffe://tether/node/a`).
+    pub fn issue_identity(&self, uri: &str) -> Issued {
+        self.issue_with_uri(&[], Some(uri))
+    }
+
+    fn issue_with_uri(&self, names: &[&str], uri: Option<&str>) -> Issued {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().or(uri).unwrap_or("leaf"),
+        );
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -4,10 +4,12 @@
 
 pub mod certs;
 pub mod client;
+pub mod controller;
 pub mod node;
 pub mod origin;
 
 pub use certs::*;
 pub use client::*;
+pub use controller::*;
 pub use node::*;
 pub use origin::*;

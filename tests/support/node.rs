@@ -16,7 +16,7 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub control_addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+    log: SharedLog,
 }
 
 /// Adds `[control] listen = "127.0.0.1:0"` unless the config has a control section.
@@ -44,58 +44,26 @@ impl Node {
     pub fn try_start_in(dir: tempfile::TempDir, config: &str) -> Result<Node, String> {
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, with_ephemeral_control(config)).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["node", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tether");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("control service listening") {
-                        let _ = ready_tx.send(line.clone());
-                    }
-                    if std::env::var_os("TETHER_TEST_LOG").is_some() {
-                        eprintln!("[node] {line}");
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(line) = ready_rx.recv_timeout(Duration::from_millis(50)) {
-                let addr = line
-                    .split("address=")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse().ok())
-                    .expect("control address in the log line");
-                return Ok(Node {
-                    child,
-                    dir,
-                    config_path,
-                    control_addr: addr,
-                    log,
-                });
-            }
-            if let Ok(Some(_)) = child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(log.lock().unwrap().join("\n"));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(format!("timed out\n{}", log.lock().unwrap().join("\n")));
-            }
-        }
+        let (child, log, control_addr) = spawn_node(&config_path)?;
+        Ok(Node {
+            child,
+            dir,
+            config_path,
+            control_addr,
+            log,
+        })
+    }
+
+    /// Stops the node at once (SIGKILL) and starts it again on the same
+    /// config file and directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, log, control_addr) = spawn_node(&self.config_path)
+            .unwrap_or_else(|log| panic!("node did not restart:\n{log}"));
+        self.child = child;
+        self.log = log;
+        self.control_addr = control_addr;
     }
 
     pub fn pid(&self) -> u32 {
@@ -226,6 +194,72 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Runs `tether node --config PATH` and waits for its control service.
+fn spawn_node(config_path: &Path) -> Result<(Child, SharedLog, SocketAddr), String> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    command.args(["node", "--config"]).arg(config_path);
+    let (child, log, line) = spawn_until(command, "control service listening", "node")?;
+    Ok((child, log, address_in(&line)))
+}
+
+pub type SharedLog = Arc<Mutex<Vec<String>>>;
+
+/// The `address=` field of a log line.
+pub fn address_in(line: &str) -> SocketAddr {
+    line.split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in log line {line:?}"))
+}
+
+/// Spawns `command` (a tether process), collects its log, and waits for
+/// the first line containing `ready`. Answers the log if it exits first.
+pub fn spawn_until(
+    mut command: Command,
+    ready: &'static str,
+    label: &'static str,
+) -> Result<(Child, SharedLog, String), String> {
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let stderr = child.stderr.take().expect("stderr");
+    let log: SharedLog = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(ready) {
+                    let _ = ready_tx.send(line.clone());
+                }
+                if std::env::var_os("TETHER_TEST_LOG").is_some() {
+                    eprintln!("[{label}] {line}");
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(line) = ready_rx.recv_timeout(Duration::from_millis(50)) {
+            return Ok((child, log, line));
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(100));
+            return Err(log.lock().unwrap().join("\n"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("timed out\n{}", log.lock().unwrap().join("\n")));
+        }
     }
 }
 

@@ -667,7 +667,9 @@ impl Validator<'_> {
     fn controller(&mut self, raw: RawController) -> Option<ControllerSettings> {
         let path = KeyPath::root().key("controller");
         let uri: Option<http::Uri> = match raw.url.parse::<http::Uri>() {
-            Ok(uri) if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) => {
+            Ok(uri)
+                if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) =>
+            {
                 Some(uri)
             }
             _ => {
@@ -687,13 +689,17 @@ impl Validator<'_> {
             let ca = self.read_pem(&tls_path.key("ca"), &tls.ca, pem::Expect::Certificates);
             let identity = match (tls.cert, tls.key) {
                 (Some(cert), Some(key)) => {
-                    let cert = self.read_pem(&tls_path.key("cert"), &cert, pem::Expect::Certificates);
+                    let cert =
+                        self.read_pem(&tls_path.key("cert"), &cert, pem::Expect::Certificates);
                     let key = self.read_pem(&tls_path.key("key"), &key, pem::Expect::PrivateKey);
                     cert.zip(key)
                 }
                 (None, None) => None,
                 _ => {
-                    self.problem(tls_path.clone(), "cert and key go together: set both or neither");
+                    self.problem(
+                        tls_path.clone(),
+                        "cert and key go together: set both or neither",
+                    );
                     None
                 }
             };

@@ -1,0 +1,713 @@
+//! The controller and its fleet: real `tether controller` and `tether node`
+//! processes on loopback, real Sync streams, real HTTP through the nodes.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tether::proto::v1::fleet_event::Event;
+use tether::proto::v1::{self as pb};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A node subscribed to `controller` with `labels` (TOML inline table body).
+fn node_config(id: &str, controller: &str, labels: &str) -> String {
+    format!(
+        r#"
+[node]
+id = "{id}"
+drain_timeout = "2s"
+
+[controller]
+url = "{controller}"
+labels = {{ {labels} }}
+state_dir = "state"
+"#
+    )
+}
+
+/// Traffic config: one listener on an ephemeral port, `/` to `origin`.
+fn traffic(listen: &str, origin: &Origin) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "web"
+listen = "{listen}"
+
+[[listener.route]]
+path = "/"
+upstream = "app"
+
+[upstream.app]
+servers = [{{ addr = "{}" }}]
+"#,
+        origin.addr
+    )
+}
+
+async fn wait_acked(controller: &Controller, ids: &[&str], version: u64) {
+    controller
+        .wait_nodes(WAIT, &format!("{ids:?} ACK v{version}"), |nodes| {
+            ids.iter().all(|id| {
+                nodes
+                    .iter()
+                    .any(|n| n.id == *id && n.connected && n.version == version)
+            })
+        })
+        .await;
+}
+
+async fn wait_connected(controller: &Controller, ids: &[&str]) {
+    controller
+        .wait_nodes(WAIT, &format!("{ids:?} connected"), |nodes| {
+            ids.iter()
+                .all(|id| nodes.iter().any(|n| n.id == *id && n.connected))
+        })
+        .await;
+}
+
+async fn origin_answers(node: &Node, origin: &Origin) {
+    let client = http1_client();
+    let addr = node.listener("web").await;
+    let answer = get(&client, addr, None, "/hello").await;
+    assert_eq!(answer.status, 200, "{}", node.log());
+    assert_eq!(answer.header("x-origin"), Some(origin.name.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_exactly_the_matching_nodes_and_they_serve_it() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let url = controller.url();
+    let eu = Node::start(&node_config("eu-1", &url, r#"env = "prod", region = "eu""#));
+    let us = Node::start(&node_config("us-1", &url, r#"env = "prod", region = "us""#));
+    let staging = Node::start(&node_config("stage-1", &url, r#"env = "staging""#));
+    wait_connected(&controller, &["eu-1", "us-1", "stage-1"]).await;
+    let mut watch = controller
+        .fleet()
+        .await
+        .watch_fleet(pb::WatchFleetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let origin = Origin::start("prod-app").await;
+    let published = controller
+        .publish(&traffic("127.0.0.1:0", &origin), "env=prod")
+        .await
+        .expect("publish");
+    assert_eq!(published.version, 1);
+    let mut targets = published.targets.clone();
+    targets.sort();
+    assert_eq!(targets, ["eu-1", "us-1"]);
+
+    wait_acked(&controller, &["eu-1", "us-1"], 1).await;
+    origin_answers(&eu, &origin).await;
+    origin_answers(&us, &origin).await;
+    // The staging node was not targeted: still no listener, no version.
+    assert!(staging.get_config().await.listeners.is_empty());
+    let nodes = controller.nodes().await;
+    let stage = nodes.iter().find(|n| n.id == "stage-1").unwrap();
+    assert_eq!((stage.version, stage.desired_version), (0, 0));
+    let eu_status = nodes.iter().find(|n| n.id == "eu-1").unwrap();
+    assert_eq!(eu_status.desired_version, 1);
+    assert_eq!(
+        eu_status.labels.get("region").map(String::as_str),
+        Some("eu")
+    );
+
+    // The node itself records the controller's version as the config in force.
+    let info = eu.get_config().await.config.unwrap();
+    assert_eq!(info.version, "v1");
+    assert_eq!(info.source, pb::ConfigSource::Controller as i32);
+
+    // WatchFleet saw the publish and both ACKs, naming version and nonce.
+    let mut acked = Vec::new();
+    let mut published_seen = false;
+    while acked.len() < 2 {
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .expect("fleet event in time")
+            .unwrap()
+            .unwrap();
+        match event.event {
+            Some(Event::Published(info)) => published_seen = info.version == 1,
+            Some(Event::Acked(ack)) => {
+                assert_eq!(ack.version, 1);
+                assert!(!ack.nonce.is_empty());
+                acked.push(event.node_id);
+            }
+            _ => {}
+        }
+    }
+    acked.sort();
+    assert!(published_seen);
+    assert_eq!(acked, ["eu-1", "us-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_is_refused_at_publish_with_every_error_and_nothing_is_stored() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let config = r#"
+[[listener]]
+name = "web"
+listen = "127.0.0.1:not-a-port"
+
+[[listener.route]]
+path = "/"
+upstream = "missing"
+"#;
+    let status = controller.publish(config, "").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("listener[0].listen"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("missing"), "{}", status.message());
+    assert!(
+        status.message().contains("4:"),
+        "the line is given: {}",
+        status.message()
+    );
+
+    // Node-local sections are never pushed.
+    let local = "[control]\nlisten = \"0.0.0.0:9000\"\n";
+    let status = controller.publish(local, "").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("[control] is node-local"),
+        "{}",
+        status.message()
+    );
+
+    let bad_selector = controller.publish("", "env").await.unwrap_err();
+    assert_eq!(bad_selector.code(), Code::InvalidArgument);
+
+    let versions = controller
+        .fleet()
+        .await
+        .list_versions(pb::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert!(versions.is_empty(), "{versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_bind_nacks_with_the_reason_and_the_others_ack() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let url = controller.url();
+    let a = Node::start(&node_config("a", &url, r#"env = "prod""#));
+    let b = Node::start(&node_config("b", &url, r#"env = "prod""#));
+    let c = Node::start(&node_config("c", &url, r#"env = "prod""#));
+    wait_connected(&controller, &["a", "b", "c"]).await;
+    let origin = Origin::start("app").await;
+    controller
+        .publish(&traffic("127.0.0.1:0", &origin), "")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["a", "b", "c"], 1).await;
+
+    // Version 2 listens on a Unix socket next to each node's config; on
+    // node b something already listens there.
+    let held = std::os::unix::net::UnixListener::bind(b.path("web.sock")).unwrap();
+    let mut watch = controller
+        .fleet()
+        .await
+        .watch_fleet(pb::WatchFleetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    controller
+        .publish(&traffic("unix:web.sock", &origin), "")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["a", "c"], 2).await;
+    let nodes = controller
+        .wait_nodes(WAIT, "b NACKs v2", |nodes| {
+            nodes
+                .iter()
+                .any(|n| n.id == "b" && n.last_nack.as_ref().is_some_and(|nack| nack.version == 2))
+        })
+        .await;
+    let b_status = nodes.iter().find(|n| n.id == "b").unwrap();
+    assert_eq!(b_status.version, 1, "b keeps running v1");
+    assert_eq!(b_status.desired_version, 2);
+    let nack = b_status.last_nack.as_ref().unwrap();
+    assert_eq!(nack.errors.len(), 1, "{nack:?}");
+    assert_eq!(nack.errors[0].path, "listener[0].listen");
+    assert!(nack.errors[0].message.contains("listening"), "{nack:?}");
+    assert!(nack.reason.starts_with("cannot bind"), "{nack:?}");
+
+    // b still serves v1 over TCP.
+    origin_answers(&b, &origin).await;
+    assert_eq!(b.get_config().await.config.unwrap().version, "v1");
+
+    // WatchFleet carried the NACK with its error.
+    loop {
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .expect("NACK event in time")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::Nacked(nack)) = event.event {
+            assert_eq!(event.node_id, "b");
+            assert_eq!(nack.version, 2);
+            assert_eq!(nack.errors[0].path, "listener[0].listen");
+            break;
+        }
+    }
+    drop(held);
+    drop((a, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_publishes_an_earlier_version_again() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let node = Node::start(&node_config("n", &controller.url(), r#"env = "prod""#));
+    wait_connected(&controller, &["n"]).await;
+    let (old, new) = (Origin::start("old").await, Origin::start("new").await);
+    controller
+        .publish(&traffic("127.0.0.1:0", &old), "env=prod")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["n"], 1).await;
+    controller
+        .publish(&traffic("127.0.0.1:0", &new), "env=prod")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["n"], 2).await;
+    origin_answers(&node, &new).await;
+
+    let rolled = controller
+        .fleet()
+        .await
+        .rollback(pb::RollbackRequest {
+            version: 1,
+            comment: String::new(),
+            author: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rolled.version, 3);
+    wait_acked(&controller, &["n"], 3).await;
+    origin_answers(&node, &old).await;
+    let versions = controller
+        .fleet()
+        .await
+        .list_versions(pb::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
+    assert_eq!(numbers, [3, 2, 1], "newest first");
+    assert_eq!(versions[0].rollback_of, 1);
+    assert_eq!(versions[0].selector, "env=prod");
+    assert_eq!(versions[0].checksum, versions[2].checksum);
+
+    let missing = controller
+        .fleet()
+        .await
+        .rollback(pb::RollbackRequest {
+            version: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_controller_comes_back_with_every_version_and_node_state() {
+    let data = tempfile::tempdir().unwrap();
+    let mut controller = Controller::start(data.path(), &[]);
+    let url = controller.url();
+    let a = Node::start(&node_config("a", &url, r#"env = "prod""#));
+    let b = Node::start(&node_config("b", &url, r#"env = "prod""#));
+    wait_connected(&controller, &["a", "b"]).await;
+    let origin = Origin::start("app").await;
+    controller
+        .publish(&traffic("127.0.0.1:0", &origin), "")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["a", "b"], 1).await;
+    let generation_before = a.get_config().await.config.unwrap().generation;
+
+    controller.restart();
+    // Versions are on disk, and so is what each node ACKed — read before
+    // the nodes are back.
+    let versions = controller
+        .fleet()
+        .await
+        .list_versions(pb::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(versions.len(), 1);
+    let nodes = controller.nodes().await;
+    for id in ["a", "b"] {
+        let node = nodes.iter().find(|n| n.id == id).expect("node record kept");
+        assert_eq!(node.version, 1, "{node:?}");
+    }
+
+    // The nodes reconnect, already running the desired version: nothing is
+    // pushed or re-applied.
+    wait_connected(&controller, &["a", "b"]).await;
+    let config = a.get_config().await.config.unwrap();
+    assert_eq!(config.generation, generation_before);
+    assert!(
+        !controller.log().contains("push"),
+        "nothing is pushed:\n{}",
+        controller.log()
+    );
+    origin_answers(&a, &origin).await;
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_while_the_controller_is_down_serves_its_last_acked_config() {
+    let data = tempfile::tempdir().unwrap();
+    let mut controller = Controller::start(data.path(), &[]);
+    let mut node = Node::start(&node_config("n", &controller.url(), r#"env = "prod""#));
+    wait_connected(&controller, &["n"]).await;
+    let origin = Origin::start("app").await;
+    controller
+        .publish(&traffic("127.0.0.1:0", &origin), "")
+        .await
+        .unwrap();
+    wait_acked(&controller, &["n"], 1).await;
+
+    controller.kill();
+    node.restart();
+    let config = node.get_config().await.config.unwrap();
+    assert_eq!(config.version, "v1");
+    assert_eq!(config.source, pb::ConfigSource::Controller as i32);
+    origin_answers(&node, &origin).await;
+}
+
+/// mTLS: identities come from certificates.
+mod identity {
+    use super::*;
+    use std::path::Path;
+
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca: TestCa,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let pki = Pki {
+                dir: tempfile::tempdir().unwrap(),
+                ca: TestCa::new("tether test CA"),
+            };
+            std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+            let server = pki.ca.issue(&["localhost", "127.0.0.1"]);
+            pki.write("controller", &server);
+            pki
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.path().join(name).display().to_string()
+        }
+
+        fn write(&self, name: &str, issued: &Issued) {
+            std::fs::write(self.path(&format!("{name}.pem")), &issued.cert_pem).unwrap();
+            std::fs::write(self.path(&format!("{name}-key.pem")), &issued.key_pem).unwrap();
+        }
+
+        fn identity(&self, name: &str, uri: &str) {
+            self.write(name, &self.ca.issue_identity(uri));
+        }
+
+        fn controller_args(&self) -> Vec<String> {
+            [
+                "--cert",
+                "controller.pem",
+                "--key",
+                "controller-key.pem",
+                "--client-ca",
+                "ca.pem",
+            ]
+            .iter()
+            .map(|a| {
+                if a.ends_with(".pem") {
+                    self.path(a)
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect()
+        }
+
+        fn node_config(&self, id: &str, identity: &str, controller: &Controller) -> String {
+            format!(
+                r#"
+[node]
+id = "{id}"
+
+[controller]
+url = "https://localhost:{port}"
+labels = {{ env = "prod" }}
+state_dir = "state"
+
+[controller.tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"#,
+                port = controller.addr.port(),
+                ca = self.path("ca.pem"),
+                cert = self.path(&format!("{identity}.pem")),
+                key = self.path(&format!("{identity}-key.pem")),
+            )
+        }
+
+        async fn fleet_client(
+            &self,
+            identity: &str,
+            controller: &Controller,
+        ) -> pb::fleet_service_client::FleetServiceClient<tonic::transport::Channel> {
+            let read = |name: &str| std::fs::read(Path::new(&self.path(name))).unwrap();
+            let (ca, cert, key) = (
+                read("ca.pem"),
+                read(&format!("{identity}.pem")),
+                read(&format!("{identity}-key.pem")),
+            );
+            let tls = tether::grpc::ClientTls {
+                ca_pem: &ca,
+                identity: Some((&cert, &key)),
+                server_name: None,
+            };
+            let url = format!("https://localhost:{}", controller.addr.port());
+            let channel = tether::grpc::endpoint(&url, Some(tls))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::fleet_service_client::FleetServiceClient::new(channel)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_and_operator_identities_come_from_their_certificates() {
+        let pki = Pki::new();
+        pki.identity("node-a", "spiffe://tether/node/a");
+        pki.identity("alice", "spiffe://tether/operator/alice");
+        let data = tempfile::tempdir().unwrap();
+        let args = pki.controller_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let controller = Controller::start(data.path(), &args);
+
+        let honest = Node::start(&pki.node_config("a", "node-a", &controller));
+        // The same certificate claiming to be node b.
+        let impostor = Node::start(&pki.node_config("b", "node-a", &controller));
+
+        let mut operator = pki.fleet_client("alice", &controller).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let nodes = operator
+                .list_nodes(pb::ListNodesRequest::default())
+                .await
+                .expect("an operator certificate may list nodes")
+                .into_inner()
+                .nodes;
+            if nodes.iter().any(|n| n.id == "a" && n.connected) {
+                assert!(nodes.iter().all(|n| n.id != "b"), "{nodes:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node a never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The impostor was told why.
+        let deadline = std::time::Instant::now() + WAIT;
+        while !impostor.log().contains(r#"cannot speak for node "b""#) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "impostor not refused:\n{}",
+                impostor.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // A node certificate cannot publish.
+        let mut as_node = pki.fleet_client("node-a", &controller).await;
+        let refused = as_node
+            .publish_config(pb::PublishConfigRequest {
+                config: String::new(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+        // An operator can, and is recorded as the author whatever it claims.
+        let published = operator
+            .publish_config(pb::PublishConfigRequest {
+                config: String::new(),
+                selector: "env=prod".into(),
+                comment: "empty".into(),
+                author: "mallory".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(published.targets, ["a"]);
+        let versions = operator
+            .list_versions(pb::ListVersionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .versions;
+        assert_eq!(versions[0].author, "alice");
+        drop(honest);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_command_line_publishes_lists_and_shows() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let node = Node::start(&node_config(
+        "cli-node",
+        &controller.url(),
+        r#"env = "prod""#,
+    ));
+    wait_connected(&controller, &["cli-node"]).await;
+    let origin = Origin::start("app").await;
+    let file = data.path().join("site.toml");
+    std::fs::write(&file, traffic("127.0.0.1:0", &origin)).unwrap();
+    let fleet = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["fleet", "--controller", &controller.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = fleet(&[
+        "publish",
+        file.to_str().unwrap(),
+        "--selector",
+        "env=prod",
+        "--comment",
+        "first",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("published version 1 to 1 node: cli-node"),
+        "{out}"
+    );
+    wait_acked(&controller, &["cli-node"], 1).await;
+
+    let (code, out, _) = fleet(&["nodes", "--json"]);
+    assert_eq!(code, Some(0));
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes[0]["id"], "cli-node");
+    assert_eq!(nodes[0]["version"], 1);
+    assert_eq!(nodes[0]["connected"], true);
+    assert_eq!(nodes[0]["labels"]["env"], "prod");
+
+    let (code, out, _) = fleet(&["nodes"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli-node") && l.contains("v1")),
+        "{out}"
+    );
+
+    let (code, out, _) = fleet(&["versions"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("v1") && l.contains("first")),
+        "{out}"
+    );
+
+    let (code, out, _) = fleet(&["show", "1"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&origin.addr.to_string()), "{out}");
+
+    // An invalid file: exit 1, every error on stderr, nothing stored.
+    std::fs::write(&file, "[[listener]]\nlisten = 5\n").unwrap();
+    let (code, _, err) = fleet(&["publish", file.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("listener[0]"), "{err}");
+    let (_, out, _) = fleet(&["versions", "--json"]);
+    let versions: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 1);
+
+    let (code, _, err) = fleet(&["rollback", "9"]);
+    assert_eq!(code, Some(1), "{err}");
+    drop(node);
+}
+
+mod store {
+    use std::io::Write;
+
+    use tether::controller::store::{Record, Store, StoredVersion};
+
+    fn version(n: u64) -> Record {
+        Record::Version(StoredVersion {
+            version: n,
+            config: format!("# version {n}\n"),
+            checksum: String::new(),
+            selector: String::new(),
+            comment: String::new(),
+            author: String::new(),
+            published_at: 0,
+            rollback_of: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_record_is_dropped_and_a_damaged_one_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, loaded) = Store::open(dir.path()).unwrap();
+            assert!(loaded.versions.is_empty());
+            store.append_durable(version(1)).await.unwrap();
+            store.append_durable(version(2)).await.unwrap();
+        }
+        // A crash in the middle of writing record 3.
+        let log = dir.path().join("fleet.log");
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        file.write_all(br#"{"record":"version","version":3,"con"#)
+            .unwrap();
+        drop(file);
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        let numbers: Vec<u64> = loaded.versions.iter().map(|v| v.version).collect();
+        assert_eq!(numbers, [1, 2]);
+        // Appends after the repair land on a clean line.
+        store.append_durable(version(3)).await.unwrap();
+        drop(store);
+        let (_, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.versions.len(), 3);
+
+        // Damage before the end is not guessed around.
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::write(&log, text.replacen("version", "vers!on", 1)).unwrap();
+        let error = Store::open(dir.path())
+            .err()
+            .expect("damaged store refused");
+        assert!(error.contains("fleet.log:1"), "{error}");
+    }
+}

@@ -1,0 +1,146 @@
+//! Runs `tether controller` as a child process, with its FleetService
+//! client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use tether::proto::v1::fleet_service_client::FleetServiceClient;
+use tether::proto::v1::{self as pb};
+use tonic::transport::Channel;
+
+use super::node::{address_in, spawn_until, SharedLog};
+
+pub struct Controller {
+    child: Child,
+    pub data: PathBuf,
+    pub addr: SocketAddr,
+    extra: Vec<String>,
+    log: SharedLog,
+}
+
+impl Controller {
+    /// Starts a controller with its store in `data` on an ephemeral
+    /// loopback port, plus `extra` arguments (TLS files).
+    pub fn start(data: &Path, extra: &[&str]) -> Controller {
+        Self::start_at(data, "127.0.0.1:0".parse().unwrap(), extra)
+    }
+
+    fn start_at(data: &Path, listen: SocketAddr, extra: &[&str]) -> Controller {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
+            .args(["controller", "--listen", &listen.to_string(), "--data"])
+            .arg(data)
+            .args(extra);
+        let (child, log, line) = spawn_until(command, "controller listening", "controller")
+            .unwrap_or_else(|log| panic!("controller did not start:\n{log}"));
+        Controller {
+            child,
+            data: data.to_owned(),
+            addr: address_in(&line),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again on the same address and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The old socket may linger for a moment.
+            match std::net::TcpListener::bind(self.addr) {
+                Ok(probe) => drop(probe),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) => panic!("{} stays busy: {e}", self.addr),
+            }
+            break;
+        }
+        *self = Controller::start_at(&self.data, self.addr, &extra);
+    }
+
+    pub async fn fleet(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::connect(self.url())
+            .await
+            .expect("connect to the controller")
+    }
+
+    pub async fn publish(
+        &self,
+        config: &str,
+        selector: &str,
+    ) -> Result<pb::PublishConfigResponse, tonic::Status> {
+        self.fleet()
+            .await
+            .publish_config(pb::PublishConfigRequest {
+                config: config.to_owned(),
+                selector: selector.to_owned(),
+                comment: String::new(),
+                author: "test".to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn nodes(&self) -> Vec<pb::NodeStatus> {
+        self.fleet()
+            .await
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .expect("ListNodes")
+            .into_inner()
+            .nodes
+    }
+
+    pub async fn node(&self, id: &str) -> Option<pb::NodeStatus> {
+        self.nodes().await.into_iter().find(|n| n.id == id)
+    }
+
+    /// Polls ListNodes until `done` holds for it, or panics with the last
+    /// answer after `within`.
+    pub async fn wait_nodes(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&[pb::NodeStatus]) -> bool,
+    ) -> Vec<pb::NodeStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let nodes = self.nodes().await;
+            if done(&nodes) {
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}: {nodes:#?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
