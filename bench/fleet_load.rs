@@ -1,0 +1,240 @@
+//! Fleet load: N simulated nodes, each with its own HTTP/2 connection and
+//! Sync stream, against one running controller. Each simulated node ACKs a
+//! push as soon as it arrives (no proxy behind it), so what is measured is
+//! the controller: store, fan-out, and ACK bookkeeping.
+//!
+//! For each round it publishes a config and records, per node, the time
+//! from the PublishConfig call to the node's ACK as seen on WatchFleet.
+//! Prints one JSON line per round.
+//!
+//!     cargo run --release --example fleet-load -- \
+//!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether::proto::v1::controller_message::Message as Down;
+use tether::proto::v1::controller_service_client::ControllerServiceClient;
+use tether::proto::v1::fleet_event::Event;
+use tether::proto::v1::fleet_service_client::FleetServiceClient;
+use tether::proto::v1::node_message::Message as Up;
+use tether::proto::v1::{self as pb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+struct Options {
+    controller: String,
+    nodes: usize,
+    rounds: usize,
+    pid: Option<u32>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        controller: "http://127.0.0.1:8840".into(),
+        nodes: 100,
+        rounds: 3,
+        pid: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let value = pair.get(1).cloned().unwrap_or_default();
+        match pair[0].as_str() {
+            "--controller" => options.controller = value,
+            "--nodes" => options.nodes = value.parse().expect("--nodes N"),
+            "--rounds" => options.rounds = value.parse().expect("--rounds N"),
+            "--pid" => options.pid = Some(value.parse().expect("--pid PID")),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    options
+}
+
+/// Opens one simulated node's stream; it ACKs every push at once.
+async fn simulated_node(endpoint: Endpoint, id: String, connected: Arc<AtomicUsize>) {
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(e) => {
+            eprintln!("{id}: cannot connect: {e}");
+            return;
+        }
+    };
+    let (up, queue) = mpsc::channel(4);
+    let hello = pb::Hello {
+        node_id: id.clone(),
+        labels: HashMap::from([("env".to_owned(), "bench".to_owned())]),
+        build: "fleet-load".into(),
+        ..Default::default()
+    };
+    up.send(pb::NodeMessage {
+        message: Some(Up::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut pushes = match ControllerServiceClient::new(channel)
+        .sync(ReceiverStream::new(queue))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            eprintln!("{id}: {status}");
+            return;
+        }
+    };
+    connected.fetch_add(1, Ordering::Relaxed);
+    while let Ok(Some(message)) = pushes.message().await {
+        if let Some(Down::Push(push)) = message.message {
+            let ack = pb::Ack {
+                version: push.version,
+                nonce: push.nonce,
+                generation: push.version,
+            };
+            if up
+                .send(pb::NodeMessage {
+                    message: Some(Up::Ack(ack)),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// utime + stime of a process, in clock ticks; and its RSS and peak RSS in KiB.
+fn process_usage(pid: u32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (ticks, field("VmRSS:"), field("VmHWM:"))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::main]
+async fn main() {
+    let options = options();
+    // One connection per simulated node.
+    tether::cli::raise_fd_limit();
+    let endpoint = Endpoint::from_shared(options.controller.clone())
+        .expect("controller url")
+        .connect_timeout(Duration::from_secs(10));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    // Connect in waves so the accept queue is not the thing measured.
+    for wave in (0..options.nodes).collect::<Vec<_>>().chunks(250) {
+        for &i in wave {
+            tokio::spawn(simulated_node(
+                endpoint.clone(),
+                format!("sim-{i:05}"),
+                connected.clone(),
+            ));
+        }
+        let target = wave.last().map_or(0, |last| last + 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while connected.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let connected_count = connected.load(Ordering::Relaxed);
+    eprintln!(
+        "{connected_count}/{} nodes connected in {:?}",
+        options.nodes,
+        started.elapsed()
+    );
+    let mut fleet = FleetServiceClient::new(endpoint.connect().await.expect("fleet client"));
+    let mut events = fleet
+        .watch_fleet(pb::WatchFleetRequest {})
+        .await
+        .expect("WatchFleet")
+        .into_inner();
+    for round in 1..=options.rounds {
+        let config = format!(
+            "# round {round}\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+             [[listener.route]]\npath = \"/\"\nupstream = \"app\"\n\
+             [upstream.app]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n"
+        );
+        let before = options.pid.map(process_usage);
+        let published_at = Instant::now();
+        // ACKs can arrive before the publish is answered: read both at once.
+        let publish = tokio::spawn({
+            let mut fleet = fleet.clone();
+            async move {
+                let request = pb::PublishConfigRequest {
+                    config,
+                    selector: "env=bench".into(),
+                    comment: format!("fleet-load round {round}"),
+                    author: "fleet-load".into(),
+                };
+                let version = fleet.publish_config(request).await.expect("publish");
+                (version.into_inner().version, published_at.elapsed())
+            }
+        });
+        // Versions are numbered from 1 in a fresh store, one per round.
+        let version = round as u64;
+        let mut latencies = Vec::with_capacity(connected_count);
+        let deadline = published_at + Duration::from_secs(60);
+        while latencies.len() < connected_count {
+            let Ok(Ok(Some(event))) =
+                tokio::time::timeout_at(deadline.into(), events.message()).await
+            else {
+                eprintln!("round {round}: only {} ACKs within 60s", latencies.len());
+                break;
+            };
+            if let Some(Event::Acked(ack)) = event.event {
+                if ack.version == version {
+                    latencies.push(published_at.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        let after = options.pid.map(process_usage);
+        let (published, publish_answered) = publish.await.expect("publish task");
+        assert_eq!(published, version, "run against a fresh controller store");
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let ticks_per_second = 100.0;
+        let (cpu_ms, rss_kib, peak_kib) = match (before, after) {
+            (Some((t0, _, _)), Some((t1, rss, peak))) => {
+                ((t1 - t0) as f64 * 1000.0 / ticks_per_second, rss, peak)
+            }
+            _ => (f64::NAN, 0, 0),
+        };
+        println!(
+            "{{\"nodes\":{},\"round\":{round},\"version\":{version},\"acks\":{},\"publish_ms\":{:.1},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"last_ms\":{:.1},\"controller_cpu_ms\":{cpu_ms:.0},\"controller_rss_kib\":{rss_kib},\"controller_peak_rss_kib\":{peak_kib}}}",
+            options.nodes,
+            latencies.len(),
+            publish_answered.as_secs_f64() * 1000.0,
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            latencies.last().copied().unwrap_or(f64::NAN),
+        );
+    }
+}
