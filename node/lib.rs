@@ -8,7 +8,8 @@
 //! `health` checks the servers, `static_files` serves from disk.
 //! `config` turns TOML into a validated `Config`; `supervisor` applies
 //! configs as `generation`s; `control` serves the gRPC control API and
-//! `ctl` is its command-line client.
+//! `ctl` is its command-line client; `agent` subscribes the node to a
+//! controller. The controller itself is the `controller/` tree.
 
 pub mod agent;
 pub mod cli;

@@ -711,3 +711,45 @@ mod store {
         assert!(error.contains("fleet.log:1"), "{error}");
     }
 }
+
+#[test]
+fn controller_settings_are_validated_with_their_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("labels"), "app=\"web\"\nzone=\"eu-1a\"\n").unwrap();
+    let good = r#"
+[controller]
+url = "http://127.0.0.1:8840"
+labels_file = "labels"
+labels = { zone = "eu-1b" }
+"#;
+    let config = tether::config::Config::parse(good, dir.path()).unwrap();
+    let controller = config.controller.unwrap();
+    assert_eq!(controller.labels["app"], "web");
+    assert_eq!(
+        controller.labels["zone"], "eu-1b",
+        "labels win over the file"
+    );
+    assert_eq!(
+        controller.state_dir,
+        std::path::Path::new("/var/lib/tether")
+    );
+
+    let bad = r#"
+[controller]
+url = "https://controller:8840"
+labels = { "a,b" = "x" }
+"#;
+    let errors = tether::config::Config::parse(bad, dir.path()).unwrap_err();
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.contains(&"controller.url"), "{errors:?}");
+    assert!(paths.contains(&"controller.labels.a,b"), "{errors:?}");
+    assert_eq!(errors[0].line, 3, "{errors:?}");
+
+    // A controller cannot push node-local sections; the node refuses them
+    // too, with their location in the pushed text.
+    let pushed =
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[controller]\nurl = \"http://evil:1\"\n";
+    let errors = tether::config::check_pushed(pushed).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!((errors[0].path.as_str(), errors[0].line), ("controller", 4));
+}
