@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::selector::Selector;
 use super::store::{Record, Store, StoredConfigError, StoredNack, StoredNode, StoredVersion};
 use crate::proto::v1::{self as pb, fleet_event::Event};
+use crate::telemetry::{metrics, spans};
+use opentelemetry::trace::{SpanKind, TraceContextExt};
+use opentelemetry::KeyValue;
 
 /// Fleet events kept for watchers that fall behind; past this they get
 /// EventsMissed.
@@ -35,6 +38,8 @@ pub struct Version {
     pub author: String,
     pub published_at: SystemTime,
     pub rollback_of: u64,
+    /// The publish span's trace context, carried by every push of it.
+    pub traceparent: String,
 }
 
 impl Version {
@@ -49,6 +54,7 @@ impl Version {
             author: stored.author,
             published_at: from_millis(stored.published_at),
             rollback_of: stored.rollback_of,
+            traceparent: String::new(),
         })
     }
 
@@ -187,7 +193,19 @@ impl Fleet {
         self.store
             .append_durable(Record::Version(stored.clone()))
             .await?;
-        let version = Arc::new(Version::from_stored(stored).map_err(std::io::Error::other)?);
+        let span = spans::start(
+            format!("publish v{number}"),
+            SpanKind::Server,
+            "",
+            vec![
+                KeyValue::new("tether.version", number as i64),
+                KeyValue::new("tether.selector", stored.selector.clone()),
+            ],
+        );
+        let mut version = Version::from_stored(stored).map_err(std::io::Error::other)?;
+        version.traceparent = spans::traceparent(span.as_ref());
+        let version = Arc::new(version);
+        metrics::controller().publishes.add(1, &[]);
         let mut inner = self.lock();
         inner.versions.insert(number, version.clone());
         let mut targets = Vec::new();
@@ -202,6 +220,11 @@ impl Fleet {
         }
         drop(inner);
         tracing::info!(version = number, selector = %version.selector, targets = targets.len(), "version published");
+        if let Some(span) = &span {
+            span.span()
+                .set_attribute(KeyValue::new("tether.targets", targets.len() as i64));
+        }
+        spans::end(span, None);
         self.emit("", Event::Published(version.info()));
         Ok((number, targets))
     }
@@ -311,6 +334,7 @@ impl Fleet {
             }
         });
         if applied {
+            self.record_answer(session, ack.version, "ack", None);
             tracing::info!(node = %session.node_id, version = ack.version, generation = ack.generation, "ACK");
             self.emit(&session.node_id, Event::Acked(ack));
         }
@@ -333,9 +357,36 @@ impl Fleet {
             at: millis(SystemTime::now()),
         };
         if self.update(session, |entry| entry.stored.last_nack = Some(record)) {
+            self.record_answer(session, nack.version, "nack", Some(nack.reason.clone()));
             tracing::warn!(node = %session.node_id, version = nack.version, reason = %nack.reason, errors = nack.errors.len(), "NACK");
             self.emit(&session.node_id, Event::Nacked(nack));
         }
+    }
+
+    /// Counts an ACK or NACK and adds it to the publish's trace.
+    fn record_answer(
+        &self,
+        session: &Session,
+        version: u64,
+        result: &'static str,
+        error: Option<String>,
+    ) {
+        let metrics = metrics::controller();
+        metrics.answers.add(1, &[KeyValue::new("result", result)]);
+        let Some(published) = self.version(version) else {
+            return;
+        };
+        if result == "ack" {
+            let latency = published.published_at.elapsed().unwrap_or_default();
+            metrics.publish_to_ack.record(latency.as_secs_f64(), &[]);
+        }
+        let span = spans::start(
+            format!("{result} v{version}"),
+            SpanKind::Server,
+            &published.traceparent,
+            vec![KeyValue::new("tether.node", session.node_id.clone())],
+        );
+        spans::end(span, error);
     }
 
     pub fn health(&self, session: &Session, report: pb::HealthReport) {

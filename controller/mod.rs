@@ -51,6 +51,10 @@ pub struct ControllerArgs {
     /// port can publish).
     #[arg(long)]
     pub insecure: bool,
+    /// Serve Prometheus metrics on this address (`/metrics`). OTLP export
+    /// follows the standard OTEL_EXPORTER_OTLP_* variables.
+    #[arg(long)]
+    pub prometheus: Option<SocketAddr>,
 }
 
 /// The controller's mTLS material, read at start.
@@ -142,12 +146,55 @@ pub async fn serve(
 /// `tether controller`: runs until SIGTERM or SIGINT.
 pub async fn run(args: ControllerArgs) -> Result<(), String> {
     let tls = args.tls()?;
+    let settings = crate::config::TelemetrySettings {
+        prometheus: args.prometheus,
+        ..Default::default()
+    };
+    let instance = crate::config::hostname();
+    let identity = crate::telemetry::Identity {
+        service: "tether-controller",
+        instance_id: &instance,
+    };
+    let telemetry = crate::telemetry::start(&settings, identity)?;
+    let _prometheus = match (&telemetry.prometheus, args.prometheus) {
+        (Some(reader), Some(addr)) => {
+            let listener = crate::telemetry::prometheus::bind(addr).await?;
+            tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
+            Some(AbortOnDrop(tokio::spawn(
+                crate::telemetry::prometheus::serve(listener, reader.clone()),
+            )))
+        }
+        _ => None,
+    };
     let fleet = open(&args.data)?;
-    let listener = TcpListener::bind(args.listen)
+    {
+        let fleet = fleet.clone();
+        crate::telemetry::metrics::observe_controller(Arc::new(move || fleet.connected()));
+    }
+    let result = serve_until_terminated(args.listen, tls, fleet).await;
+    telemetry.shutdown();
+    result
+}
+
+/// Stops a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn serve_until_terminated(
+    listen: SocketAddr,
+    tls: Option<ServerTls>,
+    fleet: Arc<Fleet>,
+) -> Result<(), String> {
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(
-        address = %listener.local_addr().unwrap_or(args.listen),
+        address = %listener.local_addr().unwrap_or(listen),
         mtls = tls.is_some(),
         "controller listening"
     );

@@ -137,7 +137,9 @@ fn pushes(session: Arc<Session>) -> impl Stream<Item = Result<pb::ControllerMess
                 nonce: format!("{:016x}", rand::random::<u64>()),
                 config: version.config.clone(),
                 checksum: version.checksum.clone(),
+                traceparent: version.traceparent.clone(),
             };
+            crate::telemetry::metrics::controller().pushes.add(1, &[]);
             tracing::debug!(node = %session.node_id, version = version.number, "push");
             let message = pb::ControllerMessage {
                 message: Some(Down::Push(push)),

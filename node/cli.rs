@@ -170,18 +170,25 @@ fn print_config_errors(file: &Path, errors: &[crate::config::ConfigError]) {
     }
 }
 
+/// The node's own file, parsed for its node-local settings; `None` if it
+/// does not parse (the first apply reports why).
+fn local_config(config_path: &Path) -> Option<Config> {
+    let text = std::fs::read_to_string(config_path).ok()?;
+    let base_dir = config_path.parent().unwrap_or(Path::new("."));
+    Config::parse(&text, base_dir).ok()
+}
+
 /// Starts the node on the last config its controller pushed, if it has
 /// one, so that a restart while the controller is down serves what the
 /// fleet last agreed on; otherwise (or if that config no longer applies
 /// here) on the config file.
-async fn start_node(config_path: &Path) -> Result<supervisor::NodeHandle, ApplyError> {
+async fn start_node(
+    config_path: &Path,
+    local: Option<&Config>,
+) -> Result<supervisor::NodeHandle, ApplyError> {
     let file = Some(config_path.to_path_buf());
-    let last_acked = std::fs::read_to_string(config_path)
-        .ok()
-        .and_then(|text| {
-            let base_dir = config_path.parent().unwrap_or(Path::new("."));
-            Config::parse(&text, base_dir).ok()?.controller
-        })
+    let last_acked = local
+        .and_then(|config| config.controller.clone())
         .and_then(
             |controller| match crate::agent::state::load(&controller.state_dir) {
                 Ok(state) => state,
@@ -195,6 +202,7 @@ async fn start_node(config_path: &Path) -> Result<supervisor::NodeHandle, ApplyE
         let source = ApplySource::Controller {
             version: state.version,
             text: state.config,
+            traceparent: String::new(),
         };
         match supervisor::start(file.clone(), source).await {
             Ok(node) => {
@@ -224,7 +232,44 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let node = match start_node(&config_path).await {
+    // Telemetry first, so the first apply is measured too. An unreadable
+    // file is reported by the apply below.
+    let local = local_config(&config_path);
+    let telemetry_settings = local
+        .as_ref()
+        .map(|c| c.telemetry.clone())
+        .unwrap_or_default();
+    let node_id = local
+        .as_ref()
+        .map_or_else(crate::config::hostname, |c| c.node.id.clone());
+    let identity = crate::telemetry::Identity {
+        service: "tether-node",
+        instance_id: &node_id,
+    };
+    let telemetry = match crate::telemetry::start(&telemetry_settings, identity) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("tether: telemetry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let prometheus = match (&telemetry.prometheus, telemetry_settings.prometheus) {
+        (Some(reader), Some(addr)) => match crate::telemetry::prometheus::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
+                Some(tokio::spawn(crate::telemetry::prometheus::serve(
+                    listener,
+                    reader.clone(),
+                )))
+            }
+            Err(e) => {
+                eprintln!("tether: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let node = match start_node(&config_path, local.as_ref()).await {
         Ok(node) => node,
         Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
             print_config_errors(&config_path, &errors);
@@ -238,6 +283,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     let Some(generation) = node.current() else {
         return ExitCode::FAILURE;
     };
+    crate::telemetry::metrics::observe_node(&node);
     for listener in &generation.listeners {
         tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
     }
@@ -299,6 +345,10 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     if let Some(agent) = agent {
         agent.abort();
     }
+    if let Some(prometheus) = prometheus {
+        prometheus.abort();
+    }
+    telemetry.shutdown();
     tracing::info!("stopped");
     code
 }

@@ -206,16 +206,16 @@ enum Accepting {
 }
 
 impl Accepting {
-    async fn accept(&self) -> io::Result<(ClientStream, SocketAddr)> {
+    async fn accept(&self, name: &Arc<str>) -> io::Result<(ClientStream, SocketAddr)> {
         match self {
             Accepting::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Ok((ClientStream::Tcp(stream), peer))
+                Ok((ClientStream::tcp(stream, name), peer))
             }
             Accepting::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
-                Ok((ClientStream::Unix(stream), UNIX_PEER))
+                Ok((ClientStream::unix(stream, name), UNIX_PEER))
             }
         }
     }
@@ -223,12 +223,13 @@ impl Accepting {
 
 async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generation>) {
     let lifecycle = &generation.lifecycle;
+    let name: Arc<str> = generation.listeners[index].config.name.as_str().into();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
             biased;
             _ = lifecycle.retired() => return,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept(&name) => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {

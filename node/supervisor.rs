@@ -19,7 +19,9 @@ use crate::config::{compose_pushed, content_version, Config, ConfigError};
 use crate::generation::{self, ConfigInfo, ConfigSource, Generation};
 use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
+use crate::telemetry::spans;
 use crate::upstream::{ClientKey, ClientRegistry, Health};
+use opentelemetry::trace::SpanKind;
 
 /// What to apply.
 #[derive(Debug, Clone)]
@@ -30,7 +32,12 @@ pub enum ApplySource {
     Inline(String),
     /// Traffic config pushed by a controller (or its last acknowledged
     /// push, at start); the node-local sections come from the config file.
-    Controller { version: u64, text: String },
+    Controller {
+        version: u64,
+        text: String,
+        /// The publish's trace context, so the apply joins its trace.
+        traceparent: String,
+    },
 }
 
 /// The outcome of a successful apply.
@@ -280,6 +287,7 @@ impl Supervisor {
                 Some(pushed) => self.read_source(ApplySource::Controller {
                     version: pushed.version,
                     text: pushed.text.clone(),
+                    traceparent: String::new(),
                 }),
                 None => {
                     let (text, path) = self.read_file()?;
@@ -294,7 +302,7 @@ impl Supervisor {
                 };
                 Ok((text, ConfigSource::Inline, base, None))
             }
-            ApplySource::Controller { version, text } => {
+            ApplySource::Controller { version, text, .. } => {
                 let (local, path) = self.read_file()?;
                 let composed = compose_pushed(&text, &local).map_err(ApplyError::Invalid)?;
                 let pushed = Pushed { version, text };
@@ -306,12 +314,28 @@ impl Supervisor {
 
     async fn apply(&mut self, source: ApplySource) -> Result<Applied, ApplyError> {
         let started = Instant::now();
-        let (text, source, base_dir, pushed) = self.read_source(source)?;
-        let result = self.apply_text(text, source, &base_dir);
-        if result.is_ok() {
-            // An inline Reload replaces a pushed config until the next push.
-            self.pushed = pushed;
-        }
+        let traceparent = match &source {
+            ApplySource::Controller { traceparent, .. } => traceparent.as_str(),
+            _ => "",
+        };
+        let span = spans::start(
+            "config.apply".to_owned(),
+            SpanKind::Internal,
+            traceparent,
+            Vec::new(),
+        );
+        let result = self
+            .read_source(source)
+            .and_then(|(text, source, base_dir, pushed)| {
+                let result = self.apply_text(text, source, &base_dir);
+                if result.is_ok() {
+                    // An inline Reload replaces a pushed config until the next push.
+                    self.pushed = pushed;
+                }
+                result
+            });
+        record_apply(&result, started.elapsed());
+        spans::end(span, result.as_ref().err().map(ToString::to_string));
         match &result {
             Ok(applied) => tracing::info!(
                 generation = applied.generation,
@@ -472,6 +496,24 @@ impl Supervisor {
         }
         let _ = reply.send(report);
     }
+}
+
+fn record_apply(result: &Result<Applied, ApplyError>, duration: Duration) {
+    let outcome = match result {
+        Ok(_) => "applied",
+        Err(ApplyError::Invalid(_)) => "invalid",
+        Err(ApplyError::Bind(_)) => "bind",
+        Err(ApplyError::Read { .. } | ApplyError::NoConfigFile) => "read",
+        Err(ApplyError::Superseded) => "superseded",
+        Err(ApplyError::Stopping) => "stopping",
+    };
+    let metrics = crate::telemetry::metrics::node();
+    metrics
+        .config_applies
+        .add(1, &[opentelemetry::KeyValue::new("result", outcome)]);
+    metrics
+        .config_apply_duration
+        .record(duration.as_secs_f64(), &[]);
 }
 
 type SourceText = (String, ConfigSource, PathBuf, Option<Pushed>);

@@ -249,6 +249,7 @@ async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Pu
     let source = ApplySource::Controller {
         version: push.version,
         text: text.to_owned(),
+        traceparent: push.traceparent.clone(),
     };
     match node.apply(source).await {
         Ok(applied) => {

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use pushed::{check_pushed, compose_pushed, NODE_LOCAL_SECTIONS};
+pub use validate::hostname;
 
 /// Where the control service listens unless `[control] listen` says otherwise.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8837";
@@ -31,6 +32,7 @@ pub struct Config {
     pub control: ControlSettings,
     /// Set when the node takes its traffic config from a controller.
     pub controller: Option<ControllerSettings>,
+    pub telemetry: TelemetrySettings,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
@@ -185,6 +187,40 @@ pub struct ListenerConfig {
     pub tcp: Option<TcpSettings>,
     /// For `forward` and `socks5` listeners.
     pub proxy: Option<ProxySettings>,
+    /// One line per request (HTTP listeners).
+    pub access_log: Option<AccessLogSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    pub destination: AccessLogDestination,
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogDestination {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// nginx's `combined`, plus the upstream server and the time taken.
+    Combined,
+    Json,
+}
+
+/// `[telemetry]`: where traces and metrics go. Unset values fall back to
+/// the standard OTEL_* environment variables.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TelemetrySettings {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub trace_sample_ratio: Option<f64>,
+    pub metrics_interval: Option<Duration>,
+    /// Address of the Prometheus text endpoint (`/metrics`).
+    pub prometheus: Option<SocketAddr>,
 }
 
 /// Who may use a forward or SOCKS5 listener, and where to.

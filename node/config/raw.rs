@@ -112,6 +112,20 @@ pub struct RawListener {
     pub idle_timeout: Option<ConfigDuration>,
     /// protocol = "forward" or "socks5".
     pub proxy: Option<RawProxy>,
+    /// "stdout", "stderr" or a file path; HTTP listeners only.
+    pub access_log: Option<String>,
+    /// "combined" (default) or "json".
+    pub access_log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub trace_sample_ratio: Option<f64>,
+    pub metrics_interval: Option<ConfigDuration>,
+    pub prometheus: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -188,6 +188,16 @@ async fn run_checker(
         if stop.is_cancelled() {
             return;
         }
+        crate::telemetry::metrics::node().health_checks.add(
+            1,
+            &[
+                opentelemetry::KeyValue::new("server", addr.to_string()),
+                opentelemetry::KeyValue::new(
+                    "result",
+                    if result.is_ok() { "pass" } else { "fail" },
+                ),
+            ],
+        );
         let current = cell.get();
         let next = match &result {
             Ok(()) => {

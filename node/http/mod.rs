@@ -17,8 +17,10 @@ use hyper_util::server::conn::auto;
 pub use headers::remove_hop_by_hop;
 pub use server::serve_connection;
 
-use crate::config::{HttpSettings, ListenerConfig, RouteAction, StaticConfig};
+use crate::config::{HostPattern, HttpSettings, ListenerConfig, RouteAction, StaticConfig};
 use crate::route::Router;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::request::RouteLabels;
 use crate::upstream::Upstream;
 
 /// Where a route sends its requests.
@@ -32,8 +34,17 @@ pub enum RouteTarget {
     },
 }
 
+/// A route: where it goes, and how telemetry names it.
+pub struct Route {
+    pub target: RouteTarget,
+    pub labels: RouteLabels,
+}
+
 pub struct HttpListener {
-    pub router: Router<RouteTarget>,
+    /// The listener's name, for metrics and logs.
+    pub name: Arc<str>,
+    pub router: Router<Route>,
+    pub access_log: Option<AccessLog>,
     pub settings: HttpSettings,
     /// `https` listeners terminate TLS before HTTP.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -56,8 +67,26 @@ impl HttpListener {
                     files: files.clone(),
                 },
             };
-            (route.host.clone(), route.path_prefix.clone(), target)
+            let host = match &route.host {
+                HostPattern::Any => "*".to_owned(),
+                HostPattern::Exact(name) => name.clone(),
+                HostPattern::Wildcard(suffix) => format!("*{suffix}"),
+            };
+            let labels = RouteLabels {
+                route: format!("{host}{}", route.path_prefix).into(),
+                upstream: match &route.action {
+                    RouteAction::Upstream(name) => Some(name.as_str().into()),
+                    RouteAction::Static(_) => None,
+                },
+            };
+            let route_value = Route { target, labels };
+            (route.host.clone(), route.path_prefix.clone(), route_value)
         }));
+        let access_log = config
+            .access_log
+            .as_ref()
+            .map(AccessLog::open)
+            .transpose()?;
         let settings = config.http.clone();
         let mut connections = auto::Builder::new(TokioExecutor::new());
         connections
@@ -72,7 +101,9 @@ impl HttpListener {
             .max_header_list_size(settings.max_header_bytes as u32)
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
         Ok(HttpListener {
+            name: config.name.as_str().into(),
             router,
+            access_log,
             settings,
             scheme: if tls.is_some() { "https" } else { "http" },
             tls,

@@ -19,6 +19,7 @@ use super::upgrade;
 use super::HttpListener;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::generation::Generation;
+use crate::telemetry::request::Observation;
 use crate::upstream::{balance_hash, PickContext, RequestBody, Upstream};
 
 pub async fn forward(
@@ -27,6 +28,7 @@ pub async fn forward(
     client_ip: IpAddr,
     listener: &HttpListener,
     generation: &Arc<Generation>,
+    observation: &mut Observation,
 ) -> Response<ProxyBody> {
     let mut upgrade = upgrade::take(&mut request);
     let key_hash = upstream.hash_key().map(|key| match key {
@@ -68,6 +70,7 @@ pub async fn forward(
     if let Some(host) = host {
         parts.headers.insert(header::HOST, host);
     }
+    observation.propagate(&mut parts.headers);
     if let Some(upgrade) = &upgrade {
         upgrade.restore(&mut parts.headers);
     }
@@ -95,6 +98,7 @@ pub async fn forward(
             return status_response(StatusCode::BAD_GATEWAY);
         };
         let server = &upstream.servers[index];
+        observation.server = Some(server.addr);
         let active = server.begin_request();
         let Ok(uri) = Uri::builder()
             .scheme(if upstream.config.tls.is_some() {

@@ -19,6 +19,7 @@ use super::respond::status_response;
 use super::{proxy, HttpListener, RouteTarget};
 use crate::generation::{ConnectionGuard, RequestGuard};
 use crate::static_files;
+use crate::telemetry::request::Observation;
 
 pub async fn serve_connection(
     stream: ClientStream,
@@ -87,7 +88,11 @@ impl Context {
         let generation = self.connection.generation();
         let _in_flight = RequestGuard::new(&generation.lifecycle);
         let version = request.version();
-        let mut response = self.route(request).await;
+        let http = &*self.http;
+        let mut observation =
+            Observation::start(&request, self.peer, http.scheme, http.access_log.is_some());
+        let mut response = self.route(request, &mut observation).await;
+        observation.finish(&response, &http.name, http.access_log.as_ref());
         if version < Version::HTTP_2 && generation.lifecycle.is_retired() {
             response
                 .headers_mut()
@@ -96,20 +101,26 @@ impl Context {
         response
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        observation: &mut Observation,
+    ) -> Response<ProxyBody> {
         let http = &*self.http;
         let host = request
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| request.uri().host());
-        let Some(target) = http.router.find(host, request.uri().path()) else {
+        let Some(route) = http.router.find(host, request.uri().path()) else {
             return status_response(StatusCode::NOT_FOUND);
         };
-        match target {
+        observation.route = Some(route.labels.clone());
+        match &route.target {
             RouteTarget::Upstream(upstream) => {
                 let generation = self.connection.generation();
-                proxy::forward(request, upstream, self.peer.ip(), http, generation).await
+                let client = self.peer.ip();
+                proxy::forward(request, upstream, client, http, generation, observation).await
             }
             RouteTarget::Static { prefix, files } => {
                 let path = request.uri().path();

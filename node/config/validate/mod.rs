@@ -42,7 +42,14 @@ const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
-const SECTIONS: &[&str] = &["node", "control", "controller", "listener", "upstream"];
+const SECTIONS: &[&str] = &[
+    "node",
+    "control",
+    "controller",
+    "telemetry",
+    "listener",
+    "upstream",
+];
 
 /// `base_dir` is where relative file names point; `None` validates
 /// without reading any file (`Config::parse_portable`).
@@ -65,6 +72,7 @@ pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigEr
             "node" => sections.node = decode(&locator, &path, value, &mut errors),
             "control" => sections.control = decode(&locator, &path, value, &mut errors),
             "controller" => sections.controller = decode(&locator, &path, value, &mut errors),
+            "telemetry" => sections.telemetry = decode(&locator, &path, value, &mut errors),
             "listener" => sections.listeners = decode_array(&locator, &path, value, &mut errors),
             "upstream" => {
                 if let DeValue::Table(table) = value.get_ref() {
@@ -102,6 +110,7 @@ struct Sections {
     node: Option<RawNode>,
     control: Option<RawControl>,
     controller: Option<RawController>,
+    telemetry: Option<RawTelemetry>,
     listeners: Vec<(KeyPath, RawListener)>,
     upstreams: Vec<(KeyPath, String, RawUpstream)>,
     /// Every name under [upstream], including entries that failed to
@@ -181,6 +190,7 @@ impl Validator<'_> {
         let node = self.node(sections.node.unwrap_or_default());
         let control = self.control(sections.control.unwrap_or_default());
         let controller = sections.controller.and_then(|raw| self.controller(raw));
+        let telemetry = self.telemetry(sections.telemetry.unwrap_or_default());
         let upstreams: BTreeMap<String, UpstreamConfig> = sections
             .upstreams
             .into_iter()
@@ -215,6 +225,7 @@ impl Validator<'_> {
             node,
             control,
             controller,
+            telemetry,
             listeners,
             upstreams,
         }
@@ -467,7 +478,9 @@ impl Validator<'_> {
             }
             (_, None) => None,
         };
+        let access_log = self.access_log(path, raw.access_log, raw.access_log_format, protocol);
         Some(ListenerConfig {
+            access_log,
             name: raw.name,
             listen: listen?,
             protocol,
@@ -758,6 +771,84 @@ impl Validator<'_> {
     }
 }
 
+impl Validator<'_> {
+    fn telemetry(&mut self, raw: RawTelemetry) -> TelemetrySettings {
+        let path = KeyPath::root().key("telemetry");
+        if let Some(endpoint) = &raw.otlp_endpoint {
+            let valid = endpoint.parse::<http::Uri>().is_ok_and(|uri| {
+                uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https"))
+            });
+            if !valid {
+                self.problem(
+                    path.key("otlp_endpoint"),
+                    format!("invalid OTLP endpoint {endpoint:?}: write http://HOST:4317"),
+                );
+            }
+        }
+        if let Some(ratio) = raw.trace_sample_ratio {
+            if !(0.0..=1.0).contains(&ratio) {
+                self.problem(
+                    path.key("trace_sample_ratio"),
+                    "a sampling ratio is between 0.0 and 1.0",
+                );
+            }
+        }
+        let prometheus = raw
+            .prometheus
+            .as_deref()
+            .and_then(|text| self.socket_addr(&path.key("prometheus"), text));
+        TelemetrySettings {
+            otlp_endpoint: raw.otlp_endpoint,
+            service_name: raw.service_name,
+            trace_sample_ratio: raw.trace_sample_ratio,
+            metrics_interval: raw.metrics_interval.map(|d| d.0),
+            prometheus,
+        }
+    }
+
+    fn access_log(
+        &mut self,
+        path: &KeyPath,
+        destination: Option<String>,
+        format: Option<String>,
+        protocol: Protocol,
+    ) -> Option<AccessLogSettings> {
+        let format = match format.as_deref() {
+            None | Some("combined") => AccessLogFormat::Combined,
+            Some("json") => AccessLogFormat::Json,
+            Some(other) => {
+                self.problem(
+                    path.key("access_log_format"),
+                    format!("unknown access log format {other:?}: write \"combined\" or \"json\""),
+                );
+                AccessLogFormat::Combined
+            }
+        };
+        let destination = match destination?.as_str() {
+            "stdout" => AccessLogDestination::Stdout,
+            "stderr" => AccessLogDestination::Stderr,
+            "" => {
+                self.problem(
+                    path.key("access_log"),
+                    "write \"stdout\", \"stderr\" or a file path",
+                );
+                return None;
+            }
+            file => AccessLogDestination::File(self.path(file)),
+        };
+        if !matches!(protocol, Protocol::Http | Protocol::Https) {
+            self.problem(
+                path.key("access_log"),
+                "access logs are written by http and https listeners",
+            );
+        }
+        Some(AccessLogSettings {
+            destination,
+            format,
+        })
+    }
+}
+
 /// Where a node keeps its last acknowledged config unless
 /// `[controller] state_dir` says otherwise.
 const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
@@ -775,7 +866,7 @@ fn downward_api_labels(text: &str) -> impl Iterator<Item = (String, String)> + '
     })
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
     // within it or truncates.

@@ -1,0 +1,185 @@
+//! Logs, traces and metrics.
+//!
+//! Logs: one `tracing` subscriber for the process, filtered by `RUST_LOG`
+//! (default `info`), human-readable on stderr or JSON lines with
+//! `TETHER_LOG_FORMAT=json`.
+//!
+//! Traces and metrics: OpenTelemetry, exported over OTLP/gRPC when an
+//! endpoint is configured (`[telemetry] otlp_endpoint` or the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`), and metrics also as Prometheus text
+//! (`[telemetry] prometheus`). With neither, the global providers stay the
+//! no-op ones and requests skip span creation entirely. Exports run on the
+//! SDK's own threads with bounded queues: a backend that is down costs
+//! dropped telemetry, never a slower request.
+
+pub mod access_log;
+pub mod metrics;
+pub mod prometheus;
+pub mod request;
+pub mod spans;
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::metrics::{ManualReader, PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::TelemetrySettings;
+
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("TETHER_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
+
+static TRACING: AtomicBool = AtomicBool::new(false);
+static METRICS: AtomicBool = AtomicBool::new(false);
+
+/// Whether metrics are collected; when not, request paths skip building
+/// their labels.
+pub fn metrics_enabled() -> bool {
+    METRICS.load(Ordering::Relaxed)
+}
+
+/// Whether spans are exported; when not, none are created.
+pub fn tracing_enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// What runs the exports; flushed and stopped by `shutdown`.
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
+    /// For the Prometheus endpoint.
+    pub prometheus: Option<Arc<ManualReader>>,
+}
+
+/// Who is reporting: the resource attributes of every span and metric.
+pub struct Identity<'a> {
+    /// `tether-node` or `tether-controller`, unless OTEL_SERVICE_NAME or
+    /// `[telemetry] service_name` says otherwise.
+    pub service: &'a str,
+    pub instance_id: &'a str,
+}
+
+/// The OTLP endpoint from the config, else the environment.
+fn otlp_endpoint(settings: &TelemetrySettings) -> Option<String> {
+    settings.otlp_endpoint.clone().or_else(|| {
+        [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    })
+}
+
+/// Sets up the exporters `settings` and the environment ask for. Must run
+/// inside the tokio runtime (the OTLP client lives there).
+pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Telemetry, String> {
+    let endpoint = otlp_endpoint(settings);
+    let mut telemetry = Telemetry {
+        tracer_provider: None,
+        meter_provider: None,
+        prometheus: None,
+    };
+    if endpoint.is_none() && settings.prometheus.is_none() {
+        return Ok(telemetry);
+    }
+    let resource = resource(settings, &identity);
+    if let Some(endpoint) = &endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("OTLP trace exporter: {e}"))?;
+        let mut builder = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.clone());
+        // Otherwise OTEL_TRACES_SAMPLER / _ARG, read by the SDK.
+        if let Some(ratio) = settings.trace_sample_ratio {
+            builder = builder.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(ratio),
+            )));
+        }
+        let provider = builder.build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        TRACING.store(true, Ordering::Relaxed);
+        telemetry.tracer_provider = Some(provider);
+    }
+    let mut meters = SdkMeterProvider::builder().with_resource(resource);
+    if let Some(endpoint) = &endpoint {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("OTLP metric exporter: {e}"))?;
+        let mut reader = PeriodicReader::builder(exporter);
+        if let Some(interval) = settings.metrics_interval {
+            reader = reader.with_interval(interval);
+        }
+        meters = meters.with_reader(reader.build());
+    }
+    if settings.prometheus.is_some() {
+        let reader = Arc::new(ManualReader::builder().build());
+        meters = meters.with_reader(prometheus::SharedReader(reader.clone()));
+        telemetry.prometheus = Some(reader);
+    }
+    let provider = meters.build();
+    opentelemetry::global::set_meter_provider(provider.clone());
+    METRICS.store(true, Ordering::Relaxed);
+    telemetry.meter_provider = Some(provider);
+    tracing::info!(
+        otlp = endpoint.as_deref().unwrap_or("off"),
+        prometheus = ?settings.prometheus,
+        "telemetry on"
+    );
+    Ok(telemetry)
+}
+
+fn resource(settings: &TelemetrySettings, identity: &Identity<'_>) -> Resource {
+    let mut builder = Resource::builder().with_attributes([
+        KeyValue::new("service.instance.id", identity.instance_id.to_owned()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("host.name", crate::config::hostname()),
+    ]);
+    // OTEL_SERVICE_NAME, read by the builder, wins over the defaults.
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        let name = settings
+            .service_name
+            .clone()
+            .unwrap_or_else(|| identity.service.to_owned());
+        builder = builder.with_service_name(name);
+    }
+    builder.build()
+}
+
+impl Telemetry {
+    /// Exports what is queued (bounded by the exporters' timeouts).
+    pub fn shutdown(&self) {
+        if let Some(provider) = &self.tracer_provider {
+            let _ = provider.shutdown();
+        }
+        if let Some(provider) = &self.meter_provider {
+            let _ = provider.shutdown();
+        }
+    }
+}
