@@ -206,7 +206,7 @@ enum Accepting {
 }
 
 impl Accepting {
-    async fn accept(&self, name: &Arc<str>) -> io::Result<(ClientStream, SocketAddr)> {
+    async fn accept(&self, name: &str) -> io::Result<(ClientStream, SocketAddr)> {
         match self {
             Accepting::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
@@ -223,7 +223,7 @@ impl Accepting {
 
 async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generation>) {
     let lifecycle = &generation.lifecycle;
-    let name: Arc<str> = generation.listeners[index].config.name.as_str().into();
+    let name = generation.listeners[index].config.name.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {

@@ -1,24 +1,22 @@
 //! A client connection as the protocols see it: TCP or a Unix socket,
-//! counting the bytes that cross it for `tether.bytes` (every protocol
-//! alike). Counts are kept in the connection and added to the metric every
-//! `FLUSH_BYTES` and when it closes, so the request path touches no shared
-//! counter.
+//! counting the bytes that cross it into its listener's `tether.bytes`
+//! counters (every protocol alike; one relaxed atomic add per read or
+//! write, and only when metrics are on).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use opentelemetry::KeyValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-/// Bytes counted before they are added to the shared metric.
-const FLUSH_BYTES: u64 = 1 << 20;
+use crate::telemetry::metrics::ByteCounters;
 
 pub struct ClientStream {
     io: Io,
-    traffic: Option<Traffic>,
+    traffic: Option<Arc<ByteCounters>>,
 }
 
 enum Io {
@@ -26,63 +24,29 @@ enum Io {
     Unix(UnixStream),
 }
 
-struct Traffic {
-    listener: Arc<str>,
-    /// From the client, not yet added to the metric.
-    read: u64,
-    /// To the client, not yet added to the metric.
-    written: u64,
-}
-
-impl Traffic {
-    fn flush(&mut self) {
-        let bytes = &crate::telemetry::metrics::node().bytes;
-        for (direction, count) in [("in", &mut self.read), ("out", &mut self.written)] {
-            if *count > 0 {
-                let attributes = [
-                    KeyValue::new("listener", self.listener.clone()),
-                    KeyValue::new("direction", direction),
-                ];
-                bytes.add(std::mem::take(count), &attributes);
-            }
-        }
-    }
-}
-
-impl Drop for ClientStream {
-    fn drop(&mut self) {
-        if let Some(traffic) = &mut self.traffic {
-            traffic.flush();
-        }
-    }
-}
-
 impl ClientStream {
-    /// `listener` names the connection in metrics; bytes are counted only
-    /// when metrics are on.
-    pub fn tcp(stream: TcpStream, listener: &Arc<str>) -> ClientStream {
+    /// `listener` names the connection in metrics.
+    pub fn tcp(stream: TcpStream, listener: &str) -> ClientStream {
         Self::new(Io::Tcp(stream), listener)
     }
 
-    pub fn unix(stream: UnixStream, listener: &Arc<str>) -> ClientStream {
+    pub fn unix(stream: UnixStream, listener: &str) -> ClientStream {
         Self::new(Io::Unix(stream), listener)
     }
 
-    fn new(io: Io, listener: &Arc<str>) -> ClientStream {
-        let traffic = crate::telemetry::metrics_enabled().then(|| Traffic {
-            listener: listener.clone(),
-            read: 0,
-            written: 0,
-        });
+    fn new(io: Io, listener: &str) -> ClientStream {
+        let traffic = crate::telemetry::metrics_enabled()
+            .then(|| crate::telemetry::metrics::byte_counters(listener));
         ClientStream { io, traffic }
     }
 
-    fn count(&mut self, read: usize, written: usize) {
-        if let Some(traffic) = &mut self.traffic {
-            traffic.read += read as u64;
-            traffic.written += written as u64;
-            if traffic.read + traffic.written >= FLUSH_BYTES {
-                traffic.flush();
+    fn count(&self, read: usize, written: usize) {
+        if let Some(traffic) = &self.traffic {
+            if read > 0 {
+                traffic.received.fetch_add(read as u64, Ordering::Relaxed);
+            }
+            if written > 0 {
+                traffic.sent.fetch_add(written as u64, Ordering::Relaxed);
             }
         }
     }

@@ -4,7 +4,9 @@
 //! generations) is read by observable gauges at collection time rather
 //! than counted again on the request path.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
@@ -26,8 +28,6 @@ pub struct NodeMetrics {
     /// By listener, route, upstream, status class.
     pub requests: Counter<u64>,
     pub request_duration: Histogram<f64>,
-    /// By listener and direction (`in`: from clients, `out`: to clients).
-    pub bytes: Counter<u64>,
     /// By upstream server, check kind and result.
     pub health_checks: Counter<u64>,
     /// By result (`applied`, `invalid`, `bind`, …) and source.
@@ -53,11 +53,6 @@ pub fn node() -> &'static NodeMetrics {
                 .with_description("Time from the request to its response headers")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
-            bytes: meter
-                .u64_counter("tether.bytes")
-                .with_unit("By")
-                .with_description("Bytes from clients (in) and to clients (out)")
-                .build(),
             health_checks: meter
                 .u64_counter("tether.health_checks")
                 .with_description("Active health check results")
@@ -77,6 +72,29 @@ pub fn node() -> &'static NodeMetrics {
                 .build(),
         }
     })
+}
+
+/// Bytes from (`received`) and to (`sent`) the clients of one listener
+/// name, kept across generations so the counter only goes up.
+#[derive(Default)]
+pub struct ByteCounters {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+fn byte_registry() -> &'static Mutex<BTreeMap<String, Arc<ByteCounters>>> {
+    static REGISTRY: OnceLock<Mutex<BTreeMap<String, Arc<ByteCounters>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+pub fn byte_counters(listener: &str) -> Arc<ByteCounters> {
+    let mut registry = byte_registry().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(counters) = registry.get(listener) {
+        return counters.clone();
+    }
+    let counters = Arc::new(ByteCounters::default());
+    registry.insert(listener.to_owned(), counters.clone());
+    counters
 }
 
 /// The HTTP status class label: "2xx", "5xx"…
@@ -137,6 +155,25 @@ pub fn observe_node(node: &NodeHandle) {
                         KeyValue::new("source", source),
                     ],
                 );
+            }
+        })
+        .build();
+    meter
+        .u64_observable_counter("tether.bytes")
+        .with_unit("By")
+        .with_description("Bytes from clients (in) and to clients (out), by listener")
+        .with_callback(|observer| {
+            let registry = byte_registry().lock().unwrap_or_else(|e| e.into_inner());
+            for (listener, counters) in registry.iter() {
+                for (direction, count) in [("in", &counters.received), ("out", &counters.sent)] {
+                    observer.observe(
+                        count.load(Ordering::Relaxed),
+                        &[
+                            KeyValue::new("listener", listener.clone()),
+                            KeyValue::new("direction", direction),
+                        ],
+                    );
+                }
             }
         })
         .build();
