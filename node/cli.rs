@@ -42,6 +42,8 @@ enum Command {
     /// Drive the fleet through the controller: publish, nodes, versions,
     /// rollback, watch.
     Fleet(crate::controller::fleet_cli::FleetArgs),
+    /// Make a CA and the controller, node and operator certificates for mTLS.
+    Certs(crate::certs::CertsArgs),
 }
 
 /// How long the control service may take to answer its last calls once
@@ -54,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Check { file } => check(&file),
         Command::Ctl(args) => client_runtime(crate::ctl::run(args)),
         Command::Fleet(args) => client_runtime(crate::controller::fleet_cli::run(args)),
+        Command::Certs(args) => crate::certs::run(args),
         Command::Controller(args) => {
             crate::telemetry::init_logging();
             raise_fd_limit();

@@ -12,6 +12,7 @@
 //! controller. The controller itself is the `controller/` tree.
 
 pub mod agent;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -400,34 +400,37 @@ mod identity {
     use super::*;
     use std::path::Path;
 
+    /// A fleet PKI made by `tether certs`, as an operator would.
     struct Pki {
         dir: tempfile::TempDir,
-        ca: TestCa,
     }
 
     impl Pki {
         fn new() -> Pki {
             let pki = Pki {
                 dir: tempfile::tempdir().unwrap(),
-                ca: TestCa::new("tether test CA"),
             };
-            std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
-            let server = pki.ca.issue(&["localhost", "127.0.0.1"]);
-            pki.write("controller", &server);
+            pki.certs(&["ca"]);
+            pki.certs(&["controller", "--name", "localhost", "--name", "127.0.0.1"]);
             pki
+        }
+
+        fn certs(&self, args: &[&str]) {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(["certs", "--dir"])
+                .arg(self.dir.path())
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "tether certs {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
 
         fn path(&self, name: &str) -> String {
             self.dir.path().join(name).display().to_string()
-        }
-
-        fn write(&self, name: &str, issued: &Issued) {
-            std::fs::write(self.path(&format!("{name}.pem")), &issued.cert_pem).unwrap();
-            std::fs::write(self.path(&format!("{name}-key.pem")), &issued.key_pem).unwrap();
-        }
-
-        fn identity(&self, name: &str, uri: &str) {
-            self.write(name, &self.ca.issue_identity(uri));
         }
 
         fn controller_args(&self) -> Vec<String> {
@@ -502,18 +505,27 @@ key = "{key}"
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn node_and_operator_identities_come_from_their_certificates() {
         let pki = Pki::new();
-        pki.identity("node-a", "spiffe://tether/node/a");
-        pki.identity("alice", "spiffe://tether/operator/alice");
+        pki.certs(&["node", "a"]);
+        pki.certs(&["node", "--group", "web-"]);
+        pki.certs(&["operator", "alice"]);
+        let key_mode = std::fs::metadata(pki.path("node-a-key.pem")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+            0o600
+        );
         let data = tempfile::tempdir().unwrap();
         let args = pki.controller_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let controller = Controller::start(data.path(), &args);
 
         let honest = Node::start(&pki.node_config("a", "node-a", &controller));
+        // One certificate for a group of nodes: any id with its prefix.
+        let web = Node::start(&pki.node_config("web-7f9c", "nodes-web-", &controller));
+        let outsider = Node::start(&pki.node_config("db-1", "nodes-web-", &controller));
         // The same certificate claiming to be node b.
         let impostor = Node::start(&pki.node_config("b", "node-a", &controller));
 
-        let mut operator = pki.fleet_client("alice", &controller).await;
+        let mut operator = pki.fleet_client("operator-alice", &controller).await;
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let nodes = operator
@@ -522,8 +534,12 @@ key = "{key}"
                 .expect("an operator certificate may list nodes")
                 .into_inner()
                 .nodes;
-            if nodes.iter().any(|n| n.id == "a" && n.connected) {
-                assert!(nodes.iter().all(|n| n.id != "b"), "{nodes:?}");
+            let connected = |id: &str| nodes.iter().any(|n| n.id == id && n.connected);
+            if connected("a") && connected("web-7f9c") {
+                assert!(
+                    nodes.iter().all(|n| n.id != "b" && n.id != "db-1"),
+                    "{nodes:?}"
+                );
                 break;
             }
             assert!(
@@ -565,7 +581,7 @@ key = "{key}"
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(published.targets, ["a"]);
+        assert_eq!(published.targets, ["a", "web-7f9c"]);
         let versions = operator
             .list_versions(pb::ListVersionsRequest {})
             .await
@@ -573,7 +589,12 @@ key = "{key}"
             .into_inner()
             .versions;
         assert_eq!(versions[0].author, "alice");
-        drop(honest);
+        assert!(
+            outsider.log().contains("cannot speak for node"),
+            "{}",
+            outsider.log()
+        );
+        drop((honest, web));
     }
 }
 
