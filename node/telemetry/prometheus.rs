@@ -129,29 +129,29 @@ fn metric_name(name: &str, unit: &str) -> String {
 }
 
 /// Sample values as Prometheus writes them.
-trait AsF64 {
-    fn as_f64(self) -> f64;
+trait SampleValue {
+    fn sample_value(self) -> f64;
 }
 
-impl AsF64 for u64 {
-    fn as_f64(self) -> f64 {
+impl SampleValue for u64 {
+    fn sample_value(self) -> f64 {
         self as f64
     }
 }
 
-impl AsF64 for i64 {
-    fn as_f64(self) -> f64 {
+impl SampleValue for i64 {
+    fn sample_value(self) -> f64 {
         self as f64
     }
 }
 
-impl AsF64 for f64 {
-    fn as_f64(self) -> f64 {
+impl SampleValue for f64 {
+    fn sample_value(self) -> f64 {
         self
     }
 }
 
-fn write_data<T: Copy + AsF64>(out: &mut String, name: &str, help: &str, data: &MetricData<T>) {
+fn write_data<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, data: &MetricData<T>) {
     match data {
         MetricData::Sum(sum) => write_sum(out, name, help, sum),
         MetricData::Gauge(gauge) => write_gauge(out, name, help, gauge),
@@ -171,7 +171,7 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn write_sum<T: Copy + AsF64>(out: &mut String, name: &str, help: &str, sum: &Sum<T>) {
+fn write_sum<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, sum: &Sum<T>) {
     let (name, kind) = if sum.is_monotonic() {
         (format!("{name}_total"), "counter")
     } else {
@@ -179,18 +179,18 @@ fn write_sum<T: Copy + AsF64>(out: &mut String, name: &str, help: &str, sum: &Su
     };
     header(out, &name, help, kind);
     for point in sum.data_points() {
-        sample(out, &name, point.attributes(), &[], point.value().as_f64());
+        sample(out, &name, point.attributes(), &[], point.value().sample_value());
     }
 }
 
-fn write_gauge<T: Copy + AsF64>(out: &mut String, name: &str, help: &str, gauge: &Gauge<T>) {
+fn write_gauge<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, gauge: &Gauge<T>) {
     header(out, name, help, "gauge");
     for point in gauge.data_points() {
-        sample(out, name, point.attributes(), &[], point.value().as_f64());
+        sample(out, name, point.attributes(), &[], point.value().sample_value());
     }
 }
 
-fn write_histogram<T: Copy + AsF64>(
+fn write_histogram<T: Copy + SampleValue>(
     out: &mut String,
     name: &str,
     help: &str,
@@ -219,7 +219,7 @@ fn write_histogram<T: Copy + AsF64>(
             &format!("{name}_sum"),
             point.attributes(),
             &[],
-            point.sum().as_f64(),
+            point.sum().sample_value(),
         );
         sample(
             out,
