@@ -27,9 +27,12 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use support::*;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// A received span with its resource's attributes.
+type ReceivedSpan = (Vec<KeyValue>, Span);
+
 #[derive(Clone, Default)]
 struct Receiver {
-    spans: Arc<Mutex<Vec<(Vec<KeyValue>, Span)>>>,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
 }
 
