@@ -55,6 +55,10 @@ pub struct ControllerArgs {
     /// follows the standard OTEL_EXPORTER_OTLP_* variables.
     #[arg(long)]
     pub prometheus: Option<SocketAddr>,
+    /// Also serve grpc.health.v1 alone, without TLS, on this address: for
+    /// Kubernetes gRPC probes, which cannot present a client certificate.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// The controller's mTLS material, read at start.
@@ -161,10 +165,20 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
             let listener = crate::telemetry::prometheus::bind(addr).await?;
             tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
             Some(AbortOnDrop(tokio::spawn(
-                crate::telemetry::prometheus::serve(listener, reader.clone()),
+                crate::telemetry::prometheus::serve(listener, reader.clone(), Arc::new(|| true)),
             )))
         }
         _ => None,
+    };
+    let _health = match args.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(address = %listener.local_addr().unwrap_or(addr), "health service listening");
+            Some(AbortOnDrop(tokio::spawn(serve_health(listener))))
+        }
+        None => None,
     };
     let fleet = open(&args.data)?;
     {
@@ -174,6 +188,21 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
     let result = serve_until_terminated(args.listen, tls, fleet).await;
     telemetry.shutdown();
     result
+}
+
+/// grpc.health.v1 only: SERVING while the process runs.
+async fn serve_health(listener: TcpListener) {
+    let (health, service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ControllerServiceServer<sync::SyncService>>()
+        .await;
+    let result = Server::builder()
+        .add_service(service)
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "health service failed");
+    }
 }
 
 /// Stops a background task when its owner goes.

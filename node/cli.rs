@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
@@ -256,13 +258,17 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Ready from the first generation until the node begins to stop.
+    let serving = Arc::new(AtomicBool::new(false));
     let prometheus = match (&telemetry.prometheus, telemetry_settings.prometheus) {
         (Some(reader), Some(addr)) => match crate::telemetry::prometheus::bind(addr).await {
             Ok(listener) => {
                 tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
+                let ready = serving.clone();
                 Some(tokio::spawn(crate::telemetry::prometheus::serve(
                     listener,
                     reader.clone(),
+                    Arc::new(move || ready.load(Ordering::Relaxed)),
                 )))
             }
             Err(e) => {
@@ -287,6 +293,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         return ExitCode::FAILURE;
     };
     crate::telemetry::metrics::observe_node(&node);
+    serving.store(true, Ordering::Relaxed);
     for listener in &generation.listeners {
         tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
     }
@@ -336,6 +343,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
             _ = interrupt.recv() => break,
         }
     }
+    serving.store(false, Ordering::Relaxed);
     node.stop(None).await;
     let code = tokio::select! {
         _ = node.stopped() => ExitCode::SUCCESS,

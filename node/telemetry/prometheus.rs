@@ -1,4 +1,7 @@
-//! The Prometheus endpoint: `GET /metrics` collects the OpenTelemetry
+//! The Prometheus endpoint, which also answers Kubernetes probes: `GET
+//! /healthz` (200 while the process answers: liveness) and `GET /readyz`
+//! (200 while it serves a config and is not stopping: readiness). `GET
+//! /metrics` collects the OpenTelemetry
 //! metrics on demand (a manual reader next to the OTLP one, so both see the
 //! same instruments) and writes them in the Prometheus text format 0.0.4.
 //! Names follow the OpenTelemetry → Prometheus conventions: dots become
@@ -47,18 +50,24 @@ impl MetricReader for SharedReader {
     }
 }
 
-/// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, reader: Arc<ManualReader>) {
+/// Whether the process should receive traffic, for `/readyz`.
+pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task
+/// is dropped.
+pub async fn serve(listener: TcpListener, reader: Arc<ManualReader>, ready: Ready) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let reader = reader.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let reader = reader.clone();
-                async move { Ok::<_, Infallible>(answer(&request, &reader)) }
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(answer(&request, &reader, &*ready)) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -74,7 +83,26 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot bind the Prometheus endpoint {addr}: {e}"))
 }
 
-fn answer(request: &Request<Incoming>, reader: &ManualReader) -> Response<Full<Bytes>> {
+fn answer(
+    request: &Request<Incoming>,
+    reader: &ManualReader,
+    ready: &dyn Fn() -> bool,
+) -> Response<Full<Bytes>> {
+    let probe = match request.uri().path() {
+        "/healthz" => Some(true),
+        "/readyz" => Some(ready()),
+        _ => None,
+    };
+    if let Some(ok) = probe {
+        let (status, body) = if ok {
+            (StatusCode::OK, "ok\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        };
+        let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        return response;
+    }
     if request.uri().path() != "/metrics" {
         let mut response = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
         *response.status_mut() = StatusCode::NOT_FOUND;
@@ -151,7 +179,12 @@ impl SampleValue for f64 {
     }
 }
 
-fn write_data<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, data: &MetricData<T>) {
+fn write_data<T: Copy + SampleValue>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    data: &MetricData<T>,
+) {
     match data {
         MetricData::Sum(sum) => write_sum(out, name, help, sum),
         MetricData::Gauge(gauge) => write_gauge(out, name, help, gauge),
@@ -179,14 +212,26 @@ fn write_sum<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, su
     };
     header(out, &name, help, kind);
     for point in sum.data_points() {
-        sample(out, &name, point.attributes(), &[], point.value().sample_value());
+        sample(
+            out,
+            &name,
+            point.attributes(),
+            &[],
+            point.value().sample_value(),
+        );
     }
 }
 
 fn write_gauge<T: Copy + SampleValue>(out: &mut String, name: &str, help: &str, gauge: &Gauge<T>) {
     header(out, name, help, "gauge");
     for point in gauge.data_points() {
-        sample(out, name, point.attributes(), &[], point.value().sample_value());
+        sample(
+            out,
+            name,
+            point.attributes(),
+            &[],
+            point.value().sample_value(),
+        );
     }
 }
 

@@ -737,7 +737,7 @@ impl Validator<'_> {
             }
         }
         let mut labels = BTreeMap::new();
-        if let Some(file) = &raw.labels_file {
+        if let (Some(file), Some(_)) = (&raw.labels_file, self.base_dir) {
             let full = self.path(file);
             match std::fs::read_to_string(&full) {
                 Ok(text) => labels.extend(downward_api_labels(&text)),
