@@ -86,7 +86,7 @@ pub enum NodeEvent {
     },
     HealthChanged {
         upstream: String,
-        server: std::net::SocketAddr,
+        server: crate::config::ServerAddr,
         from: Health,
         to: Health,
         reason: String,

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::stream::ClientStream;
 use tokio_rustls::TlsAcceptor;
@@ -91,7 +90,7 @@ impl TcpProxy {
             let server = &upstream.servers[index];
             let connect = tokio::time::timeout(
                 upstream.config.connect_timeout,
-                TcpStream::connect(server.addr),
+                crate::upstream::connect::connect(&server.addr),
             )
             .await;
             match connect {
@@ -112,7 +111,6 @@ impl TcpProxy {
                 return;
             }
         };
-        let _ = server_stream.set_nodelay(true);
         let _active = server.begin_request();
         crate::tunnel::run(client, server_stream, self.idle_timeout, peer).await;
     }

@@ -403,10 +403,26 @@ pub struct PassiveCheck {
     pub max_ejected_percent: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServerConfig {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub weight: u32,
+}
+
+/// Where an upstream server listens: `IP:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(addr) => write!(f, "{addr}"),
+            ServerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

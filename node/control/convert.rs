@@ -59,7 +59,7 @@ pub fn config_errors_status(code: Code, message: String, errors: &[ConfigError])
 
 pub fn health_transition(
     upstream: String,
-    server: std::net::SocketAddr,
+    server: crate::config::ServerAddr,
     from: Health,
     to: Health,
     reason: String,

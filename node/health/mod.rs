@@ -6,7 +6,6 @@
 mod probe;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use rand::Rng;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ServerAddr;
 use crate::config::{Config, HealthCheck, InitialHealth};
 use crate::supervisor::NodeEvent;
 use crate::upstream::Health;
@@ -52,7 +52,7 @@ impl HealthCell {
     }
 }
 
-pub type CheckKey = (SocketAddr, HealthCheck);
+pub type CheckKey = (ServerAddr, HealthCheck);
 
 struct Checker {
     cell: Arc<HealthCell>,
@@ -71,8 +71,8 @@ pub struct PreparedChecks {
 }
 
 impl PreparedChecks {
-    pub fn cell(&self, addr: SocketAddr, check: &HealthCheck) -> Option<Arc<HealthCell>> {
-        self.cells.get(&(addr, check.clone())).cloned()
+    pub fn cell(&self, addr: &ServerAddr, check: &HealthCheck) -> Option<Arc<HealthCell>> {
+        self.cells.get(&(addr.clone(), check.clone())).cloned()
     }
 }
 
@@ -93,7 +93,7 @@ impl HealthRegistry {
                 continue;
             };
             for server in &upstream.servers {
-                let key = (server.addr, check.clone());
+                let key = (server.addr.clone(), check.clone());
                 cells
                     .entry(key.clone())
                     .or_insert_with(|| match self.checkers.get(&key) {
@@ -118,7 +118,7 @@ impl HealthRegistry {
             };
             for server in &upstream.servers {
                 users
-                    .entry((server.addr, check.clone()))
+                    .entry((server.addr.clone(), check.clone()))
                     .or_default()
                     .push(upstream.name.clone());
             }
@@ -181,7 +181,7 @@ async fn run_checker(
             _ = tokio::time::sleep(delay) => {}
         }
         let result =
-            match tokio::time::timeout(check.timeout, probe::probe(addr, &check.kind)).await {
+            match tokio::time::timeout(check.timeout, probe::probe(&addr, &check.kind)).await {
                 Ok(result) => result,
                 Err(_) => Err(format!("no answer within {:?}", check.timeout)),
             };
@@ -228,7 +228,7 @@ async fn run_checker(
                 tracing::info!(%upstream, server = %addr, ?from, to = ?next, %reason, "health changed");
                 let _ = events.send(NodeEvent::HealthChanged {
                     upstream,
-                    server: addr,
+                    server: addr.clone(),
                     from,
                     to: next,
                     reason: reason.clone(),

@@ -1,7 +1,6 @@
 //! One health probe: an HTTP request or a TCP connect (with optional bytes
 //! sent and expected). The caller bounds it with the check's timeout.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,34 +10,38 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{CheckKind, HttpCheck, TcpCheck};
+use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck};
+use crate::upstream::connect::{connect, UpstreamStream};
 
 /// The most a probe reads looking for an expected body or bytes.
 const READ_LIMIT: usize = 64 * 1024;
 
 /// Ok, or the reason the probe failed (for logs and health events).
-pub async fn probe(addr: SocketAddr, kind: &CheckKind) -> Result<(), String> {
-    let stream = TcpStream::connect(addr)
+pub async fn probe(addr: &ServerAddr, kind: &CheckKind) -> Result<(), String> {
+    let stream = connect(addr)
         .await
         .map_err(|e| format!("connect failed: {e}"))?;
-    let _ = stream.set_nodelay(true);
     match kind {
         CheckKind::Http(check) => http(stream, addr, check).await,
         CheckKind::Tcp(check) => tcp(stream, check).await,
     }
 }
 
-async fn http(stream: TcpStream, addr: SocketAddr, check: &HttpCheck) -> Result<(), String> {
+async fn http(stream: UpstreamStream, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String> {
     match &check.tls {
         None => http_over(stream, addr, check).await,
         Some(tls) => {
             let config = crate::tls::client_config(tls)?;
             let name = match &tls.server_name {
                 Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
-                None => ServerName::IpAddress(addr.ip().into()),
+                None => match addr {
+                    ServerAddr::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
+                    ServerAddr::Unix(_) => {
+                        return Err("TLS to a Unix socket needs the upstream's tls.server_name".into())
+                    }
+                },
             };
             let stream = TlsConnector::from(Arc::new(config))
                 .connect(name, stream)
@@ -49,7 +52,7 @@ async fn http(stream: TcpStream, addr: SocketAddr, check: &HttpCheck) -> Result<
     }
 }
 
-async fn http_over<S>(stream: S, addr: SocketAddr, check: &HttpCheck) -> Result<(), String>
+async fn http_over<S>(stream: S, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -59,7 +62,10 @@ where
             .map_err(|e| format!("HTTP handshake failed: {e}"))?;
     // Drives the connection; aborted with the probe so nothing outlives it.
     let driver = AbortOnDrop(tokio::spawn(connection));
-    let host = check.host.clone().unwrap_or_else(|| addr.to_string());
+    let host = check.host.clone().unwrap_or_else(|| match addr {
+        ServerAddr::Tcp(addr) => addr.to_string(),
+        ServerAddr::Unix(_) => "localhost".to_owned(),
+    });
     let request = Request::builder()
         .method(check.method.clone())
         .uri(&check.path)
@@ -97,7 +103,7 @@ where
     Ok(())
 }
 
-async fn tcp(mut stream: TcpStream, check: &TcpCheck) -> Result<(), String> {
+async fn tcp(mut stream: UpstreamStream, check: &TcpCheck) -> Result<(), String> {
     if let Some(send) = &check.send {
         stream
             .write_all(send)

@@ -37,7 +37,7 @@ pub enum RouteTarget {
 /// A route: where it goes, and how telemetry names it.
 pub struct Route {
     pub target: RouteTarget,
-    pub labels: RouteLabels,
+    pub labels: Arc<RouteLabels>,
 }
 
 pub struct HttpListener {
@@ -45,6 +45,8 @@ pub struct HttpListener {
     pub name: Arc<str>,
     pub router: Router<Route>,
     pub access_log: Option<AccessLog>,
+    /// Metric labels of requests no route matched.
+    pub unrouted: RouteLabels,
     pub settings: HttpSettings,
     /// `https` listeners terminate TLS before HTTP.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -72,13 +74,14 @@ impl HttpListener {
                 HostPattern::Exact(name) => name.clone(),
                 HostPattern::Wildcard(suffix) => format!("*{suffix}"),
             };
-            let labels = RouteLabels {
-                route: format!("{host}{}", route.path_prefix).into(),
-                upstream: match &route.action {
+            let labels = Arc::new(RouteLabels::new(
+                &config.name,
+                format!("{host}{}", route.path_prefix).into(),
+                match &route.action {
                     RouteAction::Upstream(name) => Some(name.as_str().into()),
                     RouteAction::Static(_) => None,
                 },
-            };
+            ));
             let route_value = Route { target, labels };
             (route.host.clone(), route.path_prefix.clone(), route_value)
         }));
@@ -102,6 +105,7 @@ impl HttpListener {
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
         Ok(HttpListener {
             name: config.name.as_str().into(),
+            unrouted: RouteLabels::unrouted(&config.name),
             router,
             access_log,
             settings,

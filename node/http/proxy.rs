@@ -98,7 +98,7 @@ pub async fn forward(
             return status_response(StatusCode::BAD_GATEWAY);
         };
         let server = &upstream.servers[index];
-        observation.server = Some(server.addr);
+        observation.server = Some(server.addr.clone());
         let active = server.begin_request();
         let Ok(uri) = Uri::builder()
             .scheme(if upstream.config.tls.is_some() {

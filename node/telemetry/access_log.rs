@@ -34,7 +34,7 @@ pub struct Entry<'a> {
     pub user_agent: &'a str,
     pub listener: &'a str,
     pub upstream: Option<&'a str>,
-    pub server: Option<SocketAddr>,
+    pub server: Option<crate::config::ServerAddr>,
     pub duration: Duration,
     pub trace_id: Option<String>,
 }
@@ -120,6 +120,7 @@ fn combined(entry: &Entry<'_>) -> String {
         entry.listener,
         entry
             .server
+            .as_ref()
             .map_or_else(|| "-".to_owned(), |s| s.to_string()),
         entry.duration.as_secs_f64(),
     )
@@ -139,7 +140,7 @@ fn json_line(entry: &Entry<'_>) -> String {
         "user_agent": entry.user_agent,
         "listener": entry.listener,
         "upstream": entry.upstream,
-        "server": entry.server.map(|s| s.to_string()),
+        "server": entry.server.as_ref().map(|s| s.to_string()),
         "duration_ms": entry.duration.as_secs_f64() * 1000.0,
         "trace_id": entry.trace_id,
     })

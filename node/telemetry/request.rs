@@ -10,8 +10,10 @@ use std::time::Instant;
 
 use http::{header, HeaderMap, Method, Request, Response, Version};
 use opentelemetry::global::BoxedTracer;
-use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
 use super::access_log::{AccessLog, Entry};
@@ -22,12 +24,54 @@ fn tracer() -> &'static BoxedTracer {
     TRACER.get_or_init(|| opentelemetry::global::tracer("tether"))
 }
 
-/// The route a request matched, as metric labels.
-#[derive(Debug, Clone)]
+/// The route a request matched: its labels, and its request series bound
+/// once per status class so a request records without looking its labels
+/// up.
 pub struct RouteLabels {
+    listener: Arc<str>,
     /// `host/path-prefix` as configured (`*` host for any).
     pub route: Arc<str>,
     pub upstream: Option<Arc<str>>,
+    series: [OnceLock<Series>; 5],
+}
+
+struct Series {
+    requests: BoundCounter<u64>,
+    duration: BoundHistogram<f64>,
+}
+
+impl RouteLabels {
+    pub fn new(listener: &str, route: Arc<str>, upstream: Option<Arc<str>>) -> RouteLabels {
+        RouteLabels {
+            listener: listener.into(),
+            route,
+            upstream,
+            series: Default::default(),
+        }
+    }
+
+    /// What requests no route matched count under.
+    pub fn unrouted(listener: &str) -> RouteLabels {
+        Self::new(listener, "(none)".into(), None)
+    }
+
+    fn series(&self, status: u16) -> &Series {
+        let class = status_class(status);
+        let index = usize::from((status / 100).clamp(1, 5) - 1);
+        self.series[index].get_or_init(|| {
+            let attributes = [
+                KeyValue::new("listener", self.listener.clone()),
+                KeyValue::new("route", self.route.clone()),
+                KeyValue::new("upstream", self.upstream.clone().unwrap_or_else(|| "".into())),
+                KeyValue::new("status_class", class),
+            ];
+            let metrics = node();
+            Series {
+                requests: metrics.requests.bind(&attributes),
+                duration: metrics.request_duration.bind(&attributes),
+            }
+        })
+    }
 }
 
 /// Headers as an OpenTelemetry carrier.
@@ -71,9 +115,9 @@ pub struct Observation {
     /// The server span's context, when tracing.
     context: Option<Context>,
     head: Option<Head>,
-    pub route: Option<RouteLabels>,
+    pub route: Option<Arc<RouteLabels>>,
     /// The upstream server that answered.
-    pub server: Option<SocketAddr>,
+    pub server: Option<crate::config::ServerAddr>,
 }
 
 fn text(headers: &HeaderMap, name: header::HeaderName) -> String {
@@ -101,31 +145,32 @@ impl Observation {
                 .to_owned()
         };
         let context = super::tracing_enabled().then(|| {
-            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-                propagator.extract(&HeaderExtractor(headers))
-            });
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", request.method().as_str().to_owned()),
-                KeyValue::new("url.path", request.uri().path().to_owned()),
-                KeyValue::new("url.scheme", scheme),
-                KeyValue::new("server.address", host()),
-                KeyValue::new("client.address", client.ip().to_string()),
-                KeyValue::new(
-                    "network.protocol.version",
-                    protocol_version(request.version()),
-                ),
-            ];
-            if let Some(agent) = headers
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-            {
-                attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
-            }
-            let span = tracer()
+            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+            let mut span = tracer()
                 .span_builder(request.method().as_str().to_owned())
                 .with_kind(SpanKind::Server)
-                .with_attributes(attributes)
                 .start_with_context(tracer(), &parent);
+            // Unsampled spans (most, at low ratios) skip the attributes.
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(
+                    "http.request.method",
+                    request.method().as_str().to_owned(),
+                ));
+                span.set_attribute(KeyValue::new("url.path", request.uri().path().to_owned()));
+                span.set_attribute(KeyValue::new("url.scheme", scheme));
+                span.set_attribute(KeyValue::new("server.address", host()));
+                span.set_attribute(KeyValue::new("client.address", client.ip().to_string()));
+                span.set_attribute(KeyValue::new(
+                    "network.protocol.version",
+                    protocol_version(request.version()),
+                ));
+                if let Some(agent) = headers
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    span.set_attribute(KeyValue::new("user_agent.original", agent.to_owned()));
+                }
+            }
             parent.with_span(span)
         });
         let head = access_log.then(|| Head {
@@ -153,37 +198,35 @@ impl Observation {
     /// upstream's spans become children of this request's span.
     pub fn propagate(&self, headers: &mut HeaderMap) {
         if let Some(context) = &self.context {
-            opentelemetry::global::get_text_map_propagator(|propagator| {
-                propagator.inject_context(context, &mut HeaderInjector(headers))
-            });
+            TraceContextPropagator::new().inject_context(context, &mut HeaderInjector(headers));
         }
     }
 
     /// Records the answer: metrics, span end, access log line.
-    pub fn finish<B>(self, response: &Response<B>, listener: &Arc<str>, log: Option<&AccessLog>) {
+    /// `unrouted` counts requests that matched no route.
+    pub fn finish<B>(
+        self,
+        response: &Response<B>,
+        listener: &Arc<str>,
+        unrouted: &RouteLabels,
+        log: Option<&AccessLog>,
+    ) {
         let duration = self.started.elapsed();
         let status = response.status();
-        let route = self.route.as_ref();
-        let route_name = route.map_or_else(|| Arc::from("(none)"), |r| r.route.clone());
-        let upstream = route.and_then(|r| r.upstream.clone());
+        let route = self.route.as_deref().unwrap_or(unrouted);
         if super::metrics_enabled() {
-            let attributes = [
-                KeyValue::new("listener", listener.clone()),
-                KeyValue::new("route", route_name.clone()),
-                KeyValue::new(
-                    "upstream",
-                    upstream.clone().unwrap_or_else(|| Arc::from("")),
-                ),
-                KeyValue::new("status_class", status_class(status.as_u16())),
-            ];
-            let metrics = node();
-            metrics.requests.add(1, &attributes);
-            metrics
-                .request_duration
-                .record(duration.as_secs_f64(), &attributes);
+            let series = route.series(status.as_u16());
+            series.requests.add(1);
+            series.duration.record(duration.as_secs_f64());
         }
+        let route_name = route.route.clone();
+        let upstream = route.upstream.clone();
         let trace_id = self.context.as_ref().map(|context| {
             let span = context.span();
+            let trace_id = span.span_context().trace_id().to_string();
+            if !span.is_recording() {
+                return trace_id;
+            }
             span.update_name(format!("{} {}", self.method, route_name));
             span.set_attribute(KeyValue::new(
                 "http.response.status_code",
@@ -194,14 +237,14 @@ impl Observation {
             if let Some(upstream) = &upstream {
                 span.set_attribute(KeyValue::new("tether.upstream", upstream.clone()));
             }
-            if let Some(server) = self.server {
+            if let Some(server) = &self.server {
                 span.set_attribute(KeyValue::new("tether.upstream.address", server.to_string()));
             }
             if status.is_server_error() {
                 span.set_status(Status::error(status.to_string()));
             }
             span.end();
-            span.span_context().trace_id().to_string()
+            trace_id
         });
         if let (Some(log), Some(head)) = (log, &self.head) {
             let bytes = response

@@ -155,7 +155,7 @@ impl HashRing {
         let mut points = Vec::new();
         for (index, server) in servers.iter().enumerate() {
             for replica in 0..server.weight * POINTS_PER_WEIGHT {
-                points.push((hash_of(&(server.addr, replica)), index));
+                points.push((hash_of(&(&server.addr, replica)), index));
             }
         }
         points.sort_unstable();

@@ -13,12 +13,13 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::connect::UpstreamConnector;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use rustls_pki_types::ServerName;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTls};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+pub type UpstreamClient = Client<HttpsConnector<UpstreamConnector>, RequestBody>;
 
 /// A request body on its way upstream: the client's, streamed through, or
 /// none, which lets a bodiless request be sent again to another server.
@@ -84,6 +85,10 @@ impl ClientKey {
         connector.set_connect_timeout(Some(self.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.enforce_http(false);
+        let connector = UpstreamConnector {
+            tcp: connector,
+            connect_timeout: self.connect_timeout,
+        };
         let tls_config = match &self.tls {
             Some(tls) => crate::tls::client_config(tls).unwrap_or_else(|error| {
                 // Validated when the config was loaded; unreachable in practice.

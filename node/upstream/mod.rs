@@ -4,8 +4,9 @@
 
 mod balance;
 mod client;
+pub mod connect;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use tokio::sync::broadcast;
 pub use balance::{hash_of as balance_hash, Balancer};
 pub use client::{ClientKey, ClientRegistry, RequestBody, UpstreamClient};
 
-use crate::config::{AllDown, HashKey, PassiveCheck, UpstreamConfig};
+use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::health::{HealthCell, PreparedChecks};
 use crate::supervisor::NodeEvent;
 
@@ -43,7 +44,7 @@ impl Health {
 /// One server of an upstream, shared by every request that uses it.
 #[derive(Debug)]
 pub struct Server {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub weight: u32,
     /// `addr` as a URI authority, built once.
     pub authority: Authority,
@@ -84,16 +85,15 @@ pub enum Outcome {
 }
 
 impl Server {
-    pub fn new(addr: SocketAddr, weight: u32) -> Self {
+    pub fn new(addr: ServerAddr, weight: u32) -> Self {
         Self::with_health(addr, weight, Arc::new(HealthCell::new(Health::Unknown)))
     }
 
-    pub fn with_health(addr: SocketAddr, weight: u32, health: Arc<HealthCell>) -> Self {
+    pub fn with_health(addr: ServerAddr, weight: u32, health: Arc<HealthCell>) -> Self {
         Server {
+            authority: connect::authority(&addr),
             addr,
             weight,
-            authority: Authority::try_from(addr.to_string())
-                .expect("a socket address is an authority"),
             active: AtomicU64::new(0),
             health,
             passive: Ejection::default(),
@@ -229,7 +229,7 @@ impl Upstream {
                 let cell = config
                     .health
                     .as_ref()
-                    .and_then(|check| checks.cell(s.addr, check));
+                    .and_then(|check| checks.cell(&s.addr, check));
                 let reusable = |old: &&Arc<Server>| {
                     old.addr == s.addr
                         && old.weight == s.weight
@@ -243,8 +243,8 @@ impl Upstream {
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(match cell {
-                            Some(cell) => Server::with_health(s.addr, s.weight, cell),
-                            None => Server::new(s.addr, s.weight),
+                            Some(cell) => Server::with_health(s.addr.clone(), s.weight, cell),
+                            None => Server::new(s.addr.clone(), s.weight),
                         })
                     })
             })
@@ -303,7 +303,7 @@ impl Upstream {
             tracing::warn!(upstream = %self.config.name, server = %server.addr, %reason, "server ejected");
             let _ = self.events.send(NodeEvent::HealthChanged {
                 upstream: self.config.name.clone(),
-                server: server.addr,
+                server: server.addr.clone(),
                 from: server.health.get(),
                 to: Health::Unhealthy,
                 reason,

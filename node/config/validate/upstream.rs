@@ -24,10 +24,14 @@ impl Validator<'_> {
                     "weight must be at least 1 (remove the server to take it out)",
                 );
             }
-            let Some(addr) = self.socket_addr(&path.key("addr"), &server.addr) else {
-                continue;
+            let addr = match server.addr.strip_prefix("unix:") {
+                Some(socket) if !socket.is_empty() => ServerAddr::Unix(self.path(socket)),
+                _ => match self.socket_addr(&path.key("addr"), &server.addr) {
+                    Some(addr) => ServerAddr::Tcp(addr),
+                    None => continue,
+                },
             };
-            if !seen.insert(addr) {
+            if !seen.insert(addr.clone()) {
                 self.problem(path.key("addr"), format!("server {addr} is listed twice"));
             }
             servers.push(ServerConfig { addr, weight });

@@ -1,0 +1,225 @@
+//! Connections to upstream servers, over TCP or a Unix socket.
+//!
+//! hyper's client pools connections by URI authority, and a Unix socket
+//! path is not one: each Unix server gets a stable synthetic authority
+//! (`u<hash>.unix.invalid`, `.invalid` being reserved so it can never
+//! resolve), recorded here, and the connector maps it back to the path.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::ServerAddr;
+
+const UNIX_SUFFIX: &str = ".unix.invalid";
+
+fn unix_authorities() -> &'static Mutex<HashMap<String, PathBuf>> {
+    static AUTHORITIES: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    AUTHORITIES.get_or_init(Default::default)
+}
+
+/// The URI authority requests to `addr` carry.
+pub fn authority(addr: &ServerAddr) -> Authority {
+    match addr {
+        ServerAddr::Tcp(addr) => {
+            Authority::try_from(addr.to_string()).expect("a socket address is an authority")
+        }
+        ServerAddr::Unix(path) => {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            path.hash(&mut hasher);
+            let host = format!("u{:016x}{UNIX_SUFFIX}", hasher.finish());
+            unix_authorities()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(host.clone(), path.clone());
+            Authority::try_from(host).expect("a synthetic host is an authority")
+        }
+    }
+}
+
+fn unix_path(uri: &Uri) -> Option<PathBuf> {
+    let host = uri.host()?;
+    if !host.ends_with(UNIX_SUFFIX) {
+        return None;
+    }
+    unix_authorities()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(host)
+        .cloned()
+}
+
+/// A byte stream to an upstream server.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Connects to `addr` (TCP with no delay).
+pub async fn connect(addr: &ServerAddr) -> io::Result<UpstreamStream> {
+    match addr {
+        ServerAddr::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(UpstreamStream::Tcp(stream))
+        }
+        ServerAddr::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// hyper's connector: TCP through its HttpConnector (timeouts, keepalive,
+/// nodelay), Unix sockets for the synthetic authorities.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    pub tcp: HttpConnector,
+    pub connect_timeout: Duration,
+}
+
+/// A connection the pool can hold.
+pub struct UpstreamIo(TokioIo<UpstreamStream>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        if let Some(path) = unix_path(&uri) {
+            let timeout = self.connect_timeout;
+            return Box::pin(async move {
+                let stream = tokio::time::timeout(timeout, UnixStream::connect(&path))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                Ok(UpstreamIo(TokioIo::new(UpstreamStream::Unix(stream))))
+            });
+        }
+        let connecting = self.tcp.call(uri);
+        Box::pin(async move {
+            let stream = connecting.await?.into_inner();
+            Ok(UpstreamIo(TokioIo::new(UpstreamStream::Tcp(stream))))
+        })
+    }
+}
