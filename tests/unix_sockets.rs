@@ -104,3 +104,101 @@ async fn a_socket_another_process_listens_on_is_a_bind_failure() {
         "the config in force keeps serving"
     );
 }
+
+/// An HTTP/1.1 origin on a Unix socket answering `unix-origin PATH`.
+fn unix_origin(path: &Path) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("unix-origin {}", request.uri().path());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn upstream_servers_may_listen_on_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin_socket = dir.path().join("origin.sock");
+    let origin = unix_origin(&origin_socket);
+    let node = Node::start(&format!(
+        r#"
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+[[listener.route]]
+upstream = "u"
+[[listener.route]]
+path = "/gone/"
+upstream = "gone"
+[[listener]]
+name = "raw"
+listen = "127.0.0.1:0"
+protocol = "tcp"
+upstream = "u"
+[upstream.u]
+servers = [{{ addr = "unix:{}" }}]
+[upstream.u.health]
+type = "http"
+interval = "100ms"
+path = "/health"
+[upstream.gone]
+servers = [{{ addr = "unix:{}" }}]
+"#,
+        origin_socket.display(),
+        dir.path().join("nobody.sock").display()
+    ));
+    // Proxied HTTP, on pooled connections.
+    let client = http1_client();
+    let web = node.listener("web").await;
+    for path in ["/a", "/b"] {
+        let answer = get(&client, web, None, path).await;
+        assert_eq!(answer.status, 200, "{}", node.log());
+        assert_eq!(answer.text(), format!("unix-origin {path}"));
+    }
+    // The health check reaches it too, and says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let config = node.get_config().await;
+        let upstream = config.upstreams.iter().find(|u| u.name == "u").unwrap();
+        let server = &upstream.servers[0];
+        assert_eq!(server.address, format!("unix:{}", origin_socket.display()));
+        if server.health == tether::proto::v1::HealthState::Healthy as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never healthy: {server:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The TCP listener copies bytes to the same socket.
+    let mut raw = tokio::net::TcpStream::connect(node.listener("raw").await)
+        .await
+        .unwrap();
+    raw.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    raw.read_to_string(&mut response).await.unwrap();
+    assert!(response.ends_with("unix-origin /raw"), "{response}");
+
+    // Nobody listening on the path: 502 at once, not a hang.
+    let answer = get(&http1_client(), web, None, "/gone/c").await;
+    assert_eq!(answer.status, 502);
+    origin.abort();
+}

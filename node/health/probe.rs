@@ -39,7 +39,9 @@ async fn http(stream: UpstreamStream, addr: &ServerAddr, check: &HttpCheck) -> R
                 None => match addr {
                     ServerAddr::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
                     ServerAddr::Unix(_) => {
-                        return Err("TLS to a Unix socket needs the upstream's tls.server_name".into())
+                        return Err(
+                            "TLS to a Unix socket needs the upstream's tls.server_name".into()
+                        )
                     }
                 },
             };

@@ -92,7 +92,12 @@ impl Context {
         let mut observation =
             Observation::start(&request, self.peer, http.scheme, http.access_log.is_some());
         let mut response = self.route(request, &mut observation).await;
-        observation.finish(&response, &http.name, &http.unrouted, http.access_log.as_ref());
+        observation.finish(
+            &response,
+            &http.name,
+            &http.unrouted,
+            http.access_log.as_ref(),
+        );
         if version < Version::HTTP_2 && generation.lifecycle.is_retired() {
             response
                 .headers_mut()

@@ -12,9 +12,9 @@ use http::{header, HeaderMap, Method, Request, Response, Version};
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{BoundCounter, BoundHistogram};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 
 use super::access_log::{AccessLog, Entry};
 use super::metrics::{node, status_class};
@@ -62,7 +62,10 @@ impl RouteLabels {
             let attributes = [
                 KeyValue::new("listener", self.listener.clone()),
                 KeyValue::new("route", self.route.clone()),
-                KeyValue::new("upstream", self.upstream.clone().unwrap_or_else(|| "".into())),
+                KeyValue::new(
+                    "upstream",
+                    self.upstream.clone().unwrap_or_else(|| "".into()),
+                ),
                 KeyValue::new("status_class", class),
             ];
             let metrics = node();
