@@ -190,15 +190,15 @@ mod tests {
     use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+    use crate::config::ServerAddr;
+
     fn servers(weights: &[u32]) -> Vec<Arc<Server>> {
         weights
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                Arc::new(Server::new(
-                    SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
-                    w,
-                ))
+                let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16));
+                Arc::new(Server::new(ServerAddr::Tcp(addr), w))
             })
             .collect()
     }
