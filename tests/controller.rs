@@ -774,3 +774,54 @@ labels = { "a,b" = "x" }
     assert_eq!(errors.len(), 1);
     assert_eq!((errors[0].path.as_str(), errors[0].line), ("controller", 4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_publishes_converge_on_the_newest_version() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let node = Node::start(&node_config("n", &controller.url(), r#"env = "prod""#));
+    wait_connected(&controller, &["n"]).await;
+    let origins = [
+        Origin::start("o1").await,
+        Origin::start("o2").await,
+        Origin::start("o3").await,
+        Origin::start("o4").await,
+        Origin::start("o5").await,
+    ];
+    let mut watch = controller
+        .fleet()
+        .await
+        .watch_fleet(pb::WatchFleetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // No waiting between publishes: the node may skip versions, never
+    // regress, and ends on the newest.
+    for origin in &origins {
+        controller
+            .publish(&traffic("127.0.0.1:0", origin), "")
+            .await
+            .unwrap();
+    }
+    wait_acked(&controller, &["n"], 5).await;
+    origin_answers(&node, &origins[4]).await;
+    let mut acked = Vec::new();
+    while acked.last() != Some(&5) {
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event.event {
+            Some(Event::Acked(ack)) => acked.push(ack.version),
+            Some(Event::Nacked(nack)) => panic!("unexpected NACK {nack:?}"),
+            _ => {}
+        }
+    }
+    assert!(acked.windows(2).all(|w| w[0] < w[1]), "in order: {acked:?}");
+    let generation = node.get_config().await.config.unwrap().generation;
+    assert!(
+        generation <= 6,
+        "at most one generation per version: {generation}"
+    );
+}
