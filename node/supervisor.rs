@@ -418,14 +418,16 @@ impl Supervisor {
         self.clients.retain(&in_use);
         self.health.commit(checks, &generation.config);
         let previous_generation = previous.as_ref().map_or(0, |p| p.number);
-        if let Some(previous) = previous {
-            self.retire(previous, None);
-        }
+        // Announced before the old generation retires, so watchers never
+        // see it drained before they see what replaced it.
         let _ = self.shared.events.send(NodeEvent::ConfigApplied {
             generation: number,
             info: generation.info.clone(),
             previous_generation,
         });
+        if let Some(previous) = previous {
+            self.retire(previous, None);
+        }
         Ok(Applied {
             generation: number,
             info: generation.info.clone(),

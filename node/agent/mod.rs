@@ -120,9 +120,8 @@ async fn session(
             message = pushes.message() => match message {
                 Ok(Some(pb::ControllerMessage { message: Some(Down::Push(push)) })) => {
                     tracing::info!(version = push.version, nonce = %push.nonce, "push received");
-                    if let Some(superseded) = latest.send_replace(Some(push)) {
-                        tracing::info!(version = superseded.version, "push superseded before it was applied");
-                    }
+                    // Replaces a push still waiting, if any.
+                    latest.send_replace(Some(push));
                 }
                 Ok(Some(pb::ControllerMessage { message: Some(Down::Refused(refused)) })) => {
                     break Err(format!("refused: {}", refused.reason));
