@@ -172,14 +172,32 @@ fn resource(settings: &TelemetrySettings, identity: &Identity<'_>) -> Resource {
     builder.build()
 }
 
+/// How long a stopping process waits for the last exports: a collector that
+/// is down must not hold a node past its termination grace.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 impl Telemetry {
-    /// Exports what is queued (bounded by the exporters' timeouts).
+    /// Exports what is queued, for at most `SHUTDOWN_GRACE`.
     pub fn shutdown(&self) {
-        if let Some(provider) = &self.tracer_provider {
-            let _ = provider.shutdown();
+        let tracer = self.tracer_provider.clone();
+        let meter = self.meter_provider.clone();
+        if tracer.is_none() && meter.is_none() {
+            return;
         }
-        if let Some(provider) = &self.meter_provider {
-            let _ = provider.shutdown();
+        let (done, finished) = std::sync::mpsc::channel();
+        let _ = std::thread::Builder::new()
+            .name("tether-telemetry-flush".into())
+            .spawn(move || {
+                if let Some(provider) = tracer {
+                    let _ = provider.shutdown();
+                }
+                if let Some(provider) = meter {
+                    let _ = provider.shutdown();
+                }
+                let _ = done.send(());
+            });
+        if finished.recv_timeout(SHUTDOWN_GRACE).is_err() {
+            tracing::warn!("telemetry not flushed within {SHUTDOWN_GRACE:?}; exiting anyway");
         }
     }
 }
