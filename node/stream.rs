@@ -15,26 +15,21 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::telemetry::metrics::ByteCounters;
 
 pub struct ClientStream {
-    io: Io,
+    io: Socket,
     traffic: Option<Arc<ByteCounters>>,
-}
-
-enum Io {
-    Tcp(TcpStream),
-    Unix(UnixStream),
 }
 
 impl ClientStream {
     /// `listener` names the connection in metrics.
     pub fn tcp(stream: TcpStream, listener: &str) -> ClientStream {
-        Self::new(Io::Tcp(stream), listener)
+        Self::new(Socket::Tcp(stream), listener)
     }
 
     pub fn unix(stream: UnixStream, listener: &str) -> ClientStream {
-        Self::new(Io::Unix(stream), listener)
+        Self::new(Socket::Unix(stream), listener)
     }
 
-    fn new(io: Io, listener: &str) -> ClientStream {
+    fn new(io: Socket, listener: &str) -> ClientStream {
         let traffic = crate::telemetry::metrics_enabled()
             .then(|| crate::telemetry::metrics::byte_counters(listener));
         ClientStream { io, traffic }
@@ -52,6 +47,71 @@ impl ClientStream {
     }
 }
 
+/// A TCP or Unix-domain stream: clients on either kind of listener, and
+/// upstream servers at either kind of address.
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Socket::Tcp(s) => s.is_write_vectored(),
+            Socket::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -60,10 +120,7 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let poll = match &mut this.io {
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        };
+        let poll = Pin::new(&mut this.io).poll_read(cx, buf);
         this.count(buf.filled().len() - before, 0);
         poll
     }
@@ -76,10 +133,7 @@ impl AsyncWrite for ClientStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let poll = match &mut this.io {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            Io::Unix(s) => Pin::new(s).poll_write(cx, data),
-        };
+        let poll = Pin::new(&mut this.io).poll_write(cx, data);
         if let Poll::Ready(Ok(written)) = &poll {
             this.count(0, *written);
         }
@@ -92,10 +146,7 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let poll = match &mut this.io {
-            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        };
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(written)) = &poll {
             this.count(0, *written);
         }
@@ -103,23 +154,14 @@ impl AsyncWrite for ClientStream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Tcp(s) => s.is_write_vectored(),
-            Io::Unix(s) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck};
-use crate::upstream::connect::{connect, UpstreamStream};
+use crate::stream::Socket;
+use crate::upstream::connect::connect;
 
 /// The most a probe reads looking for an expected body or bytes.
 const READ_LIMIT: usize = 64 * 1024;
@@ -29,7 +30,7 @@ pub async fn probe(addr: &ServerAddr, kind: &CheckKind) -> Result<(), String> {
     }
 }
 
-async fn http(stream: UpstreamStream, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String> {
+async fn http(stream: Socket, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String> {
     match &check.tls {
         None => http_over(stream, addr, check).await,
         Some(tls) => {
@@ -105,7 +106,7 @@ where
     Ok(())
 }
 
-async fn tcp(mut stream: UpstreamStream, check: &TcpCheck) -> Result<(), String> {
+async fn tcp(mut stream: Socket, check: &TcpCheck) -> Result<(), String> {
     if let Some(send) = &check.send {
         stream
             .write_all(send)

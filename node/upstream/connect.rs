@@ -19,10 +19,10 @@ use http::uri::Authority;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::ServerAddr;
+use crate::stream::Socket;
 
 const UNIX_SUFFIX: &str = ".unix.invalid";
 
@@ -62,79 +62,15 @@ fn unix_path(uri: &Uri) -> Option<PathBuf> {
         .cloned()
 }
 
-/// A byte stream to an upstream server.
-pub enum UpstreamStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
 /// Connects to `addr` (TCP with no delay).
-pub async fn connect(addr: &ServerAddr) -> io::Result<UpstreamStream> {
+pub async fn connect(addr: &ServerAddr) -> io::Result<Socket> {
     match addr {
         ServerAddr::Tcp(addr) => {
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
-            Ok(UpstreamStream::Tcp(stream))
+            Ok(Socket::Tcp(stream))
         }
-        ServerAddr::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
-    }
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, data),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Tcp(s) => s.is_write_vectored(),
-            UpstreamStream::Unix(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        ServerAddr::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
     }
 }
 
@@ -147,7 +83,7 @@ pub struct UpstreamConnector {
 }
 
 /// A connection the pool can hold.
-pub struct UpstreamIo(TokioIo<UpstreamStream>);
+pub struct UpstreamIo(TokioIo<Socket>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
@@ -213,13 +149,13 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 let stream = tokio::time::timeout(timeout, UnixStream::connect(&path))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                Ok(UpstreamIo(TokioIo::new(UpstreamStream::Unix(stream))))
+                Ok(UpstreamIo(TokioIo::new(Socket::Unix(stream))))
             });
         }
         let connecting = self.tcp.call(uri);
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
-            Ok(UpstreamIo(TokioIo::new(UpstreamStream::Tcp(stream))))
+            Ok(UpstreamIo(TokioIo::new(Socket::Tcp(stream))))
         })
     }
 }
