@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::grpc::{self, ClientTls};
+use crate::grpc::ClientTlsArgs;
 use crate::proto::v1::fleet_event::Event;
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
 use crate::proto::v1::{self as pb};
@@ -21,20 +21,10 @@ use crate::proto::v1::{self as pb};
 #[derive(Args)]
 pub struct FleetArgs {
     /// The controller's URL (https:// with --ca, --cert and --key).
-    #[arg(long, global = true, default_value = concat!("http://", "127.0.0.1:8840"))]
+    #[arg(long, global = true, default_value = super::DEFAULT_URL)]
     controller: String,
-    /// CA that signed the controller's certificate.
-    #[arg(long, global = true, requires_all = ["cert", "key"])]
-    ca: Option<PathBuf>,
-    /// Operator certificate (URI SAN spiffe://tether/operator/NAME).
-    #[arg(long, global = true)]
-    cert: Option<PathBuf>,
-    /// Operator private key.
-    #[arg(long, global = true)]
-    key: Option<PathBuf>,
-    /// Name to verify the controller's certificate against (default: the URL's host).
-    #[arg(long, global = true)]
-    server_name: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -160,24 +150,9 @@ fn default_author() -> String {
 }
 
 async fn connect(args: &FleetArgs) -> Result<FleetServiceClient<Channel>, String> {
-    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-    let endpoint = match (&args.ca, &args.cert, &args.key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
-            let tls = ClientTls {
-                ca_pem: &ca,
-                identity: Some((&cert, &key)),
-                server_name: args.server_name.as_deref(),
-            };
-            grpc::endpoint(&args.controller, Some(tls))?
-        }
-        _ => grpc::endpoint(&args.controller, None)?,
-    };
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| crate::report::error_chain(&e))?;
-    Ok(FleetServiceClient::new(channel))
+    Ok(FleetServiceClient::new(
+        args.tls.connect(&args.controller).await?,
+    ))
 }
 
 async fn watch(client: &mut FleetServiceClient<Channel>, json: bool) -> Result<(), Status> {

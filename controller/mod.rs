@@ -29,6 +29,8 @@ use store::Store;
 
 /// Where the controller listens unless `--listen` says otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8840";
+/// Where `tether fleet` finds it by default: `DEFAULT_LISTEN` as a URL.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8840";
 
 #[derive(Args, Debug, Clone)]
 pub struct ControllerArgs {

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::config::{format_duration, parse_duration, DEFAULT_CONTROL_LISTEN};
-use crate::grpc::{self, ClientTls};
+use crate::grpc::ClientTlsArgs;
 use crate::proto::v1::control_service_client::ControlServiceClient;
 use crate::proto::v1::{self as pb, node_event::Event};
 
@@ -21,18 +21,8 @@ pub struct CtlArgs {
     /// The node's control address.
     #[arg(long, default_value = DEFAULT_CONTROL_LISTEN, global = true)]
     addr: String,
-    /// CA that signed the node's control certificate (enables mTLS).
-    #[arg(long, global = true, requires_all = ["cert", "key"])]
-    ca: Option<PathBuf>,
-    /// Client certificate for mTLS.
-    #[arg(long, global = true)]
-    cert: Option<PathBuf>,
-    /// Client private key for mTLS.
-    #[arg(long, global = true)]
-    key: Option<PathBuf>,
-    /// Name to verify the node's certificate against (default: the host of --addr).
-    #[arg(long, global = true)]
-    server_name: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -95,23 +85,11 @@ pub async fn run(args: CtlArgs) -> ExitCode {
 }
 
 async fn connect(args: &CtlArgs) -> Result<ControlServiceClient<Channel>, String> {
-    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-    let endpoint = match (&args.ca, &args.cert, &args.key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
-            let tls = ClientTls {
-                ca_pem: &ca,
-                identity: Some((&cert, &key)),
-                server_name: args.server_name.as_deref(),
-            };
-            grpc::endpoint(&format!("https://{}", args.addr), Some(tls))?
-        }
-        _ => grpc::endpoint(&format!("http://{}", args.addr), None)?,
-    };
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| crate::report::error_chain(&e))?;
+    let scheme = if args.tls.enabled() { "https" } else { "http" };
+    let channel = args
+        .tls
+        .connect(&format!("{scheme}://{}", args.addr))
+        .await?;
     Ok(ControlServiceClient::new(channel))
 }
 

@@ -1,9 +1,10 @@
 //! gRPC plumbing shared by the node's control service, the controller and
 //! their clients: server reflection and client endpoints with optional mTLS.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::FILE_DESCRIPTOR_SET;
 
@@ -60,4 +61,52 @@ pub fn endpoint(url: &str, tls: Option<ClientTls<'_>>) -> Result<Endpoint, Strin
         endpoint = endpoint.tls_config(config).map_err(|e| e.to_string())?;
     }
     Ok(endpoint)
+}
+
+/// `--ca`, `--cert`, `--key` and `--server-name`: mTLS for the command-line
+/// clients (`tether ctl`, `tether fleet`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientTlsArgs {
+    /// CA that signed the server's certificate; with --cert and --key,
+    /// enables mTLS.
+    #[arg(long, global = true, requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (for `tether fleet`, an operator certificate:
+    /// URI SAN spiffe://tether/operator/NAME).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key.
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Name to verify the server's certificate against (default: the host).
+    #[arg(long, global = true)]
+    pub server_name: Option<String>,
+}
+
+impl ClientTlsArgs {
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    /// Connects to `url`, with mTLS when the files were given.
+    pub async fn connect(&self, url: &str) -> Result<Channel, String> {
+        let read =
+            |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        let endpoint = match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
+                let tls = ClientTls {
+                    ca_pem: &ca,
+                    identity: Some((&cert, &key)),
+                    server_name: self.server_name.as_deref(),
+                };
+                endpoint(url, Some(tls))?
+            }
+            _ => endpoint(url, None)?,
+        };
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| crate::report::error_chain(&e))
+    }
 }
