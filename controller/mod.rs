@@ -20,8 +20,9 @@ use std::time::Duration;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
+use crate::config::ControlTls;
 use crate::proto::v1::controller_service_server::ControllerServiceServer;
 use crate::proto::v1::fleet_service_server::FleetServiceServer;
 use fleet::Fleet;
@@ -63,16 +64,9 @@ pub struct ControllerArgs {
     pub health_listen: Option<SocketAddr>,
 }
 
-/// The controller's mTLS material, read at start.
-pub struct ServerTls {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Vec<u8>,
-}
-
 impl ControllerArgs {
     /// Checks the arguments and reads the TLS files.
-    pub fn tls(&self) -> Result<Option<ServerTls>, String> {
+    pub fn tls(&self) -> Result<Option<ControlTls>, String> {
         let (Some(cert), Some(key), Some(client_ca)) = (&self.cert, &self.key, &self.client_ca)
         else {
             if !self.listen.ip().is_loopback() {
@@ -89,7 +83,7 @@ impl ControllerArgs {
         };
         let read =
             |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-        Ok(Some(ServerTls {
+        Ok(Some(ControlTls {
             cert_pem: read(cert)?,
             key_pem: read(key)?,
             client_ca_pem: read(client_ca)?,
@@ -113,7 +107,7 @@ pub fn open(data: &std::path::Path) -> Result<Arc<Fleet>, String> {
 /// until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<ServerTls>,
+    tls: Option<ControlTls>,
     fleet: Arc<Fleet>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -131,11 +125,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true);
     if let Some(tls) = tls {
-        server = server.tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem)),
-        )?;
+        server = server.tls_config(crate::grpc::mtls_server(&tls))?;
     }
     server
         .add_service(ControllerServiceServer::new(sync::SyncService::new(
@@ -218,7 +208,7 @@ impl Drop for AbortOnDrop {
 
 async fn serve_until_terminated(
     listen: SocketAddr,
-    tls: Option<ServerTls>,
+    tls: Option<ControlTls>,
     fleet: Arc<Fleet>,
 ) -> Result<(), String> {
     let listener = TcpListener::bind(listen)

@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+
+use crate::config::ControlTls;
 
 use crate::proto::FILE_DESCRIPTOR_SET;
 
@@ -29,6 +33,13 @@ pub fn reflection() -> (
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
     (v1, v1alpha)
+}
+
+/// A server that requires client certificates signed by `tls.client_ca_pem`.
+pub fn mtls_server(tls: &ControlTls) -> ServerTlsConfig {
+    ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
 }
 
 /// TLS material a client presents and trusts.

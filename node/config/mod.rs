@@ -56,8 +56,9 @@ pub struct ControlSettings {
     pub tls: Option<ControlTls>,
 }
 
-/// PEM material for the control service's mTLS, read when the config is
-/// loaded so a missing or unreadable file is a config error.
+/// PEM material for a gRPC server's mTLS (the control service, the
+/// controller), read up front so a missing or unreadable file is reported
+/// before anything listens.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ControlTls {
     pub cert_pem: Vec<u8>,

@@ -9,7 +9,7 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::ControlTls;
 use crate::proto::v1::control_service_server::ControlServiceServer;
@@ -33,11 +33,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection();
     let mut server = Server::builder();
     if let Some(tls) = tls {
-        server = server.tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem)),
-        )?;
+        server = server.tls_config(crate::grpc::mtls_server(tls))?;
     }
     server
         .add_service(ControlServiceServer::new(ControlApi::new(node)))
