@@ -151,17 +151,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         service: "tether-controller",
         instance_id: &instance,
     };
-    let telemetry = crate::telemetry::start(&settings, identity)?;
-    let _prometheus = match (&telemetry.prometheus, args.prometheus) {
-        (Some(reader), Some(addr)) => {
-            let listener = crate::telemetry::prometheus::bind(addr).await?;
-            tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
-            Some(AbortOnDrop(tokio::spawn(
-                crate::telemetry::prometheus::serve(listener, reader.clone(), Arc::new(|| true)),
-            )))
-        }
-        _ => None,
-    };
+    let mut telemetry = crate::telemetry::start(&settings, identity)?;
+    telemetry.serve_prometheus(Arc::new(|| true)).await?;
     let _health = match args.health_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)

@@ -251,7 +251,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         service: "tether-node",
         instance_id: &node_id,
     };
-    let telemetry = match crate::telemetry::start(&telemetry_settings, identity) {
+    let mut telemetry = match crate::telemetry::start(&telemetry_settings, identity) {
         Ok(telemetry) => telemetry,
         Err(e) => {
             eprintln!("tether: telemetry: {e}");
@@ -260,24 +260,12 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     };
     // Ready from the first generation until the node begins to stop.
     let serving = Arc::new(AtomicBool::new(false));
-    let prometheus = match (&telemetry.prometheus, telemetry_settings.prometheus) {
-        (Some(reader), Some(addr)) => match crate::telemetry::prometheus::bind(addr).await {
-            Ok(listener) => {
-                tracing::info!(address = %listener.local_addr().unwrap_or(addr), "prometheus endpoint listening");
-                let ready = serving.clone();
-                Some(tokio::spawn(crate::telemetry::prometheus::serve(
-                    listener,
-                    reader.clone(),
-                    Arc::new(move || ready.load(Ordering::Relaxed)),
-                )))
-            }
-            Err(e) => {
-                eprintln!("tether: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        _ => None,
-    };
+    let ready = serving.clone();
+    let readiness = Arc::new(move || ready.load(Ordering::Relaxed));
+    if let Err(e) = telemetry.serve_prometheus(readiness).await {
+        eprintln!("tether: {e}");
+        return ExitCode::FAILURE;
+    }
     let node = match start_node(&config_path, local.as_ref()).await {
         Ok(node) => node,
         Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
@@ -355,9 +343,6 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control).await;
     if let Some(agent) = agent {
         agent.abort();
-    }
-    if let Some(prometheus) = prometheus {
-        prometheus.abort();
     }
     telemetry.shutdown();
     tracing::info!("stopped");

@@ -65,8 +65,10 @@ pub fn tracing_enabled() -> bool {
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
     meter_provider: Option<SdkMeterProvider>,
-    /// For the Prometheus endpoint.
-    pub prometheus: Option<Arc<ManualReader>>,
+    /// The Prometheus endpoint's address and the reader it collects from.
+    prometheus: Option<(std::net::SocketAddr, Arc<ManualReader>)>,
+    /// The endpoint, once served.
+    prometheus_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Who is reporting: the resource attributes of every span and metric.
@@ -97,6 +99,7 @@ pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Tel
         tracer_provider: None,
         meter_provider: None,
         prometheus: None,
+        prometheus_task: None,
     };
     if endpoint.is_none() && settings.prometheus.is_none() {
         return Ok(telemetry);
@@ -138,10 +141,10 @@ pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Tel
         }
         meters = meters.with_reader(reader.build());
     }
-    if settings.prometheus.is_some() {
+    if let Some(addr) = settings.prometheus {
         let reader = Arc::new(ManualReader::builder().build());
         meters = meters.with_reader(prometheus::SharedReader(reader.clone()));
-        telemetry.prometheus = Some(reader);
+        telemetry.prometheus = Some((addr, reader));
     }
     let provider = meters.build();
     opentelemetry::global::set_meter_provider(provider.clone());
@@ -177,8 +180,30 @@ fn resource(settings: &TelemetrySettings, identity: &Identity<'_>) -> Resource {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 impl Telemetry {
-    /// Exports what is queued, for at most `SHUTDOWN_GRACE`.
+    /// Binds and serves the Prometheus endpoint, if one is configured;
+    /// `ready` answers `/readyz`.
+    pub async fn serve_prometheus(&mut self, ready: prometheus::Ready) -> Result<(), String> {
+        let Some((addr, reader)) = &self.prometheus else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot bind the Prometheus endpoint {addr}: {e}"))?;
+        tracing::info!(address = %listener.local_addr().unwrap_or(*addr), "prometheus endpoint listening");
+        self.prometheus_task = Some(tokio::spawn(prometheus::serve(
+            listener,
+            reader.clone(),
+            ready,
+        )));
+        Ok(())
+    }
+
+    /// Stops the endpoint and exports what is queued, for at most
+    /// `SHUTDOWN_GRACE`.
     pub fn shutdown(&self) {
+        if let Some(task) = &self.prometheus_task {
+            task.abort();
+        }
         let tracer = self.tracer_provider.clone();
         let meter = self.meter_provider.clone();
         if tracer.is_none() && meter.is_none() {

@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -74,13 +73,6 @@ pub async fn serve(listener: TcpListener, reader: Arc<ManualReader>, ready: Read
                 .await;
         });
     }
-}
-
-/// Binds the endpoint; the caller spawns `serve`.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot bind the Prometheus endpoint {addr}: {e}"))
 }
 
 fn answer(
