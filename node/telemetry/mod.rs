@@ -26,7 +26,6 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::{ManualReader, PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::EnvFilter;
@@ -59,6 +58,13 @@ pub fn metrics_enabled() -> bool {
 /// Whether spans are exported; when not, none are created.
 pub fn tracing_enabled() -> bool {
     TRACING.load(Ordering::Relaxed)
+}
+
+/// The one tracer every span comes from, made once.
+fn tracer() -> &'static opentelemetry::global::BoxedTracer {
+    static TRACER: std::sync::OnceLock<opentelemetry::global::BoxedTracer> =
+        std::sync::OnceLock::new();
+    TRACER.get_or_init(|| opentelemetry::global::tracer("tether"))
 }
 
 /// What runs the exports; flushed and stopped by `shutdown`.
@@ -123,7 +129,6 @@ pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Tel
         }
         let provider = builder.build();
         opentelemetry::global::set_tracer_provider(provider.clone());
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         TRACING.store(true, Ordering::Relaxed);
         telemetry.tracer_provider = Some(provider);
     }

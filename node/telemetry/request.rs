@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{header, HeaderMap, Method, Request, Response, Version};
-use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{BoundCounter, BoundHistogram};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
@@ -18,11 +17,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 
 use super::access_log::{AccessLog, Entry};
 use super::metrics::{node, status_class};
-
-fn tracer() -> &'static BoxedTracer {
-    static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
-    TRACER.get_or_init(|| opentelemetry::global::tracer("tether"))
-}
+use super::tracer;
 
 /// The route a request matched: its labels, and its request series bound
 /// once per status class so a request records without looking its labels

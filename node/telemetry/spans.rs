@@ -27,12 +27,11 @@ pub fn start(
         let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
         TraceContextPropagator::new().extract(&carrier)
     };
-    let tracer = opentelemetry::global::tracer("tether");
-    let span = tracer
+    let span = super::tracer()
         .span_builder(name)
         .with_kind(kind)
         .with_attributes(attributes)
-        .start_with_context(&tracer, &parent);
+        .start_with_context(super::tracer(), &parent);
     Some(parent.with_span(span))
 }
 
