@@ -85,13 +85,7 @@ async fn a_publish_reaches_exactly_the_matching_nodes_and_they_serve_it() {
     let us = Node::start(&node_config("us-1", &url, r#"env = "prod", region = "us""#));
     let staging = Node::start(&node_config("stage-1", &url, r#"env = "staging""#));
     wait_connected(&controller, &["eu-1", "us-1", "stage-1"]).await;
-    let mut watch = controller
-        .fleet()
-        .await
-        .watch_fleet(pb::WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = controller.watch().await;
 
     let origin = Origin::start("prod-app").await;
     let published = controller
@@ -187,14 +181,7 @@ upstream = "missing"
     let bad_selector = controller.publish("", "env").await.unwrap_err();
     assert_eq!(bad_selector.code(), Code::InvalidArgument);
 
-    let versions = controller
-        .fleet()
-        .await
-        .list_versions(pb::ListVersionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let versions = controller.versions().await;
     assert!(versions.is_empty(), "{versions:?}");
 }
 
@@ -217,13 +204,7 @@ async fn a_node_that_cannot_bind_nacks_with_the_reason_and_the_others_ack() {
     // Version 2 listens on a Unix socket next to each node's config; on
     // node b something already listens there.
     let held = std::os::unix::net::UnixListener::bind(b.path("web.sock")).unwrap();
-    let mut watch = controller
-        .fleet()
-        .await
-        .watch_fleet(pb::WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = controller.watch().await;
     controller
         .publish(&traffic("unix:web.sock", &origin), "")
         .await
@@ -300,14 +281,7 @@ async fn rollback_publishes_an_earlier_version_again() {
     assert_eq!(rolled.version, 3);
     wait_acked(&controller, &["n"], 3).await;
     origin_answers(&node, &old).await;
-    let versions = controller
-        .fleet()
-        .await
-        .list_versions(pb::ListVersionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let versions = controller.versions().await;
     let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
     assert_eq!(numbers, [3, 2, 1], "newest first");
     assert_eq!(versions[0].rollback_of, 1);
@@ -345,14 +319,7 @@ async fn a_killed_controller_comes_back_with_every_version_and_node_state() {
     controller.restart();
     // Versions are on disk, and so is what each node ACKed — read before
     // the nodes are back.
-    let versions = controller
-        .fleet()
-        .await
-        .list_versions(pb::ListVersionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let versions = controller.versions().await;
     assert_eq!(versions.len(), 1);
     let nodes = controller.nodes().await;
     for id in ["a", "b"] {
@@ -788,13 +755,7 @@ async fn back_to_back_publishes_converge_on_the_newest_version() {
         Origin::start("o4").await,
         Origin::start("o5").await,
     ];
-    let mut watch = controller
-        .fleet()
-        .await
-        .watch_fleet(pb::WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = controller.watch().await;
     // No waiting between publishes: the node may skip versions, never
     // regress, and ends on the newest.
     for origin in &origins {

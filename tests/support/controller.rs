@@ -101,6 +101,27 @@ impl Controller {
             .map(|r| r.into_inner())
     }
 
+    /// Published versions, newest first.
+    pub async fn versions(&self) -> Vec<pb::VersionInfo> {
+        self.fleet()
+            .await
+            .list_versions(pb::ListVersionsRequest {})
+            .await
+            .expect("ListVersions")
+            .into_inner()
+            .versions
+    }
+
+    /// Opens a WatchFleet stream.
+    pub async fn watch(&self) -> tonic::Streaming<pb::FleetEvent> {
+        self.fleet()
+            .await
+            .watch_fleet(pb::WatchFleetRequest {})
+            .await
+            .expect("WatchFleet")
+            .into_inner()
+    }
+
     pub async fn nodes(&self) -> Vec<pb::NodeStatus> {
         self.fleet()
             .await
