@@ -102,7 +102,7 @@ impl Store {
         let (loaded, records) = replay(&path)?;
         let live = loaded.versions.len() + loaded.nodes.len();
         if records > 1024 && records > 2 * live {
-            compact(dir, &path, &loaded)
+            compact(&path, &loaded)
                 .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
             tracing::info!(records, live, "store compacted");
         }
@@ -224,9 +224,7 @@ fn replay(path: &Path) -> Result<(Loaded, usize), String> {
 }
 
 /// Rewrites the log with one record per version and per node.
-fn compact(dir: &Path, path: &Path, loaded: &Loaded) -> std::io::Result<()> {
-    let temporary = dir.join(format!(".{LOG_FILE}.compact"));
-    let mut file = File::create(&temporary)?;
+fn compact(path: &Path, loaded: &Loaded) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let records = loaded
         .versions
@@ -238,9 +236,5 @@ fn compact(dir: &Path, path: &Path, loaded: &Loaded) -> std::io::Result<()> {
         serde_json::to_writer(&mut buffer, &record).map_err(std::io::Error::other)?;
         buffer.push(b'\n');
     }
-    file.write_all(&buffer)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temporary, path)?;
-    File::open(dir)?.sync_all()
+    crate::durable::replace_file(path, &buffer)
 }

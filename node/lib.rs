@@ -19,6 +19,7 @@ pub mod control;
 #[path = "../controller/mod.rs"]
 pub mod controller;
 pub mod ctl;
+pub mod durable;
 pub mod generation;
 pub mod grpc;
 pub mod health;

@@ -2,7 +2,6 @@
 //! state directory so that a restart while the controller is unreachable
 //! comes back serving it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -45,11 +44,6 @@ pub fn load(state_dir: &Path) -> Result<Option<LastAcked>, String> {
 /// one, never a torn one.
 pub fn save(state_dir: &Path, state: &LastAcked) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
-    let path = path(state_dir);
-    let temporary = state_dir.join(format!(".{FILE_NAME}.tmp"));
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, &path)?;
-    std::fs::File::open(state_dir)?.sync_all()
+    let contents = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    crate::durable::replace_file(&path(state_dir), &contents)
 }
