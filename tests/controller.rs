@@ -786,3 +786,34 @@ async fn back_to_back_publishes_converge_on_the_newest_version() {
         "at most one generation per version: {generation}"
     );
 }
+
+#[tokio::test]
+async fn a_log_of_mostly_superseded_records_is_compacted_at_open() {
+    use tether::controller::store::{Record, Store, StoredNode};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path()).unwrap();
+        for generation in 0..1100 {
+            let node = StoredNode {
+                id: "n".into(),
+                generation,
+                ..StoredNode::default()
+            };
+            store.append(Record::Node(node));
+        }
+        store
+            .append_durable(Record::Node(StoredNode {
+                id: "n".into(),
+                generation: 1100,
+                ..StoredNode::default()
+            }))
+            .await
+            .unwrap();
+    }
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.nodes["n"].generation, 1100);
+    let log = std::fs::read_to_string(dir.path().join("fleet.log")).unwrap();
+    assert_eq!(log.lines().count(), 1, "one record per node left");
+    let (_, reloaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(reloaded.nodes["n"].generation, 1100);
+}
