@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use clap::Args;
 use tokio::net::TcpListener;
@@ -159,7 +160,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             tracing::info!(address = %listener.local_addr().unwrap_or(addr), "health service listening");
-            Some(AbortOnDrop(tokio::spawn(serve_health(listener))))
+            Some(AbortOnDropHandle::new(tokio::spawn(serve_health(listener))))
         }
         None => None,
     };
@@ -185,15 +186,6 @@ async fn serve_health(listener: TcpListener) {
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "health service failed");
-    }
-}
-
-/// Stops a background task when its owner goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -225,6 +225,7 @@ async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generati
     let lifecycle = &generation.lifecycle;
     let name = generation.listeners[index].config.name.clone();
     let mut backoff = Duration::from_millis(10);
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -264,13 +265,9 @@ async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generati
                 ) => {}
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of
-                // spinning, and keep serving the connections we have.
-                tracing::error!(
-                    listener = %generation.listeners[index].config.name,
-                    error = %e,
-                    retry_in = ?backoff,
-                    "accept failed"
-                );
+                // spinning, keep serving the connections we have, and say
+                // so at most once a second.
+                failures.note(&generation.listeners[index].config.name, &e);
                 tokio::select! {
                     _ = lifecycle.retired() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -278,5 +275,32 @@ async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generati
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Accept errors, logged at most once a second with how many there were.
+#[derive(Default)]
+struct AcceptFailures {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, listener: &str, error: &io::Error) {
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        tracing::error!(
+            listener,
+            %error,
+            failures = self.unlogged,
+            "accept failed; serving the open connections and retrying"
+        );
+        self.last_logged = Some(std::time::Instant::now());
+        self.unlogged = 0;
     }
 }

@@ -40,7 +40,11 @@ impl<T> Router<T> {
     /// `host` may carry a port and any letter case; `path` is the URI path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&T> {
         let tree = host
-            .map(strip_port)
+            .map(|host| {
+                // `example.com.` is `example.com` (a fully qualified name).
+                let host = strip_port(host);
+                host.strip_suffix('.').unwrap_or(host)
+            })
             .and_then(|host| self.host_tree(host))
             .or(self.any.as_ref())?;
         tree.longest_match(path.as_bytes())

@@ -241,3 +241,69 @@ async fn garbage_to_the_forward_proxy_costs_only_its_connection() {
     let (status, _) = connect_via(proxy, &echo.to_string(), None).await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 }
+
+#[tokio::test]
+async fn ipv6_spellings_of_loopback_and_metadata_addresses_are_refused() {
+    let echo = echo_server().await;
+    let node = Node::start(&config("forward", ""));
+    let proxy = node.listener("p").await;
+    let port = echo.port();
+    for target in [
+        format!("[64:ff9b::7f00:1]:{port}"),  // NAT64 of 127.0.0.1
+        "[64:ff9b::a9fe:a9fe]:80".to_owned(), // NAT64 of 169.254.169.254
+        format!("[::127.0.0.1]:{port}"),      // IPv4-compatible
+        "[2002:a9fe:a9fe::1]:80".to_owned(),  // 6to4 of 169.254.169.254
+        "[2001:0:4136:e378:8000:63bf:f5ff:fffe]:80".to_owned(), // Teredo, client 10.0.0.1
+        "[fec0::1]:80".to_owned(),            // site-local
+    ] {
+        let (status, _) = connect_via(proxy, &target, None).await;
+        assert!(status.starts_with("HTTP/1.1 403"), "{target}: {status}");
+    }
+    // A deny rule by IPv4 network sees through the same spellings.
+    let node = Node::start(&config(
+        "forward",
+        "allow = [\"::/0\", \"0.0.0.0/0\"]\ndeny = [\"127.0.0.0/8\"]\n",
+    ));
+    let proxy = node.listener("p").await;
+    let (status, _) = connect_via(proxy, &format!("[::ffff:127.0.0.1]:{port}"), None).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+}
+
+#[tokio::test]
+async fn a_deny_rule_by_name_holds_for_every_spelling_of_the_name() {
+    let echo = echo_server().await;
+    let node = Node::start(&config(
+        "forward",
+        "allow = [\"127.0.0.0/8\"]\ndeny = [\"localhost\"]\n",
+    ));
+    let proxy = node.listener("p").await;
+    for name in ["localhost.", "LocalHost", "LOCALHOST."] {
+        let (status, _) = connect_via(proxy, &format!("{name}:{}", echo.port()), None).await;
+        assert!(status.starts_with("HTTP/1.1 403"), "{name}: {status}");
+    }
+    let node = Node::start(&config(
+        "socks5",
+        "allow = [\"127.0.0.0/8\"]\ndeny = [\"localhost\"]\n",
+    ));
+    let proxy = node.listener("p").await;
+    let denied = tokio_socks::tcp::Socks5Stream::connect(proxy, ("localhost.", echo.port())).await;
+    assert!(
+        matches!(
+            denied,
+            Err(tokio_socks::Error::ConnectionNotAllowedByRuleset)
+        ),
+        "{denied:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_ipv4_mapped_network_rule_with_a_short_prefix_matches() {
+    let echo = echo_server().await;
+    let node = Node::start(&config(
+        "forward",
+        "allow = [\"127.0.0.0/8\"]\ndeny = [\"::ffff:0.0.0.0/96\"]\n",
+    ));
+    let proxy = node.listener("p").await;
+    let (status, _) = connect_via(proxy, &echo.to_string(), None).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+}

@@ -6,15 +6,13 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use support::*;
-use tokio_rustls::TlsConnector;
 
 struct Certs {
     ca: TestCa,
@@ -95,23 +93,7 @@ async fn connect(
     Option<Vec<u8>>,
     tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
 ) {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca_der: CertificateDer =
-        rustls::pki_types::pem::PemObject::from_pem_slice(ca.pem().as_bytes()).unwrap();
-    roots.add(ca_der).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = tls_connect(addr, name, &ca.pem(), alpn).await;
     let (_, session) = stream.get_ref();
     let served = session.peer_certificates().unwrap()[0].to_vec();
     let alpn = session.alpn_protocol().map(|p| p.to_vec());

@@ -218,3 +218,38 @@ async fn http_health_checks_can_probe_over_tls() {
         }
     }
 }
+
+/// An HTTP check over TLS with the system's trust roots reads them once,
+/// when its checker starts: a probe every interval must not re-read the
+/// trust store (slow, and a store being rewritten would fail the probes).
+#[tokio::test]
+async fn tls_health_checks_read_the_system_trust_roots_once() {
+    let ca = TestCa::new("system CA");
+    let origin = tls_origin(&ca, false).await;
+    let files = Files(tempfile::tempdir().unwrap());
+    let system_roots = files.write("system-roots.pem", &ca.pem());
+    let config = format!(
+        "{}server_name = \"origin.test\"\n[upstream.secure.health]\ntype = \"http\"\ntls = true\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 1\n",
+        config(origin, "http1", "")
+    );
+    let roots_for_node = system_roots.clone();
+    let node = Node::start_customized(&config, move |command| {
+        command.env("SSL_CERT_FILE", &roots_for_node);
+    });
+    let addr = origin.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while node.server_health("secure", &addr).await != tether::proto::v1::HealthState::Healthy {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the origin never turned healthy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The trust store is emptied: probes keep the roots they started with.
+    std::fs::write(&system_roots, "").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(
+        node.server_health("secure", &addr).await,
+        tether::proto::v1::HealthState::Healthy
+    );
+}

@@ -172,6 +172,7 @@ async fn run_checker(
     stop: CancellationToken,
 ) {
     let (addr, check) = key;
+    let probe = probe::Probe::new(addr.clone(), check.kind.clone());
     let mut successes = 0u32;
     let mut failures = 0u32;
     let mut delay = random_up_to(check.jitter);
@@ -180,11 +181,10 @@ async fn run_checker(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
-        let result =
-            match tokio::time::timeout(check.timeout, probe::probe(&addr, &check.kind)).await {
-                Ok(result) => result,
-                Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-            };
+        let result = match tokio::time::timeout(check.timeout, probe.run()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        };
         if stop.is_cancelled() {
             return;
         }

@@ -11,48 +11,71 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
+use tokio_util::task::AbortOnDropHandle;
 
-use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck};
+use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck, UpstreamTls};
 use crate::stream::Socket;
 use crate::upstream::connect::connect;
 
 /// The most a probe reads looking for an expected body or bytes.
 const READ_LIMIT: usize = 64 * 1024;
 
-/// Ok, or the reason the probe failed (for logs and health events).
-pub async fn probe(addr: &ServerAddr, kind: &CheckKind) -> Result<(), String> {
-    let stream = connect(addr)
-        .await
-        .map_err(|e| format!("connect failed: {e}"))?;
-    match kind {
-        CheckKind::Http(check) => http(stream, addr, check).await,
-        CheckKind::Tcp(check) => tcp(stream, check).await,
+/// A probe of one server, ready to run every interval. TLS settings
+/// (trust roots, client certificate) are turned into a connector once, when
+/// the checker starts, not on every probe: with no `ca` that means reading
+/// the system trust store, which is slow and may change under a running node.
+pub struct Probe {
+    addr: ServerAddr,
+    kind: CheckKind,
+    /// For HTTP checks over TLS: the connector and the name to verify, or
+    /// why there is none (every probe then fails with that reason).
+    tls: Option<Result<(TlsConnector, ServerName<'static>), String>>,
+}
+
+impl Probe {
+    pub fn new(addr: ServerAddr, kind: CheckKind) -> Probe {
+        let tls = match &kind {
+            CheckKind::Http(HttpCheck { tls: Some(tls), .. }) => Some(tls_connector(&addr, tls)),
+            _ => None,
+        };
+        Probe { addr, kind, tls }
+    }
+
+    /// Ok, or the reason the probe failed (for logs and health events).
+    pub async fn run(&self) -> Result<(), String> {
+        let stream = connect(&self.addr)
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?;
+        match (&self.kind, &self.tls) {
+            (CheckKind::Http(check), None) => http_over(stream, &self.addr, check).await,
+            (CheckKind::Http(check), Some(tls)) => {
+                let (connector, name) = tls.as_ref().map_err(Clone::clone)?;
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                http_over(stream, &self.addr, check).await
+            }
+            (CheckKind::Tcp(check), _) => tcp(stream, check).await,
+        }
     }
 }
 
-async fn http(stream: Socket, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String> {
-    match &check.tls {
-        None => http_over(stream, addr, check).await,
-        Some(tls) => {
-            let config = crate::tls::client_config(tls)?;
-            let name = match &tls.server_name {
-                Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
-                None => match addr {
-                    ServerAddr::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
-                    ServerAddr::Unix(_) => {
-                        return Err(
-                            "TLS to a Unix socket needs the upstream's tls.server_name".into()
-                        )
-                    }
-                },
-            };
-            let stream = TlsConnector::from(Arc::new(config))
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            http_over(stream, addr, check).await
-        }
-    }
+fn tls_connector(
+    addr: &ServerAddr,
+    tls: &UpstreamTls,
+) -> Result<(TlsConnector, ServerName<'static>), String> {
+    let config = crate::tls::client_config(tls)?;
+    let name = match &tls.server_name {
+        Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
+        None => match addr {
+            ServerAddr::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
+            ServerAddr::Unix(_) => {
+                return Err("TLS to a Unix socket needs the upstream's tls.server_name".into())
+            }
+        },
+    };
+    Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
 async fn http_over<S>(stream: S, addr: &ServerAddr, check: &HttpCheck) -> Result<(), String>
@@ -64,7 +87,7 @@ where
             .await
             .map_err(|e| format!("HTTP handshake failed: {e}"))?;
     // Drives the connection; aborted with the probe so nothing outlives it.
-    let driver = AbortOnDrop(tokio::spawn(connection));
+    let driver = AbortOnDropHandle::new(tokio::spawn(connection));
     let host = check.host.clone().unwrap_or_else(|| match addr {
         ServerAddr::Tcp(addr) => addr.to_string(),
         ServerAddr::Unix(_) => "localhost".to_owned(),
@@ -136,12 +159,4 @@ async fn tcp(mut stream: Socket, check: &TcpCheck) -> Result<(), String> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -56,15 +56,18 @@ pub fn add_forwarded(
     host: Option<&HeaderValue>,
 ) {
     let client = ip_header_value(client_ip);
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
-            joined.extend_from_slice(existing.as_bytes());
+    // Several header lines are one comma-separated list (RFC 9110 §5.3).
+    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let forwarded_for = if existing.peek().is_none() {
+        client
+    } else {
+        let mut joined = Vec::with_capacity(64);
+        for value in existing {
+            joined.extend_from_slice(value.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or(client)
         }
-        None => client,
+        joined.extend_from_slice(client.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or(client)
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -128,5 +131,21 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.7, 10.1.2.3");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+    }
+
+    #[test]
+    fn joins_every_forwarded_for_line_before_appending() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("198.51.100.1, 192.0.2.9"),
+        );
+        add_forwarded(&mut h, "10.1.2.3".parse().unwrap(), "http", None);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            h[&X_FORWARDED_FOR],
+            "203.0.113.7, 198.51.100.1, 192.0.2.9, 10.1.2.3"
+        );
     }
 }

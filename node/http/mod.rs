@@ -1,6 +1,7 @@
 //! The HTTP listener: HTTP/1.1 and HTTP/2 (prior knowledge) on one socket,
 //! routing, then a proxied upstream or static files.
 
+mod activity;
 pub mod body;
 mod headers;
 mod proxy;

@@ -20,7 +20,7 @@ use super::HttpListener;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::generation::Generation;
 use crate::telemetry::request::Observation;
-use crate::upstream::{balance_hash, PickContext, RequestBody, Upstream};
+use crate::upstream::{hash_bytes, hash_ip, PickContext, RequestBody, Upstream};
 
 pub async fn forward(
     mut request: Request<Incoming>,
@@ -32,11 +32,11 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let mut upgrade = upgrade::take(&mut request);
     let key_hash = upstream.hash_key().map(|key| match key {
-        HashKey::ClientIp => balance_hash(&client_ip),
-        HashKey::Header(name) => request.headers().get(name).map_or_else(
-            || balance_hash(&client_ip),
-            |value| balance_hash(value.as_bytes()),
-        ),
+        HashKey::ClientIp => hash_ip(client_ip),
+        HashKey::Header(name) => request
+            .headers()
+            .get(name)
+            .map_or_else(|| hash_ip(client_ip), |value| hash_bytes(value.as_bytes())),
     });
     let context = PickContext {
         client_ip,
@@ -49,7 +49,7 @@ pub async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    // HTTP/2 clients send :authority instead of Host.
+    // HTTP/2 clients may send :authority instead of Host.
     let host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
         None => parts
@@ -84,7 +84,8 @@ pub async fn forward(
     // Only a request with no body can be sent twice.
     let replayable =
         upstream.config.retries > 0 && parts.method.is_idempotent() && body.is_end_stream();
-    let mut body = (!replayable).then_some(RequestBody::Streaming(body));
+    let (body, client_body_failed) = RequestBody::from_client(body);
+    let mut body = (!replayable).then_some(body);
     let mut tried: Vec<usize> = Vec::new();
     loop {
         let Some(index) = upstream.pick(&context, &tried) else {
@@ -142,6 +143,9 @@ pub async fn forward(
                     }
                 }
                 let (mut parts, body) = response.into_parts();
+                // The node answers in its own HTTP version, whatever the
+                // server spoke (RFC 9110 §6.2); HTTP/2 ignores the field.
+                parts.version = Version::HTTP_11;
                 remove_hop_by_hop(&mut parts.headers);
                 if listener.settings.via {
                     add_via(&mut parts.headers);
@@ -153,6 +157,14 @@ pub async fn forward(
                         _active: active,
                     },
                 );
+            }
+            Ok(Err(error)) if client_body_failed.get() => {
+                tracing::debug!(
+                    upstream = %upstream.config.name,
+                    error = %crate::report::error_chain(&error),
+                    "the client's request body could not be read"
+                );
+                return status_response(StatusCode::BAD_REQUEST);
             }
             Ok(Err(error)) => {
                 upstream.record(server, true);
@@ -168,6 +180,9 @@ pub async fn forward(
                     continue;
                 }
                 return status_response(StatusCode::BAD_GATEWAY);
+            }
+            Err(_) if client_body_failed.get() => {
+                return status_response(StatusCode::BAD_REQUEST);
             }
             Err(_) => {
                 upstream.record(server, true);

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::stream::ClientStream;
 
+use super::activity::{Activity, Idle};
 use super::body::ProxyBody;
 use super::respond::status_response;
 use super::{proxy, HttpListener, RouteTarget};
@@ -56,10 +57,12 @@ where
 {
     let generation = connection.generation().clone();
     let lifecycle = &generation.lifecycle;
+    let activity = Arc::new(Activity::new());
     let context = Arc::new(Context {
         connection,
         peer,
         http: http.clone(),
+        activity: activity.clone(),
     });
     let service = service_fn(move |request| {
         let context = context.clone();
@@ -68,25 +71,57 @@ where
     let conn = http.connections.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    lifecycle
-        .drive_connection(
+    let idle_timeout = http.settings.header_read_timeout;
+    let idle = tokio::select! {
+        _ = lifecycle.drive_connection(
             conn.as_mut(),
             |conn| conn.graceful_shutdown(),
             generation.config.node.drain_idle_grace,
-        )
-        .await;
+        ) => return,
+        idle = activity.idle(idle_timeout) => idle,
+    };
+    if idle == Idle::NeverUsed {
+        tracing::debug!(%peer, timeout = ?idle_timeout, "closing a connection that sent no request");
+        return;
+    }
+    // GOAWAY (HTTP/2) or close (idle HTTP/1); a peer that does not even
+    // take that within another timeout is dropped.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn => {}
+        _ = tokio::time::sleep(idle_timeout) => {}
+        _ = lifecycle.killed() => {}
+    }
 }
 
 struct Context {
     connection: ConnectionGuard,
     peer: SocketAddr,
     http: Arc<HttpListener>,
+    activity: Arc<Activity>,
+}
+
+/// Marks a request open on its connection until dropped.
+struct OpenRequest<'a>(&'a Activity);
+
+impl<'a> OpenRequest<'a> {
+    fn new(activity: &'a Activity) -> Self {
+        activity.request_started();
+        OpenRequest(activity)
+    }
+}
+
+impl Drop for OpenRequest<'_> {
+    fn drop(&mut self) {
+        self.0.request_done();
+    }
 }
 
 impl Context {
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let generation = self.connection.generation();
         let _in_flight = RequestGuard::new(&generation.lifecycle);
+        let _open = OpenRequest::new(&self.activity);
         let version = request.version();
         let http = &*self.http;
         let mut observation =
@@ -108,10 +143,19 @@ impl Context {
 
     async fn route(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         observation: &mut Observation,
     ) -> Response<ProxyBody> {
         let http = &*self.http;
+        // An HTTP/1 absolute-form target's authority wins over Host and
+        // replaces it (RFC 9112 §3.2.2). In HTTP/2, where :authority is
+        // always there, Host wins when both are sent, as in nginx.
+        if request.version() < Version::HTTP_2 {
+            let authority = request.uri().authority().map(|a| a.as_str());
+            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
         let host = request
             .headers()
             .get(header::HOST)

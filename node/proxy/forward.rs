@@ -126,7 +126,7 @@ impl ForwardProxy {
         let Some(destination) = request
             .uri()
             .authority()
-            .and_then(|a| destination(a.host(), a.port_u16()?))
+            .and_then(|a| Destination::parse(a.host(), a.port_u16()?))
         else {
             return status_with_reason(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
@@ -160,7 +160,8 @@ impl ForwardProxy {
         let Some(authority) = parts.uri.authority().cloned() else {
             return status_response(StatusCode::BAD_REQUEST);
         };
-        let Some(destination) = destination(authority.host(), authority.port_u16().unwrap_or(80))
+        let Some(destination) =
+            Destination::parse(authority.host(), authority.port_u16().unwrap_or(80))
         else {
             return status_response(StatusCode::BAD_REQUEST);
         };
@@ -179,7 +180,8 @@ impl ForwardProxy {
             parts.headers.insert(header::HOST, host);
         }
         parts.uri = uri;
-        let outgoing = Request::from_parts(parts, RequestBody::Streaming(body));
+        let (body, client_body_failed) = RequestBody::from_client(body);
+        let outgoing = Request::from_parts(parts, body);
         match tokio::time::timeout(
             self.settings.connect_timeout * 12,
             self.client.request(outgoing),
@@ -191,6 +193,7 @@ impl ForwardProxy {
                 crate::http::remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, ProxyBody::Stream(body))
             }
+            Ok(Err(_)) if client_body_failed.get() => status_response(StatusCode::BAD_REQUEST),
             Ok(Err(error)) => {
                 tracing::info!(%destination, error = %crate::report::error_chain(&error), "forward request failed");
                 status_response(StatusCode::BAD_GATEWAY)
@@ -198,15 +201,6 @@ impl ForwardProxy {
             Err(_) => status_response(StatusCode::GATEWAY_TIMEOUT),
         }
     }
-}
-
-fn destination(host: &str, port: u16) -> Option<Destination> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    Some(match bare.parse() {
-        Ok(ip) => Destination::Addr(SocketAddr::new(ip, port)),
-        Err(_) if !host.is_empty() => Destination::Name(host.to_owned(), port),
-        Err(_) => return None,
-    })
 }
 
 fn refused(destination: &Destination, refusal: Refusal) -> Response<ProxyBody> {

@@ -18,14 +18,14 @@ use crate::config::ProxySettings;
 pub use policy::{Destination, Refusal};
 
 /// Checks a user name and password against the configured users.
+/// Every user is compared, in constant time, so timing tells nothing.
 pub fn authenticate(settings: &ProxySettings, name: &[u8], password: &[u8]) -> bool {
-    settings.users.iter().any(|(n, p)| {
-        constant_time_eq(n.as_bytes(), name) & constant_time_eq(p.as_bytes(), password)
-    })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    let mut found = subtle::Choice::from(0);
+    for (n, p) in &settings.users {
+        found |= n.as_bytes().ct_eq(name) & p.as_bytes().ct_eq(password);
+    }
+    found.into()
 }
 
 /// Resolves and checks `destination`, then connects to the first allowed

@@ -146,11 +146,14 @@ impl Socks5Proxy {
                 let mut name = vec![0u8; usize::from(len)];
                 client.read_exact(&mut name).await?;
                 let port = u16::from_be_bytes(read_array(client).await?);
-                let Ok(name) = String::from_utf8(name) else {
-                    reply(client, Reply::GeneralFailure, None).await?;
-                    return Err(invalid("domain name is not UTF-8"));
+                let parsed = std::str::from_utf8(&name)
+                    .ok()
+                    .and_then(|name| Destination::parse(name, port));
+                let Some(destination) = parsed else {
+                    reply(client, Reply::NotAllowed, None).await?;
+                    return Err(invalid("not a host name"));
                 };
-                Destination::Name(name, port)
+                destination
             }
             _ => {
                 reply(client, Reply::AddressTypeNotSupported, None).await?;

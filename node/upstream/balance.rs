@@ -1,7 +1,8 @@
 //! Load-balancing policies. One trait, one small type per policy; every
 //! policy skips servers that are down and returns `None` only when all are.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::Write;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -152,10 +153,15 @@ const POINTS_PER_WEIGHT: u32 = 100;
 
 impl HashRing {
     fn new(servers: &[Arc<Server>]) -> Self {
-        let mut points = Vec::new();
+        let total: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
+        let mut points = Vec::with_capacity((total * u64::from(POINTS_PER_WEIGHT)) as usize);
+        let mut name = Vec::with_capacity(128);
         for (index, server) in servers.iter().enumerate() {
-            for replica in 0..server.weight * POINTS_PER_WEIGHT {
-                points.push((hash_of(&(&server.addr, replica)), index));
+            for replica in 0..server.weight.saturating_mul(POINTS_PER_WEIGHT) {
+                // "ADDR-REPLICA": the point's name, the same on every node.
+                name.clear();
+                let _ = write!(name, "{}-{replica}", server.addr);
+                points.push((hash_bytes(&name), index));
             }
         }
         points.sort_unstable();
@@ -167,7 +173,7 @@ impl Balancer for HashRing {
     fn pick(&self, _: &[Arc<Server>], context: &PickContext, eligible: Eligible) -> Option<usize> {
         let hash = context
             .key_hash
-            .unwrap_or_else(|| hash_of(&context.client_ip));
+            .unwrap_or_else(|| hash_ip(context.client_ip));
         let start = self.points.partition_point(|&(point, _)| point < hash);
         let len = self.points.len();
         (0..len)
@@ -176,11 +182,20 @@ impl Balancer for HashRing {
     }
 }
 
-/// A stable hash (SipHash with fixed keys), the same on every node and run.
-pub fn hash_of<T: Hash + ?Sized>(value: &T) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
+/// XXH3-64 (seed 0): a published algorithm that no toolchain or release
+/// changes, so every node, whatever built it, sends a key to the same
+/// server. (std's `DefaultHasher` promises no such thing.)
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// The hash of a client address: of its octets, an IPv4-mapped IPv6
+/// address as the IPv4 address it is.
+pub fn hash_ip(ip: IpAddr) -> u64 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+        IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +206,12 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use crate::config::ServerAddr;
+
+    // Computed with the reference XXH3 (Python's xxhash 3.x) and the same
+    // point names, independently of this code.
+    const EXPECTED_HASH_OF_TETHER: u64 = 5_989_835_927_888_215_092;
+    const EXPECTED_OWNERS: [usize; 16] = [3, 0, 1, 1, 3, 1, 1, 3, 3, 0, 0, 0, 3, 0, 2, 1];
+    const EXPECTED_USER_42: usize = 1;
 
     fn servers(weights: &[u32]) -> Vec<Arc<Server>> {
         weights
@@ -276,6 +297,27 @@ mod tests {
         }
         let owners: std::collections::HashSet<usize> = before.values().copied().collect();
         assert_eq!(owners.len(), 4, "256 keys should reach all four servers");
+    }
+
+    /// The ring's assignments are part of the product: nodes of different
+    /// builds must agree, so a change of hash or point naming fails here.
+    #[test]
+    fn consistent_hash_assignments_are_fixed() {
+        assert_eq!(hash_bytes(b"tether"), EXPECTED_HASH_OF_TETHER);
+        let four = servers(&[1, 2, 1, 1]);
+        let ring = HashRing::new(&four);
+        let owners: Vec<usize> = (0..16)
+            .map(|ip| ring.pick(&four, &context(ip), &available(&four)).unwrap())
+            .collect();
+        assert_eq!(owners, EXPECTED_OWNERS);
+        let by_header = PickContext {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            key_hash: Some(hash_bytes(b"user-42")),
+        };
+        assert_eq!(
+            ring.pick(&four, &by_header, &available(&four)),
+            Some(EXPECTED_USER_42)
+        );
     }
 
     #[test]

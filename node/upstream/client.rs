@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,8 +26,30 @@ pub type UpstreamClient = Client<HttpsConnector<UpstreamConnector>, RequestBody>
 /// A request body on its way upstream: the client's, streamed through, or
 /// none, which lets a bodiless request be sent again to another server.
 pub enum RequestBody {
-    Streaming(Incoming),
+    Streaming(Incoming, ClientBodyFailed),
     Empty,
+}
+
+impl RequestBody {
+    /// The client's body, and the flag that tells afterwards whether it
+    /// failed to arrive.
+    pub fn from_client(body: Incoming) -> (RequestBody, ClientBodyFailed) {
+        let failed = ClientBodyFailed::default();
+        (RequestBody::Streaming(body, failed.clone()), failed)
+    }
+}
+
+/// Set when the client's request body could not be read (malformed
+/// chunked encoding, a connection cut short): the exchange failed through
+/// the client's fault, so it is the client's `400` and never counts
+/// against the server.
+#[derive(Clone, Default)]
+pub struct ClientBodyFailed(Arc<AtomicBool>);
+
+impl ClientBodyFailed {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Body for RequestBody {
@@ -37,21 +61,27 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RequestBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Streaming(body, failed) => {
+                let frame = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &frame {
+                    failed.0.store(true, Ordering::Relaxed);
+                }
+                frame
+            }
             RequestBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Streaming(body) => body.is_end_stream(),
+            RequestBody::Streaming(body, _) => body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Streaming(body) => body.size_hint(),
+            RequestBody::Streaming(body, _) => body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

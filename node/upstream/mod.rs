@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use tokio::sync::broadcast;
 
-pub use balance::{hash_of as balance_hash, Balancer};
-pub use client::{ClientKey, ClientRegistry, RequestBody, UpstreamClient};
+pub use balance::{hash_bytes, hash_ip, Balancer};
+pub use client::{ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamClient};
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::health::{HealthCell, PreparedChecks};

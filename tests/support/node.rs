@@ -17,7 +17,12 @@ pub struct Node {
     pub config_path: PathBuf,
     pub control_addr: SocketAddr,
     log: SharedLog,
+    customize: Customize,
 }
+
+/// Changes to the node's process before it starts (environment, limits),
+/// applied again on restart.
+pub type Customize = Arc<dyn Fn(&mut Command) + Send + Sync>;
 
 /// Adds `[control] listen = "127.0.0.1:0"` unless the config has a control section.
 fn with_ephemeral_control(config: &str) -> String {
@@ -42,15 +47,34 @@ impl Node {
     }
 
     pub fn try_start_in(dir: tempfile::TempDir, config: &str) -> Result<Node, String> {
+        Self::try_start_customized(dir, config, Arc::new(|_| {}))
+    }
+
+    /// Starts a node whose process `customize` adjusts first.
+    pub fn start_customized(
+        config: &str,
+        customize: impl Fn(&mut Command) + Send + Sync + 'static,
+    ) -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::try_start_customized(dir, config, Arc::new(customize))
+            .unwrap_or_else(|log| panic!("node did not start:\n{log}"))
+    }
+
+    fn try_start_customized(
+        dir: tempfile::TempDir,
+        config: &str,
+        customize: Customize,
+    ) -> Result<Node, String> {
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, with_ephemeral_control(config)).expect("write config");
-        let (child, log, control_addr) = spawn_node(&config_path)?;
+        let (child, log, control_addr) = spawn_node(&config_path, &customize)?;
         Ok(Node {
             child,
             dir,
             config_path,
             control_addr,
             log,
+            customize,
         })
     }
 
@@ -59,7 +83,7 @@ impl Node {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, log, control_addr) = spawn_node(&self.config_path)
+        let (child, log, control_addr) = spawn_node(&self.config_path, &self.customize)
             .unwrap_or_else(|log| panic!("node did not restart:\n{log}"));
         self.child = child;
         self.log = log;
@@ -175,6 +199,32 @@ impl Node {
         proc_status_field(self.pid(), "Threads:")
     }
 
+    /// The health GetConfig reports for `addr` in `upstream`.
+    pub async fn server_health(&self, upstream: &str, addr: &str) -> pb::HealthState {
+        let config = self.get_config().await;
+        let upstream = config
+            .upstreams
+            .iter()
+            .find(|u| u.name == upstream)
+            .unwrap_or_else(|| panic!("no upstream {upstream}"));
+        let server = upstream
+            .servers
+            .iter()
+            .find(|s| s.address == addr)
+            .unwrap_or_else(|| panic!("no server {addr} in {:?}", upstream.servers));
+        pb::HealthState::try_from(server.health).unwrap_or(pb::HealthState::Unspecified)
+    }
+
+    /// How many log lines contain `text`.
+    pub fn log_lines_with(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
     pub fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
@@ -198,9 +248,13 @@ impl Drop for Node {
 }
 
 /// Runs `tether node --config PATH` and waits for its control service.
-fn spawn_node(config_path: &Path) -> Result<(Child, SharedLog, SocketAddr), String> {
+fn spawn_node(
+    config_path: &Path,
+    customize: &Customize,
+) -> Result<(Child, SharedLog, SocketAddr), String> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
     command.args(["node", "--config"]).arg(config_path);
+    customize(&mut command);
     let (child, log, line) = spawn_until(command, "control service listening", "node")?;
     Ok((child, log, address_in(&line)))
 }
