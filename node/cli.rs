@@ -54,6 +54,9 @@ const CONTROL_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_se
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Node { .. } | Command::Controller(_)) {
+        exit_quietly_on_closed_pipe();
+    }
     match cli.command {
         Command::Check { file } => check(&file),
         Command::Ctl(args) => client_runtime(crate::ctl::run(args)),
@@ -96,6 +99,17 @@ pub fn main() -> ExitCode {
             };
             runtime.block_on(run_node(config))
         }
+    }
+}
+
+/// The command-line tools end quietly when their output pipe closes
+/// (`tether check f.toml | head -1`), as Unix tools do: Rust ignores
+/// SIGPIPE, which makes `println!` panic instead. The node and the
+/// controller keep ignoring it; their sockets report EPIPE as an error.
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: resets one signal's disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

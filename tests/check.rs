@@ -152,3 +152,211 @@ balance = "consistent_hash"
         );
     }
 }
+
+#[test]
+fn a_bad_value_does_not_hide_the_other_errors_of_its_entry() {
+    let (code, _, stderr) = check(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+header_read_timeout = "soon"
+[[listener.route]]
+upstream = "api"
+
+[[listener]]
+name = "secure"
+listen = "127.0.0.1:8443"
+protocol = "https"
+[listener.tls]
+min_version = "1.1"
+[[listener.tls.certificate]]
+cert = "missing.crt"
+key = "missing.key"
+[[listener.route]]
+upstream = "api"
+
+[upstream.api]
+balance = "fastest"
+servers = [{ addr = "10.0.0.1:80", weight = 0 }, { addr = "10.0.0.2:80", weight = -1 }]
+connect_timeout = "5x"
+"#,
+    );
+    assert_eq!(code, 1);
+    for fragment in [
+        "node.toml:4:23: listener[0].header_read_timeout: invalid duration \"soon\"",
+        "listener[1].tls.min_version: invalid TLS version \"1.1\"",
+        "listener[1].tls.certificate[0].cert: cannot read",
+        "listener[1].tls.certificate[0].key: cannot read",
+        "node.toml:21:11: upstream.api.balance: unknown variant `fastest`",
+        "upstream.api.servers[0].weight: 0 is out of range: write 1 to 1000",
+        "upstream.api.servers[1].weight: invalid value: integer `-1`",
+        "upstream.api.connect_timeout: invalid duration \"5x\"",
+    ] {
+        assert!(
+            stderr.contains(fragment),
+            "missing {fragment:?} in:\n{stderr}"
+        );
+    }
+}
+
+/// Every number has a documented range; values past it would have crashed
+/// or exhausted a running node (timers past the clock's end, a hash ring
+/// of billions of points, HTTP/2 header limits that wrap).
+#[test]
+fn numbers_outside_their_documented_ranges_are_refused() {
+    let (code, _, stderr) = check(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+header_read_timeout = "18446744073709551615s"
+max_header_bytes = 4294967296
+[[listener.route]]
+upstream = "ring"
+
+[[listener]]
+name = "tcp"
+listen = "127.0.0.1:9000"
+protocol = "tcp"
+upstream = "ring"
+idle_timeout = "18446744073709551615s"
+
+[[listener]]
+name = "egress"
+listen = "127.0.0.1:3128"
+protocol = "forward"
+idle_timeout = "0s"
+[listener.proxy]
+connect_timeout = "25h"
+
+[upstream.ring]
+balance = "consistent_hash"
+hash_on = "client_ip"
+servers = [{ addr = "10.0.0.1:80", weight = 42949672 }, { addr = "10.0.0.2:80", weight = 1000 }]
+idle_timeout = "18446744073709551615h"
+retries = 4000000000
+max_idle_per_server = 10000000
+[upstream.ring.health]
+type = "tcp"
+rise = 1000
+[upstream.ring.passive]
+consecutive_failures = 0
+max_ejected_percent = 101
+"#,
+    );
+    assert_eq!(code, 1);
+    for fragment in [
+        "listener[0].header_read_timeout: duration \"18446744073709551615s\" is too long: at most 24h",
+        "listener[0].max_header_bytes: 4294967296 is out of range: write 8192 to 1048576",
+        "listener[1].idle_timeout: duration \"18446744073709551615s\" is too long",
+        "listener[2].idle_timeout: must be more than 0",
+        "listener[2].proxy.connect_timeout: duration \"25h\" is too long",
+        "upstream.ring.servers[0].weight: 42949672 is out of range: write 1 to 1000",
+        "upstream.ring.idle_timeout: duration \"18446744073709551615h\" is too long",
+        "upstream.ring.retries: 4000000000 is out of range: write 0 to 10",
+        "upstream.ring.max_idle_per_server: 10000000 is out of range: write 0 to 65536",
+        "upstream.ring.health.rise: 1000 is out of range: write 1 to 100",
+        "upstream.ring.passive.consecutive_failures: 0 is out of range: write 1 to 1000",
+        "upstream.ring.passive.max_ejected_percent: 101 is out of range: write 0 to 100",
+    ] {
+        assert!(stderr.contains(fragment), "missing {fragment:?} in:\n{stderr}");
+    }
+
+    // Weights in range that still make too large a ring.
+    let servers: Vec<String> = (1..=11)
+        .map(|i| format!("{{ addr = \"10.0.0.{i}:80\", weight = 1000 }}"))
+        .collect();
+    let (code, _, stderr) = check(&format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[listener.route]]\nupstream = \"ring\"\n[upstream.ring]\nbalance = \"consistent_hash\"\nhash_on = \"client_ip\"\nservers = [{}]\n",
+        servers.join(", ")
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("upstream.ring.servers: consistent_hash: the servers' weights add up to 11000, at most 10000"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn idle_timeout_is_accepted_on_forward_and_socks5_listeners_only_off_http() {
+    let (code, stdout, stderr) = check(
+        r#"[[listener]]
+name = "egress"
+listen = "127.0.0.1:3128"
+protocol = "forward"
+idle_timeout = "30s"
+[[listener]]
+name = "socks"
+listen = "127.0.0.1:1080"
+protocol = "socks5"
+idle_timeout = "45s"
+"#,
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, _, stderr) = check(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nidle_timeout = \"30s\"\n[[listener.route]]\nstatic = { root = \"site\" }\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(
+            "listener[0].idle_timeout: `idle_timeout` applies to tcp, forward and socks5 listeners"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_plaintext_controller_url_off_loopback_needs_insecure() {
+    let controller = |url: &str, extra: &str| {
+        check(&format!(
+            "[controller]\nurl = \"{url}\"\nstate_dir = \"state\"\n{extra}\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[listener.route]]\nstatic = {{ root = \"site\" }}\n"
+        ))
+    };
+    let (code, _, stderr) = controller("http://192.0.2.99:8840", "");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("node.toml:2:7: controller.url: a plaintext controller url must be on loopback, and 192.0.2.99 is not"),
+        "{stderr}"
+    );
+    for url in [
+        "http://127.0.0.1:8840",
+        "http://localhost:8840",
+        "http://[::1]:8840",
+    ] {
+        let (code, _, stderr) = controller(url, "");
+        assert_eq!(code, 0, "{url}: {stderr}");
+    }
+    let (code, _, stderr) = controller("http://192.0.2.99:8840", "insecure = true");
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// `tether check good.toml | head -0`: the reader is gone before the
+/// summary is written. Like other Unix tools, the command ends quietly.
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[listener.route]]\nstatic = { root = \"site\" }\n",
+    )
+    .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("check")
+        .arg(&path)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}",
+        output.status
+    );
+}

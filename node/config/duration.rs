@@ -17,7 +17,12 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
-/// Parses `<integer><unit>` with unit one of ms, s, m, h.
+/// The longest duration a config may hold. Every timeout and interval is
+/// added to clock readings; a day keeps that arithmetic far from overflow
+/// and is longer than any of them needs to be.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `<integer><unit>` with unit one of ms, s, m, h; at most a day.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -27,14 +32,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let hint = || {
         format!("invalid duration {text:?}: write a number and a unit, e.g. \"500ms\", \"30s\", \"5m\", \"1h\"")
     };
-    let amount: u64 = digits.parse().map_err(|_| hint())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(amount)),
-        "s" => Ok(Duration::from_secs(amount)),
-        "m" => Ok(Duration::from_secs(amount * 60)),
-        "h" => Ok(Duration::from_secs(amount * 3600)),
-        _ => Err(hint()),
-    }
+    let too_long = || format!("duration {text:?} is too long: at most 24h");
+    let amount: u64 = match digits.parse() {
+        Ok(amount) => amount,
+        // All digits, and still no u64: far past a day.
+        Err(_) if !digits.is_empty() && matches!(unit, "ms" | "s" | "m" | "h") => {
+            return Err(too_long())
+        }
+        Err(_) => return Err(hint()),
+    };
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(hint()),
+    };
+    let duration = amount
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(too_long)?;
+    Ok(duration)
 }
 
 /// The inverse of `parse_duration`, for messages and `GetConfig`.
@@ -60,5 +79,23 @@ mod tests {
         assert!(parse_duration("30").unwrap_err().contains("unit"));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1.5s").is_err());
+    }
+
+    #[test]
+    fn refuses_more_than_a_day_without_overflowing() {
+        assert_eq!(parse_duration("24h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("86400s"), Ok(MAX_DURATION));
+        for long in [
+            "25h",
+            "86401s",
+            "18446744073709551615s",
+            "18446744073709551615h",
+            "99999999999999999999999ms",
+        ] {
+            assert!(
+                parse_duration(long).unwrap_err().contains("at most 24h"),
+                "{long}"
+            );
+        }
     }
 }

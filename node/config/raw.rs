@@ -37,6 +37,8 @@ pub struct RawController {
     pub labels_file: Option<String>,
     pub state_dir: Option<String>,
     pub tls: Option<RawControllerTls>,
+    /// Allows a plaintext `http://` url off loopback.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

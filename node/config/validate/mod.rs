@@ -42,6 +42,16 @@ const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
+// The documented range of every number a config holds (README, "Limits").
+const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=1000;
+/// The sum of a consistent-hash upstream's weights (100 ring points each).
+const MAX_HASH_RING_WEIGHT: u64 = 10_000;
+const RETRIES: std::ops::RangeInclusive<u32> = 0..=10;
+const MAX_IDLE_PER_SERVER: std::ops::RangeInclusive<usize> = 0..=65_536;
+const RISE_FALL: std::ops::RangeInclusive<u32> = 1..=100;
+const CONSECUTIVE_FAILURES: std::ops::RangeInclusive<u32> = 1..=1000;
+const MAX_HEADER_BYTES: std::ops::RangeInclusive<usize> = MIN_MAX_HEADER_BYTES..=1024 * 1024;
+
 const SECTIONS: &[&str] = &[
     "node",
     "control",
@@ -118,15 +128,69 @@ struct Sections {
     upstream_names: HashSet<String>,
 }
 
+/// Decodes one section or entry. serde stops at its first error, so on an
+/// error the offending key is left out and the entry decoded again, until
+/// it decodes: every bad value is reported at once, and the rest of the
+/// entry is still validated (the config is refused all the same).
 fn decode<T: DeserializeOwned>(
     locator: &Locator,
     path: &KeyPath,
     value: &Spanned<DeValue>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
-    T::deserialize(ValueDeserializer::from(value.clone()))
-        .map_err(|e| errors.push(locator.locate_toml_error(path, &e)))
-        .ok()
+    const MOST_ERRORS_PER_ENTRY: usize = 64;
+    let mut value = value.clone();
+    let mut removed_any = false;
+    for _ in 0..MOST_ERRORS_PER_ENTRY {
+        let error = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(decoded) => return Some(decoded),
+            Err(error) => error,
+        };
+        // A required key we left out ourselves is not the user's error.
+        if removed_any && error.message().starts_with("missing field") {
+            return None;
+        }
+        errors.push(locator.locate_toml_error(path, &error));
+        match error.span() {
+            Some(span) if remove_entry_at(&mut value, span.start) => removed_any = true,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An optional section as validated: absent is fine (`Some(None)`), present
+/// but invalid is not (`None`).
+fn valid_section<T>(section: Option<Option<T>>) -> Option<Option<T>> {
+    match section {
+        None => Some(None),
+        Some(Some(valid)) => Some(Some(valid)),
+        Some(None) => None,
+    }
+}
+
+/// Removes the table entry whose value holds byte offset `at` (the
+/// innermost one); false when no entry does. Containers are searched
+/// whatever their own span says: a `[header]` table's span covers only its
+/// header line.
+fn remove_entry_at(value: &mut Spanned<DeValue>, at: usize) -> bool {
+    match value.get_mut() {
+        DeValue::Table(table) => {
+            let mut found = None;
+            for (key, child) in table.iter_mut() {
+                if remove_entry_at(child, at) {
+                    return true;
+                }
+                if child.span().contains(&at) {
+                    found = Some(key.clone());
+                    break;
+                }
+            }
+            found.is_some_and(|key| table.remove(&key).is_some())
+        }
+        DeValue::Array(items) => items.iter_mut().any(|item| remove_entry_at(item, at)),
+        _ => false,
+    }
 }
 
 fn decode_array<T: DeserializeOwned>(
@@ -184,6 +248,34 @@ impl Validator<'_> {
             path,
             message: message.into(),
         });
+    }
+
+    /// Whether `value` is in its documented range; a problem if not.
+    fn in_range<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        path: KeyPath,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> bool {
+        if range.contains(&value) {
+            return true;
+        }
+        let message = format!(
+            "{value} is out of range: write {} to {}",
+            range.start(),
+            range.end()
+        );
+        self.problem(path, message);
+        false
+    }
+
+    /// Whether a timeout is more than zero; a problem if not.
+    fn positive(&mut self, path: KeyPath, value: Duration) -> bool {
+        if !value.is_zero() {
+            return true;
+        }
+        self.problem(path, "must be more than 0");
+        false
     }
 
     fn config(&mut self, sections: Sections) -> Config {
@@ -285,15 +377,16 @@ impl Validator<'_> {
     }
 
     fn listener_tls(&mut self, path: &KeyPath, raw: RawListenerTls) -> Option<TlsSettings> {
+        // An error here does not stop the checks below: every error at once.
         let min_version = match raw.min_version.as_deref() {
-            None | Some("1.2") => TlsVersion::V1_2,
-            Some("1.3") => TlsVersion::V1_3,
+            None | Some("1.2") => Some(TlsVersion::V1_2),
+            Some("1.3") => Some(TlsVersion::V1_3),
             Some(other) => {
                 self.problem(
                     path.key("min_version"),
                     format!("invalid TLS version {other:?}: write \"1.2\" or \"1.3\""),
                 );
-                return None;
+                None
             }
         };
         if raw.certificate.is_empty() {
@@ -336,7 +429,7 @@ impl Validator<'_> {
             });
         }
         Some(TlsSettings {
-            min_version,
+            min_version: min_version?,
             certificates,
         })
     }
@@ -452,33 +545,40 @@ impl Validator<'_> {
             })
             .collect();
         let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
-        if max_header_bytes < MIN_MAX_HEADER_BYTES {
-            self.problem(
-                path.key("max_header_bytes"),
-                format!("max_header_bytes must be at least {MIN_MAX_HEADER_BYTES}"),
-            );
-        }
+        let mut ok = self.in_range(
+            path.key("max_header_bytes"),
+            max_header_bytes,
+            MAX_HEADER_BYTES,
+        );
+        let header_read_timeout = raw
+            .header_read_timeout
+            .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0);
+        ok &= self.positive(path.key("header_read_timeout"), header_read_timeout);
         let tls = match (protocol, raw.tls) {
             (Protocol::Https | Protocol::Tcp, Some(tls)) => {
-                Some(self.listener_tls(&path.key("tls"), tls)?)
+                Some(self.listener_tls(&path.key("tls"), tls))
             }
             (Protocol::Https, None) => {
                 self.problem(
                     path.key("protocol"),
                     "protocol = \"https\" needs [listener.tls] with at least one [[listener.tls.certificate]]",
                 );
-                return None;
+                Some(None)
             }
             (_, Some(_)) => {
                 self.problem(
                     path.key("tls"),
                     "[listener.tls] applies only to protocol = \"https\" or \"tcp\"",
                 );
-                return None;
+                Some(None)
             }
             (_, None) => None,
         };
         let access_log = self.access_log(path, raw.access_log, raw.access_log_format, protocol);
+        if !ok {
+            return None;
+        }
+        let tls = valid_section(tls)?;
         Some(ListenerConfig {
             access_log,
             name: raw.name,
@@ -486,9 +586,7 @@ impl Validator<'_> {
             protocol,
             routes,
             http: HttpSettings {
-                header_read_timeout: raw
-                    .header_read_timeout
-                    .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                header_read_timeout,
                 max_header_bytes,
                 via: raw.via.unwrap_or(false),
             },
@@ -509,17 +607,22 @@ impl Validator<'_> {
         raw: &RawListener,
         upstreams: &BTreeMap<String, UpstreamConfig>,
     ) -> Option<TcpSettings> {
+        if let Some(idle) = raw.idle_timeout {
+            if matches!(protocol, Protocol::Http | Protocol::Https) {
+                self.problem(
+                    path.key("idle_timeout"),
+                    "`idle_timeout` applies to tcp, forward and socks5 listeners; an HTTP listener's idle connections are bounded by header_read_timeout",
+                );
+            } else {
+                self.positive(path.key("idle_timeout"), idle.0);
+            }
+        }
         if protocol != Protocol::Tcp {
-            for (key, present) in [
-                ("upstream", raw.upstream.is_some()),
-                ("idle_timeout", raw.idle_timeout.is_some()),
-            ] {
-                if present {
-                    self.problem(
-                        path.key(key),
-                        format!("`{key}` applies only to protocol = \"tcp\"; HTTP listeners name upstreams in their routes"),
-                    );
-                }
+            if raw.upstream.is_some() {
+                self.problem(
+                    path.key("upstream"),
+                    "`upstream` applies only to protocol = \"tcp\"; HTTP listeners name upstreams in their routes",
+                );
             }
             return None;
         }
@@ -735,6 +838,22 @@ impl Validator<'_> {
                     "[controller.tls] is set: write the url as https://",
                 );
             }
+            let host = uri.host().unwrap_or_default();
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !https && !loopback && raw.insecure != Some(true) {
+                self.problem(
+                    path.key("url"),
+                    format!(
+                        "a plaintext controller url must be on loopback, and {host} is not: \
+                         use https:// with [controller.tls], or set insecure = true"
+                    ),
+                );
+            }
         }
         let mut labels = BTreeMap::new();
         if let (Some(file), Some(_)) = (&raw.labels_file, self.base_dir) {
@@ -792,6 +911,9 @@ impl Validator<'_> {
                     "a sampling ratio is between 0.0 and 1.0",
                 );
             }
+        }
+        if let Some(interval) = raw.metrics_interval {
+            self.positive(path.key("metrics_interval"), interval.0);
         }
         let prometheus = raw
             .prometheus

@@ -45,6 +45,8 @@ impl Validator<'_> {
                 ok = false;
             }
         }
+        let connect_timeout = raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+        ok &= self.positive(path.key("connect_timeout"), connect_timeout);
         ok.then(|| ProxySettings {
             users: raw
                 .users
@@ -53,7 +55,7 @@ impl Validator<'_> {
                 .collect(),
             allow,
             deny,
-            connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            connect_timeout,
             idle_timeout: idle.map_or(DEFAULT_TCP_IDLE_TIMEOUT, |d| d.0),
         })
     }
@@ -84,7 +86,9 @@ fn parse_destination_rule(text: &str) -> Option<DestinationRule> {
     } else if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         DestinationHost::Network(ip, if ip.is_ipv4() { 32 } else { 128 })
     } else {
+        // Matched against normalized destinations: lowercase, no trailing dot.
         let lower = host.to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').map(str::to_owned).unwrap_or(lower);
         let valid = |name: &str| {
             !name.is_empty()
                 && name.split('.').all(|l| {

@@ -15,15 +15,11 @@ impl Validator<'_> {
         }
         let mut seen = HashSet::new();
         let mut servers = Vec::with_capacity(raw.servers.len());
+        let mut weights_ok = true;
         for (i, server) in raw.servers.into_iter().enumerate() {
             let path = path.key("servers").index(i);
             let weight = server.weight.unwrap_or(1);
-            if weight == 0 {
-                self.problem(
-                    path.key("weight"),
-                    "weight must be at least 1 (remove the server to take it out)",
-                );
-            }
+            weights_ok &= self.in_range(path.key("weight"), weight, WEIGHTS);
             let addr = match server.addr.strip_prefix("unix:") {
                 Some(socket) if !socket.is_empty() => ServerAddr::Unix(self.path(socket)),
                 _ => match self.socket_addr(&path.key("addr"), &server.addr) {
@@ -38,78 +34,101 @@ impl Validator<'_> {
         }
         let balance = match (raw.balance, raw.hash_on.as_deref()) {
             (RawBalance::ConsistentHash, Some(key)) => {
-                BalancePolicy::ConsistentHash(self.hash_key(&path.key("hash_on"), key)?)
+                let ring_weight: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
+                if weights_ok && ring_weight > MAX_HASH_RING_WEIGHT {
+                    self.problem(
+                        path.key("servers"),
+                        format!("consistent_hash: the servers' weights add up to {ring_weight}, at most {MAX_HASH_RING_WEIGHT} (the ring holds 100 points per weight)"),
+                    );
+                }
+                self.hash_key(&path.key("hash_on"), key)
+                    .map(BalancePolicy::ConsistentHash)
             }
             (RawBalance::ConsistentHash, None) => {
                 self.problem(
                     path.key("balance"),
                     "consistent_hash needs `hash_on = \"client_ip\"` or `hash_on = \"header:NAME\"`",
                 );
-                return None;
+                None
             }
             (_, Some(_)) => {
                 self.problem(
                     path.key("hash_on"),
                     "hash_on applies only to balance = \"consistent_hash\"",
                 );
-                return None;
+                None
             }
-            (RawBalance::RoundRobin, None) => BalancePolicy::RoundRobin,
-            (RawBalance::WeightedRoundRobin, None) => BalancePolicy::WeightedRoundRobin,
-            (RawBalance::LeastConn, None) => BalancePolicy::LeastConn,
-            (RawBalance::PowerOfTwo, None) => BalancePolicy::PowerOfTwo,
+            (RawBalance::RoundRobin, None) => Some(BalancePolicy::RoundRobin),
+            (RawBalance::WeightedRoundRobin, None) => Some(BalancePolicy::WeightedRoundRobin),
+            (RawBalance::LeastConn, None) => Some(BalancePolicy::LeastConn),
+            (RawBalance::PowerOfTwo, None) => Some(BalancePolicy::PowerOfTwo),
         };
-        let tls = match raw.tls {
-            Some(tls) => Some(self.upstream_tls(&path.key("tls"), tls)?),
-            None => None,
-        };
-        let health = match raw.health {
-            Some(health) => Some(self.health_check(&path.key("health"), health, tls.as_ref())?),
-            None => None,
-        };
-        match (raw.protocol, &tls) {
-            (RawUpstreamProtocol::H2, None) => {
+        // Each part is checked even when another failed: every error at once.
+        let tls = raw.tls.map(|tls| self.upstream_tls(&path.key("tls"), tls));
+        let health = raw.health.map(|health| {
+            let tls = tls.as_ref().and_then(Option::as_ref);
+            self.health_check(&path.key("health"), health, tls)
+        });
+        let tls_configured = tls.is_some();
+        let protocol_ok = match (raw.protocol, tls_configured) {
+            (RawUpstreamProtocol::H2, false) => {
                 self.problem(path.key("protocol"), "protocol = \"h2\" is HTTP/2 over TLS: add [upstream.NAME.tls] (or use \"h2c\")");
-                return None;
+                false
             }
-            (RawUpstreamProtocol::H2c, Some(_)) => {
+            (RawUpstreamProtocol::H2c, true) => {
                 self.problem(
                     path.key("protocol"),
                     "h2c is cleartext; with [upstream.NAME.tls] use protocol = \"h2\"",
                 );
-                return None;
+                false
             }
-            _ => {}
-        }
-        let passive = match raw.passive {
-            Some(passive) => Some(self.passive_check(&path.key("passive"), passive)?),
-            None => None,
+            _ => true,
         };
+        let passive = raw
+            .passive
+            .map(|passive| self.passive_check(&path.key("passive"), passive));
+        let retries = raw.retries.unwrap_or(DEFAULT_RETRIES);
+        let mut ok = self.in_range(path.key("retries"), retries, RETRIES);
+        let max_idle_per_server = raw
+            .max_idle_per_server
+            .unwrap_or(DEFAULT_MAX_IDLE_PER_SERVER);
+        ok &= self.in_range(
+            path.key("max_idle_per_server"),
+            max_idle_per_server,
+            MAX_IDLE_PER_SERVER,
+        );
+        let connect_timeout = raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+        ok &= self.positive(path.key("connect_timeout"), connect_timeout);
+        let read_timeout = raw.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |d| d.0);
+        ok &= self.positive(path.key("read_timeout"), read_timeout);
+        let idle_timeout = raw
+            .idle_timeout
+            .map_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT, |d| d.0);
+        ok &= self.positive(path.key("idle_timeout"), idle_timeout);
+        if !ok || !protocol_ok {
+            return None;
+        }
         Some(UpstreamConfig {
             name,
             servers,
-            balance,
-            retries: raw.retries.unwrap_or(DEFAULT_RETRIES),
+            balance: balance?,
+            retries,
             all_down: match raw.all_down {
                 Some(RawAllDown::TryAll) => AllDown::TryAll,
                 Some(RawAllDown::Fail) | None => AllDown::Fail,
             },
-            health,
-            passive,
+            health: valid_section(health)?,
+            passive: valid_section(passive)?,
             protocol: match raw.protocol {
                 RawUpstreamProtocol::Http1 => UpstreamProtocol::Http1,
                 RawUpstreamProtocol::H2c => UpstreamProtocol::H2c,
                 RawUpstreamProtocol::H2 => UpstreamProtocol::H2,
             },
-            tls,
-            connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-            read_timeout: raw.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |d| d.0),
-            idle_timeout: raw
-                .idle_timeout
-                .map_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT, |d| d.0),
-            max_idle_per_server: raw
-                .max_idle_per_server
-                .unwrap_or(DEFAULT_MAX_IDLE_PER_SERVER),
+            tls: valid_section(tls)?,
+            connect_timeout,
+            read_timeout,
+            idle_timeout,
+            max_idle_per_server,
         })
     }
 
@@ -184,9 +203,8 @@ impl Validator<'_> {
             ok = false;
         }
         for (key, value) in [("rise", raw.rise), ("fall", raw.fall)] {
-            if value == Some(0) {
-                self.problem(path.key(key), format!("{key} must be at least 1"));
-                ok = false;
+            if let Some(value) = value {
+                ok &= self.in_range(path.key(key), value, RISE_FALL);
             }
         }
         let http_keys = [
@@ -302,13 +320,11 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_MAX_EJECTED_PERCENT),
         };
         let mut ok = true;
-        if check.consecutive_failures == 0 {
-            self.problem(
-                path.key("consecutive_failures"),
-                "consecutive_failures must be at least 1",
-            );
-            ok = false;
-        }
+        ok &= self.in_range(
+            path.key("consecutive_failures"),
+            check.consecutive_failures,
+            CONSECUTIVE_FAILURES,
+        );
         if check.max_ejection < check.ejection {
             self.problem(
                 path.key("max_ejection"),
@@ -316,13 +332,11 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        if check.max_ejected_percent > 100 {
-            self.problem(
-                path.key("max_ejected_percent"),
-                "max_ejected_percent is a percentage (0 to 100)",
-            );
-            ok = false;
-        }
+        ok &= self.in_range(
+            path.key("max_ejected_percent"),
+            check.max_ejected_percent,
+            0..=100,
+        );
         ok.then_some(check)
     }
 
