@@ -194,6 +194,7 @@ async fn main() {
                     selector: "env=bench".into(),
                     comment: format!("fleet-load round {round}"),
                     author: "fleet-load".into(),
+                    ..Default::default()
                 };
                 let version = fleet.publish_config(request).await.expect("publish");
                 (version.into_inner().version, published_at.elapsed())

@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use super::fleet::{Fleet, Publication};
+use super::fleet::{Fleet, Publication, PublishError};
 use super::identity::Identity;
 use super::selector::Selector;
 use crate::config::{check_pushed, Config};
@@ -86,6 +86,7 @@ impl FleetService for FleetApi {
             comment: request.comment,
             author: certified.unwrap_or(request.author),
             rollback_of: 0,
+            idempotency_key: request.idempotency_key,
         };
         self.publish(publication).await
     }
@@ -148,6 +149,7 @@ impl FleetService for FleetApi {
             comment,
             author: certified.unwrap_or(request.author),
             rollback_of: earlier.number,
+            idempotency_key: request.idempotency_key,
         };
         self.publish(publication).await
     }
@@ -183,11 +185,10 @@ impl FleetApi {
         &self,
         publication: Publication,
     ) -> Result<Response<pb::PublishConfigResponse>, Status> {
-        let (version, targets) = self
-            .fleet
-            .publish(publication)
-            .await
-            .map_err(|e| Status::internal(format!("cannot store the version: {e}")))?;
+        let (version, targets) = self.fleet.publish(publication).await.map_err(|e| match e {
+            PublishError::Store(_) => Status::internal(e.to_string()),
+            PublishError::KeyReused { .. } => Status::already_exists(e.to_string()),
+        })?;
         Ok(Response::new(pb::PublishConfigResponse {
             version,
             targets,

@@ -40,6 +40,7 @@ pub struct Version {
     pub rollback_of: u64,
     /// The publish span's trace context, carried by every push of it.
     pub traceparent: String,
+    pub idempotency_key: String,
 }
 
 impl Version {
@@ -55,6 +56,7 @@ impl Version {
             published_at: from_millis(stored.published_at),
             rollback_of: stored.rollback_of,
             traceparent: String::new(),
+            idempotency_key: stored.idempotency_key,
         })
     }
 
@@ -82,6 +84,20 @@ pub struct Publication {
     pub comment: String,
     pub author: String,
     pub rollback_of: u64,
+    /// Empty: none. A publication whose key a stored version has answers
+    /// that version.
+    pub idempotency_key: String,
+}
+
+/// Why a publish stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot store the version: {0}")]
+    Store(#[from] std::io::Error),
+    #[error(
+        "idempotency key {key:?} was used by version {version} for another config or selector"
+    )]
+    KeyReused { key: String, version: u64 },
 }
 
 /// The node's side of an open Sync stream.
@@ -93,6 +109,8 @@ pub struct Session {
     pub desired: watch::Receiver<Option<Arc<Version>>>,
     /// Cancelled when a newer stream of the same node replaces this one.
     pub replaced: CancellationToken,
+    /// The store's identity, carried by every push.
+    pub store_id: String,
 }
 
 struct Connection {
@@ -112,10 +130,20 @@ struct NodeEntry {
 #[derive(Default)]
 struct Inner {
     versions: BTreeMap<u64, Arc<Version>>,
+    /// Idempotency key → the version it stored.
+    keys: std::collections::HashMap<String, u64>,
     nodes: BTreeMap<String, NodeEntry>,
 }
 
 impl Inner {
+    fn add_version(&mut self, version: Arc<Version>) {
+        if !version.idempotency_key.is_empty() {
+            self.keys
+                .insert(version.idempotency_key.clone(), version.number);
+        }
+        self.versions.insert(version.number, version);
+    }
+
     /// The newest version whose selector matches `labels`.
     fn desired_for(&self, labels: &BTreeMap<String, String>) -> Option<&Arc<Version>> {
         self.versions
@@ -128,6 +156,8 @@ impl Inner {
 pub struct Fleet {
     inner: Mutex<Inner>,
     store: Store,
+    /// The store's identity, sent with every push.
+    store_id: String,
     events: broadcast::Sender<pb::FleetEvent>,
     /// Publishes are numbered and stored one at a time.
     publishing: tokio::sync::Mutex<()>,
@@ -139,7 +169,7 @@ impl Fleet {
         let mut inner = Inner::default();
         for stored in loaded.versions {
             let version = Version::from_stored(stored)?;
-            inner.versions.insert(version.number, Arc::new(version));
+            inner.add_version(Arc::new(version));
         }
         for (id, stored) in loaded.nodes {
             let entry = NodeEntry {
@@ -152,6 +182,7 @@ impl Fleet {
         Ok(Fleet {
             inner: Mutex::new(inner),
             store,
+            store_id: loaded.store_id,
             events: broadcast::channel(EVENT_BUFFER).0,
             publishing: tokio::sync::Mutex::new(()),
             next_session: AtomicU64::new(1),
@@ -160,6 +191,10 @@ impl Fleet {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn store_id(&self) -> &str {
+        &self.store_id
     }
 
     pub fn events(&self) -> broadcast::Receiver<pb::FleetEvent> {
@@ -177,8 +212,16 @@ impl Fleet {
     /// Stores a new version durably, then hands it to every connected node
     /// it targets. Returns its number and the ids of every known node it
     /// targets.
-    pub async fn publish(&self, publication: Publication) -> std::io::Result<(u64, Vec<String>)> {
+    pub async fn publish(
+        &self,
+        publication: Publication,
+    ) -> Result<(u64, Vec<String>), PublishError> {
         let _one_at_a_time = self.publishing.lock().await;
+        if let Some(earlier) = self.published_with_key(&publication)? {
+            tracing::info!(version = earlier.number, key = %publication.idempotency_key, "publish repeated; answering the version it stored");
+            let targets = self.targets(&earlier);
+            return Ok((earlier.number, targets));
+        }
         let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
         let stored = StoredVersion {
             version: number,
@@ -189,6 +232,7 @@ impl Fleet {
             author: publication.author,
             published_at: millis(SystemTime::now()),
             rollback_of: publication.rollback_of,
+            idempotency_key: publication.idempotency_key,
         };
         self.store
             .append_durable(Record::Version(stored.clone()))
@@ -207,7 +251,7 @@ impl Fleet {
         let version = Arc::new(version);
         metrics::controller().publishes.add(1, &[]);
         let mut inner = self.lock();
-        inner.versions.insert(number, version.clone());
+        inner.add_version(version.clone());
         let mut targets = Vec::new();
         for (id, node) in &inner.nodes {
             if !version.selector.matches(&node.stored.labels) {
@@ -227,6 +271,41 @@ impl Fleet {
         spans::end(span, None);
         self.emit("", Event::Published(version.info()));
         Ok((number, targets))
+    }
+
+    /// The version an earlier publish with the same idempotency key stored.
+    fn published_with_key(
+        &self,
+        publication: &Publication,
+    ) -> Result<Option<Arc<Version>>, PublishError> {
+        let key = &publication.idempotency_key;
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let inner = self.lock();
+        let Some(earlier) = inner.keys.get(key).and_then(|n| inner.versions.get(n)) else {
+            return Ok(None);
+        };
+        let same = earlier.config == publication.config.as_bytes()
+            && earlier.selector.to_string() == publication.selector.to_string()
+            && earlier.rollback_of == publication.rollback_of;
+        if !same {
+            return Err(PublishError::KeyReused {
+                key: key.clone(),
+                version: earlier.number,
+            });
+        }
+        Ok(Some(earlier.clone()))
+    }
+
+    /// Every known node `version` targets.
+    fn targets(&self, version: &Version) -> Vec<String> {
+        self.lock()
+            .nodes
+            .iter()
+            .filter(|(_, node)| version.selector.matches(&node.stored.labels))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     pub fn version(&self, number: u64) -> Option<Arc<Version>> {
@@ -250,9 +329,20 @@ impl Fleet {
         let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
         let replaced = CancellationToken::new();
         let mut inner = self.lock();
+        // The node runs our version N only if it came from this store with
+        // N's content; a number from another store, or with other content,
+        // is not ours (0), and the node is pushed what it should run.
+        let runs = inner
+            .versions
+            .get(&hello.version)
+            .filter(|version| hello.store_id == self.store_id && hello.checksum == version.checksum)
+            .map_or(0, |version| version.number);
+        if runs != hello.version {
+            tracing::warn!(node = %hello.node_id, claimed = hello.version, store = %hello.store_id, checksum = %hello.checksum, "the node runs a version this store did not give it; counting it as none");
+        }
         let desired = inner
             .desired_for(&labels)
-            .filter(|version| version.number != hello.version)
+            .filter(|version| version.number != runs)
             .cloned();
         let (desired_sender, desired_receiver) = watch::channel(desired);
         let entry = inner
@@ -276,7 +366,7 @@ impl Fleet {
             address: address.clone(),
         });
         entry.stored.labels = labels.clone();
-        entry.stored.version = hello.version;
+        entry.stored.version = runs;
         entry.stored.generation = hello.generation;
         entry.stored.build = hello.build;
         entry.stored.last_seen = millis(SystemTime::now());
@@ -287,12 +377,12 @@ impl Fleet {
             .collect();
         self.store.append(Record::Node(entry.stored.clone()));
         drop(inner);
-        tracing::info!(node = %hello.node_id, session = id, version = hello.version, %address, "node connected");
+        tracing::info!(node = %hello.node_id, session = id, version = runs, %address, "node connected");
         self.emit(
             &hello.node_id,
             Event::Connected(pb::NodeConnected {
                 labels: labels.into_iter().collect(),
-                version: hello.version,
+                version: runs,
                 address,
             }),
         );
@@ -301,6 +391,7 @@ impl Fleet {
             node_id: hello.node_id,
             desired: desired_receiver,
             replaced,
+            store_id: self.store_id.clone(),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -69,22 +69,18 @@ enum FleetCommand {
 }
 
 pub async fn run(args: FleetArgs) -> ExitCode {
-    let mut client = match connect(&args).await {
-        Ok(client) => client,
-        Err(message) => {
-            eprintln!("tether fleet: cannot reach {}: {message}", args.controller);
-            return ExitCode::from(2);
-        }
-    };
     let json = args.json;
-    let result = match args.command {
+    // Publishing changes the fleet: it is retried, with one idempotency key,
+    // while the controller cannot be reached or the call breaks off.
+    let key = format!("{:032x}", rand::random::<u128>());
+    let result = match &args.command {
         FleetCommand::Publish {
             file,
             selector,
             comment,
             author,
         } => {
-            let config = match std::fs::read_to_string(&file) {
+            let config = match std::fs::read_to_string(file) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("tether fleet: {}: {e}", file.display());
@@ -93,14 +89,17 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             };
             let request = pb::PublishConfigRequest {
                 config,
-                selector,
-                comment,
-                author: author.unwrap_or_else(default_author),
+                selector: selector.clone(),
+                comment: comment.clone(),
+                author: author.clone().unwrap_or_else(default_author),
+                idempotency_key: key,
             };
-            client
-                .publish_config(request)
-                .await
-                .map(|r| print_published(&r.into_inner(), json))
+            with_retries(&args, |mut client| {
+                let request = request.clone();
+                async move { client.publish_config(request).await }
+            })
+            .await
+            .map(|r| print_published(&r.into_inner(), json))
         }
         FleetCommand::Rollback {
             version,
@@ -108,17 +107,55 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             author,
         } => {
             let request = pb::RollbackRequest {
-                version,
-                comment,
-                author: author.unwrap_or_else(default_author),
+                version: *version,
+                comment: comment.clone(),
+                author: author.clone().unwrap_or_else(default_author),
+                idempotency_key: key,
             };
-            client
-                .rollback(request)
-                .await
-                .map(|r| print_published(&r.into_inner(), json))
+            with_retries(&args, |mut client| {
+                let request = request.clone();
+                async move { client.rollback(request).await }
+            })
+            .await
+            .map(|r| print_published(&r.into_inner(), json))
         }
+        _ => match connect(&args).await {
+            Ok(mut client) => read(&mut client, &args.command, json)
+                .await
+                .map_err(Failed::Refused),
+            Err(message) => Err(Failed::Unreachable(message)),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failed::Unreachable(message)) => {
+            eprintln!("tether fleet: cannot reach {}: {message}", args.controller);
+            ExitCode::from(2)
+        }
+        Err(Failed::Refused(status)) => {
+            eprintln!("tether fleet: {}", status.message());
+            match status.code() {
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::PermissionDenied
+                | Code::AlreadyExists => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+/// The commands that only read.
+async fn read(
+    client: &mut FleetServiceClient<Channel>,
+    command: &FleetCommand,
+    json: bool,
+) -> Result<(), Status> {
+    match command {
         FleetCommand::Nodes { selector } => client
-            .list_nodes(pb::ListNodesRequest { selector })
+            .list_nodes(pb::ListNodesRequest {
+                selector: selector.clone(),
+            })
             .await
             .map(|r| print_nodes(&r.into_inner().nodes, json)),
         FleetCommand::Versions => client
@@ -126,23 +163,62 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             .await
             .map(|r| print_versions(&r.into_inner().versions, json)),
         FleetCommand::Show { version } => client
-            .get_version(pb::GetVersionRequest { version })
+            .get_version(pb::GetVersionRequest { version: *version })
             .await
             .map(|r| print_version(&r.into_inner(), json)),
-        FleetCommand::Watch => watch(&mut client, json).await,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(status) => {
-            eprintln!("tether fleet: {}", status.message());
-            match status.code() {
-                Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
-                    ExitCode::from(1)
-                }
-                _ => ExitCode::from(2),
-            }
+        FleetCommand::Watch => watch(client, json).await,
+        FleetCommand::Publish { .. } | FleetCommand::Rollback { .. } => {
+            unreachable!("publishing is retried by run")
         }
     }
+}
+
+enum Failed {
+    Unreachable(String),
+    Refused(Status),
+}
+
+/// How long a publish keeps trying: about 6 s, doubling from 200 ms.
+const RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+    Duration::from_millis(3200),
+];
+
+/// Calls `call` on a fresh connection until it answers, retrying when the
+/// controller cannot be reached or the call breaks off (the controller
+/// stopped mid-call: it may or may not have stored the publish, and the
+/// idempotency key makes the retry safe either way).
+async fn with_retries<T, F, Fut>(args: &FleetArgs, mut call: F) -> Result<T, Failed>
+where
+    F: FnMut(FleetServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut delays = RETRY_DELAYS.iter();
+    loop {
+        let failure = match connect(args).await {
+            Ok(client) => match call(client).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) if broke_off(&status) => Failed::Refused(status),
+                Err(status) => return Err(Failed::Refused(status)),
+            },
+            Err(message) => Failed::Unreachable(message),
+        };
+        let Some(delay) = delays.next() else {
+            return Err(failure);
+        };
+        tokio::time::sleep(*delay).await;
+    }
+}
+
+/// A call that ended without the controller's answer.
+fn broke_off(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
 }
 
 fn default_author() -> String {

@@ -27,7 +27,7 @@ use crate::config::ControlTls;
 use crate::proto::v1::controller_service_server::ControllerServiceServer;
 use crate::proto::v1::fleet_service_server::FleetServiceServer;
 use fleet::Fleet;
-use store::Store;
+use store::{Damaged, Store};
 
 /// Where the controller listens unless `--listen` says otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8840";
@@ -63,6 +63,10 @@ pub struct ControllerArgs {
     /// Kubernetes gRPC probes, which cannot present a client certificate.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
+    /// Start on a damaged store: keep a copy of its log, cut it at the
+    /// last good record, and serve what remains.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 impl ControllerArgs {
@@ -92,11 +96,13 @@ impl ControllerArgs {
     }
 }
 
-/// Opens the store in `data`. Fails if it is damaged.
-pub fn open(data: &std::path::Path) -> Result<Arc<Fleet>, String> {
-    let (store, loaded) = Store::open(data)?;
+/// Opens the store in `data`. Fails if it is damaged, unless told to
+/// repair it.
+pub fn open(data: &std::path::Path, damaged: Damaged) -> Result<Arc<Fleet>, String> {
+    let (store, loaded) = Store::open(data, damaged)?;
     tracing::info!(
         path = %store.path().display(),
+        store_id = %loaded.store_id,
         versions = loaded.versions.len(),
         nodes = loaded.nodes.len(),
         "store opened"
@@ -164,7 +170,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let fleet = open(&args.data)?;
+    let damaged = if args.repair {
+        Damaged::Repair
+    } else {
+        Damaged::Refuse
+    };
+    let fleet = open(&args.data, damaged)?;
     {
         let fleet = fleet.clone();
         crate::telemetry::metrics::observe_controller(Arc::new(move || fleet.connected()));

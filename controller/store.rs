@@ -7,8 +7,18 @@
 //! cost a handful of fsyncs, not 5,000. A publish waits for its record to
 //! be on disk before any node sees it. At open the log is replayed and, if
 //! it holds many superseded node records, rewritten compacted (temp file,
-//! fsync, rename). A torn last line (a crash mid-write) is dropped; damage
-//! anywhere else refuses to start rather than guess.
+//! fsync, rename).
+//!
+//! Each line is `{"seq":N,"sum":"xxh3:…","data":RECORD}`: sequence numbers
+//! count up by one and the sum covers the record's bytes, so a changed
+//! letter, a deleted, repeated or reordered line is found at open; so is a
+//! version whose number does not follow the one before it or whose text no
+//! longer matches its checksum. A torn last line (a crash mid-write) is
+//! dropped; any other damage refuses to start, naming the line, unless the
+//! operator asks for `--repair`, which keeps a copy of the log and cuts it
+//! at the last good record. The first record gives the store its identity,
+//! a random id that nodes learn with every push: a version number means
+//! the same content only within one store.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -19,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 const LOG_FILE: &str = "fleet.log";
+const SUM_PREFIX: &str = "xxh3:";
 
 /// A published version, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +44,9 @@ pub struct StoredVersion {
     pub published_at: u64,
     #[serde(default)]
     pub rollback_of: u64,
+    /// The publish request's idempotency key (empty: none given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub idempotency_key: String,
 }
 
 /// What the controller last knew about a node.
@@ -68,13 +82,52 @@ pub struct StoredConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
 pub enum Record {
+    /// The store's identity; the first record of every log.
+    Store {
+        id: String,
+    },
     Version(StoredVersion),
     Node(StoredNode),
+}
+
+/// One line of the log: a record, its place, and a sum of its bytes.
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    sum: String,
+    data: &'a serde_json::value::RawValue,
+}
+
+#[derive(Deserialize)]
+struct ReadLine<'a> {
+    seq: u64,
+    sum: String,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+fn sum(bytes: &[u8]) -> String {
+    format!("{SUM_PREFIX}{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Serializes `record` as the log line numbered `seq`, newline included.
+fn encode(seq: u64, record: &Record, into: &mut Vec<u8>) {
+    let data = serde_json::to_string(record).expect("records serialize");
+    let data = serde_json::value::RawValue::from_string(data).expect("a record is JSON");
+    let line = Line {
+        seq,
+        sum: sum(data.get().as_bytes()),
+        data: &data,
+    };
+    serde_json::to_writer(&mut *into, &line).expect("lines serialize");
+    into.push(b'\n');
 }
 
 /// Everything the log held at open.
 #[derive(Debug, Default)]
 pub struct Loaded {
+    /// The store's identity.
+    pub store_id: String,
     pub versions: Vec<StoredVersion>,
     pub nodes: BTreeMap<String, StoredNode>,
 }
@@ -92,20 +145,47 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// What to do with a damaged log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damaged {
+    /// Refuse to start, naming the first bad line.
+    Refuse,
+    /// Keep a copy of the log, cut it at the last good record, and go on.
+    Repair,
+}
+
 impl Store {
     /// Opens (or creates) the log in `dir`, replays it, compacts it when
     /// worthwhile, and starts the writer.
-    pub fn open(dir: &Path) -> Result<(Store, Loaded), String> {
+    pub fn open(dir: &Path, damaged: Damaged) -> Result<(Store, Loaded), String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let path = dir.join(LOG_FILE);
-        let (loaded, records) = replay(&path)?;
-        let live = loaded.versions.len() + loaded.nodes.len();
-        if records > 1024 && records > 2 * live {
-            compact(&path, &loaded)
-                .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
-            tracing::info!(records, live, "store compacted");
+        let replayed = replay(&path, damaged)?;
+        let mut loaded = replayed.loaded;
+        let live = loaded.versions.len() + loaded.nodes.len() + 1;
+        let fresh = loaded.store_id.is_empty();
+        if fresh {
+            loaded.store_id = format!("{:032x}", rand::random::<u128>());
         }
+        // A new store, a log written before lines carried sums, or one
+        // mostly made of superseded records is written anew.
+        let rewrite =
+            fresh || replayed.legacy || (replayed.records > 1024 && replayed.records > 2 * live);
+        let next_seq = if rewrite {
+            let written = compact(&path, &loaded)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            if replayed.records > 0 {
+                tracing::info!(
+                    records = replayed.records,
+                    live,
+                    "store rewritten compacted"
+                );
+            }
+            written + 1
+        } else {
+            replayed.last_seq + 1
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -114,7 +194,7 @@ impl Store {
         let (writes, queue) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("tether-store".into())
-            .spawn(move || writer(file, queue))
+            .spawn(move || writer(file, queue, next_seq))
             .map_err(|e| format!("cannot start the store writer: {e}"))?;
         Ok((Store { writes, path }, loaded))
     }
@@ -144,14 +224,14 @@ impl Store {
 }
 
 /// The writer: one blocking thread, one write and one fsync per batch.
-fn writer(mut file: File, mut queue: mpsc::UnboundedReceiver<Append>) {
+fn writer(mut file: File, mut queue: mpsc::UnboundedReceiver<Append>, mut seq: u64) {
     let mut buffer = Vec::with_capacity(64 * 1024);
     let mut waiting = Vec::new();
     while let Some(first) = queue.blocking_recv() {
         let mut next = Some(first);
         while let Some(Append { record, done }) = next {
-            serde_json::to_writer(&mut buffer, &record).expect("records serialize");
-            buffer.push(b'\n');
+            encode(seq, &record, &mut buffer);
+            seq += 1;
             waiting.extend(done);
             next = queue.try_recv().ok();
         }
@@ -169,17 +249,27 @@ fn writer(mut file: File, mut queue: mpsc::UnboundedReceiver<Append>) {
     }
 }
 
-/// Replays the log; returns the state and how many records it held.
-fn replay(path: &Path) -> Result<(Loaded, usize), String> {
-    let mut loaded = Loaded::default();
+/// What replaying the log found.
+#[derive(Default)]
+struct Replayed {
+    loaded: Loaded,
+    records: usize,
+    last_seq: u64,
+    /// Lines without sequence numbers and sums (written before they had
+    /// them): accepted once, and the log is rewritten.
+    legacy: bool,
+}
+
+/// Replays the log, checking every line (see the module's header).
+fn replay(path: &Path, damaged: Damaged) -> Result<Replayed, String> {
+    let mut replayed = Replayed::default();
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((loaded, 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(replayed),
         Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
     };
     let mut reader = BufReader::new(file);
     let mut line = Vec::new();
-    let mut records = 0;
     let mut good_until = 0u64;
     let mut line_number = 0;
     loop {
@@ -193,48 +283,117 @@ fn replay(path: &Path) -> Result<(Loaded, usize), String> {
         line_number += 1;
         if !line.ends_with(b"\n") {
             tracing::warn!(path = %path.display(), line = line_number, "dropping a torn last record (the controller stopped mid-write)");
-            let file = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(|e| format!("cannot repair {}: {e}", path.display()))?;
-            file.set_len(good_until)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| format!("cannot repair {}: {e}", path.display()))?;
+            truncate(path, good_until)?;
             break;
         }
-        let record = serde_json::from_slice::<Record>(&line).map_err(|e| {
-            format!(
-                "{}:{line_number}: damaged record: {e}; refusing to start on a store that \
-                 may have lost versions",
-                path.display()
-            )
-        })?;
-        records += 1;
-        good_until += read as u64;
-        match record {
-            Record::Version(version) => loaded.versions.push(version),
-            Record::Node(node) => {
-                loaded.nodes.insert(node.id.clone(), node);
+        if let Err(problem) = replay_line(&line, &mut replayed) {
+            let problem = format!("{}:{line_number}: {problem}", path.display());
+            if damaged == Damaged::Refuse {
+                return Err(format!(
+                    "{problem}; refusing to start on a damaged store (restore it from a copy, or \
+                     start with --repair to keep only the records before this line)"
+                ));
             }
+            let copy = path.with_extension(format!("log.damaged-{}", std::process::id()));
+            std::fs::copy(path, &copy)
+                .map_err(|e| format!("cannot keep a copy of {}: {e}", path.display()))?;
+            truncate(path, good_until)?;
+            tracing::warn!(%problem, copy = %copy.display(), kept = replayed.records, "store repaired: cut at the last good record");
+            break;
         }
+        good_until += read as u64;
     }
-    loaded.versions.sort_by_key(|v| v.version);
-    loaded.versions.dedup_by_key(|v| v.version);
-    Ok((loaded, records))
+    Ok(replayed)
 }
 
-/// Rewrites the log with one record per version and per node.
-fn compact(path: &Path, loaded: &Loaded) -> std::io::Result<()> {
-    let mut buffer = Vec::new();
-    let records = loaded
-        .versions
-        .iter()
-        .cloned()
-        .map(Record::Version)
-        .chain(loaded.nodes.values().cloned().map(Record::Node));
-    for record in records {
-        serde_json::to_writer(&mut buffer, &record).map_err(std::io::Error::other)?;
-        buffer.push(b'\n');
+/// Checks one line against what came before and adds its record.
+fn replay_line(line: &[u8], replayed: &mut Replayed) -> Result<(), String> {
+    let record = match serde_json::from_slice::<ReadLine>(line) {
+        Ok(read) => {
+            if replayed.legacy {
+                return Err("a checked record after unchecked ones".to_owned());
+            }
+            if read.seq != replayed.last_seq + 1 {
+                return Err(format!(
+                    "record {} follows record {}: a record is missing, repeated or moved",
+                    read.seq, replayed.last_seq
+                ));
+            }
+            if sum(read.data.get().as_bytes()) != read.sum {
+                return Err("the record does not match its sum (it was changed)".to_owned());
+            }
+            replayed.last_seq = read.seq;
+            serde_json::from_str::<Record>(read.data.get())
+                .map_err(|e| format!("damaged record: {e}"))?
+        }
+        // Lines of a log written before records were checked.
+        Err(_) if replayed.last_seq == 0 => {
+            let record = serde_json::from_slice::<Record>(line)
+                .map_err(|e| format!("damaged record: {e}"))?;
+            replayed.legacy = true;
+            record
+        }
+        Err(e) => return Err(format!("damaged record: {e}")),
+    };
+    let loaded = &mut replayed.loaded;
+    match record {
+        Record::Store { id } => {
+            if replayed.records != 0 || id.is_empty() {
+                return Err("a store identity that is not the first record".to_owned());
+            }
+            loaded.store_id = id;
+        }
+        Record::Version(version) => {
+            let expected = loaded.versions.last().map_or(1, |v| v.version + 1);
+            if version.version != expected {
+                return Err(format!(
+                    "version {} where version {expected} should be",
+                    version.version
+                ));
+            }
+            if crate::config::content_version(&version.config) != version.checksum {
+                return Err(format!(
+                    "version {}'s text does not match its checksum",
+                    version.version
+                ));
+            }
+            loaded.versions.push(version);
+        }
+        Record::Node(node) => {
+            loaded.nodes.insert(node.id.clone(), node);
+        }
     }
-    crate::durable::replace_file(path, &buffer)
+    if !replayed.legacy && loaded.store_id.is_empty() {
+        return Err("the first record is not the store's identity".to_owned());
+    }
+    replayed.records += 1;
+    Ok(())
+}
+
+fn truncate(path: &Path, length: u64) -> Result<(), String> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot repair {}: {e}", path.display()))?;
+    file.set_len(length)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot repair {}: {e}", path.display()))
+}
+
+/// Rewrites the log with its identity, then one record per version and
+/// per node. Answers the last sequence number written.
+fn compact(path: &Path, loaded: &Loaded) -> std::io::Result<u64> {
+    let mut buffer = Vec::new();
+    let records = std::iter::once(Record::Store {
+        id: loaded.store_id.clone(),
+    })
+    .chain(loaded.versions.iter().cloned().map(Record::Version))
+    .chain(loaded.nodes.values().cloned().map(Record::Node));
+    let mut seq = 0;
+    for record in records {
+        seq += 1;
+        encode(seq, &record, &mut buffer);
+    }
+    crate::durable::replace_file(path, &buffer)?;
+    Ok(seq)
 }

@@ -135,6 +135,7 @@ fn pushes(session: Arc<Session>) -> impl Stream<Item = Result<pb::ControllerMess
                 config: version.config.clone(),
                 checksum: version.checksum.clone(),
                 traceparent: version.traceparent.clone(),
+                store_id: session.store_id.clone(),
             };
             crate::telemetry::metrics::controller().pushes.add(1, &[]);
             tracing::debug!(node = %session.node_id, version = version.number, "push");

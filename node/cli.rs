@@ -219,7 +219,7 @@ async fn start_node(
         );
     if let Some(state) = last_acked {
         let source = ApplySource::Controller {
-            version: state.version,
+            version: state.controller_version(),
             text: state.config,
             traceparent: String::new(),
         };

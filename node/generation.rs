@@ -40,7 +40,21 @@ pub struct Shared<'a> {
 pub enum ConfigSource {
     File(PathBuf),
     Inline,
-    Controller { version: u64 },
+    Controller(ControllerVersion),
+}
+
+/// What identifies a version a controller pushed. The number alone does
+/// not: a controller started on a fresh or restored store numbers its
+/// versions from where that store is, so the same number can name other
+/// content. A node runs version N of a controller only when the store and
+/// the checksum agree too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControllerVersion {
+    pub number: u64,
+    /// "sha256:…" of the pushed text.
+    pub checksum: String,
+    /// The identity of the controller's store that numbered it.
+    pub store_id: String,
 }
 
 impl ConfigSource {
@@ -48,7 +62,7 @@ impl ConfigSource {
         match self {
             ConfigSource::File(_) => "file",
             ConfigSource::Inline => "inline",
-            ConfigSource::Controller { .. } => "controller",
+            ConfigSource::Controller(_) => "controller",
         }
     }
 }

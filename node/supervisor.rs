@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{compose_pushed, content_version, Config, ConfigError};
-use crate::generation::{self, ConfigInfo, ConfigSource, Generation};
+use crate::generation::{self, ConfigInfo, ConfigSource, ControllerVersion, Generation};
 use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
 use crate::telemetry::spans;
@@ -33,7 +33,7 @@ pub enum ApplySource {
     /// Traffic config pushed by a controller (or its last acknowledged
     /// push, at start); the node-local sections come from the config file.
     Controller {
-        version: u64,
+        version: ControllerVersion,
         text: String,
         /// The publish's trace context, so the apply joins its trace.
         traceparent: String,
@@ -117,7 +117,7 @@ struct Shared {
 /// The controller push in force, so that re-reading the file (SIGHUP)
 /// refreshes the node-local sections and keeps the pushed traffic config.
 struct Pushed {
-    version: u64,
+    version: ControllerVersion,
     text: String,
 }
 
@@ -262,7 +262,9 @@ impl Supervisor {
         self.health.stop_all();
         self.drains.close();
         self.drains.wait().await;
-        let _ = self.shared.stopped.send(true);
+        // send_replace: the value must change even if nobody watches yet
+        // (`send` drops it then, and a later `stopped()` would wait forever).
+        self.shared.stopped.send_replace(true);
     }
 
     fn read_file(&self) -> Result<(String, PathBuf), ApplyError> {
@@ -285,7 +287,7 @@ impl Supervisor {
         match source {
             ApplySource::File => match &self.pushed {
                 Some(pushed) => self.read_source(ApplySource::Controller {
-                    version: pushed.version,
+                    version: pushed.version.clone(),
                     text: pushed.text.clone(),
                     traceparent: String::new(),
                 }),
@@ -305,8 +307,8 @@ impl Supervisor {
             ApplySource::Controller { version, text, .. } => {
                 let (local, path) = self.read_file()?;
                 let composed = compose_pushed(&text, &local).map_err(ApplyError::Invalid)?;
+                let source = ConfigSource::Controller(version.clone());
                 let pushed = Pushed { version, text };
-                let source = ConfigSource::Controller { version };
                 Ok((composed, source, base_dir(&path), Some(pushed)))
             }
         }
@@ -369,7 +371,7 @@ impl Supervisor {
         let text: Arc<str> = text.into();
         let info = ConfigInfo {
             version: match source {
-                ConfigSource::Controller { version } => format!("v{version}"),
+                ConfigSource::Controller(ref version) => format!("v{}", version.number),
                 _ => content_version(&text),
             },
             source,

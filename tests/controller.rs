@@ -10,72 +10,6 @@ use tether::proto::v1::fleet_event::Event;
 use tether::proto::v1::{self as pb};
 use tonic::Code;
 
-const WAIT: Duration = Duration::from_secs(15);
-
-/// A node subscribed to `controller` with `labels` (TOML inline table body).
-fn node_config(id: &str, controller: &str, labels: &str) -> String {
-    format!(
-        r#"
-[node]
-id = "{id}"
-drain_timeout = "2s"
-
-[controller]
-url = "{controller}"
-labels = {{ {labels} }}
-state_dir = "state"
-"#
-    )
-}
-
-/// Traffic config: one listener on an ephemeral port, `/` to `origin`.
-fn traffic(listen: &str, origin: &Origin) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "web"
-listen = "{listen}"
-
-[[listener.route]]
-path = "/"
-upstream = "app"
-
-[upstream.app]
-servers = [{{ addr = "{}" }}]
-"#,
-        origin.addr
-    )
-}
-
-async fn wait_acked(controller: &Controller, ids: &[&str], version: u64) {
-    controller
-        .wait_nodes(WAIT, &format!("{ids:?} ACK v{version}"), |nodes| {
-            ids.iter().all(|id| {
-                nodes
-                    .iter()
-                    .any(|n| n.id == *id && n.connected && n.version == version)
-            })
-        })
-        .await;
-}
-
-async fn wait_connected(controller: &Controller, ids: &[&str]) {
-    controller
-        .wait_nodes(WAIT, &format!("{ids:?} connected"), |nodes| {
-            ids.iter()
-                .all(|id| nodes.iter().any(|n| n.id == *id && n.connected))
-        })
-        .await;
-}
-
-async fn origin_answers(node: &Node, origin: &Origin) {
-    let client = http1_client();
-    let addr = node.listener("web").await;
-    let answer = get(&client, addr, None, "/hello").await;
-    assert_eq!(answer.status, 200, "{}", node.log());
-    assert_eq!(answer.header("x-origin"), Some(origin.name.as_str()));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_reaches_exactly_the_matching_nodes_and_they_serve_it() {
     let data = tempfile::tempdir().unwrap();
@@ -274,6 +208,7 @@ async fn rollback_publishes_an_earlier_version_again() {
             version: 1,
             comment: String::new(),
             author: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -544,6 +479,7 @@ key = "{key}"
                 selector: "env=prod".into(),
                 comment: "empty".into(),
                 author: "mallory".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -651,18 +587,20 @@ async fn the_fleet_command_line_publishes_lists_and_shows() {
 mod store {
     use std::io::Write;
 
-    use tether::controller::store::{Record, Store, StoredVersion};
+    use tether::controller::store::{Damaged, Record, Store, StoredVersion};
 
-    fn version(n: u64) -> Record {
+    pub fn version(n: u64) -> Record {
+        let config = format!("# version {n}\n");
         Record::Version(StoredVersion {
             version: n,
-            config: format!("# version {n}\n"),
-            checksum: String::new(),
+            checksum: tether::config::content_version(&config),
+            config,
             selector: String::new(),
             comment: String::new(),
             author: String::new(),
             published_at: 0,
             rollback_of: 0,
+            idempotency_key: String::new(),
         })
     }
 
@@ -670,7 +608,7 @@ mod store {
     async fn a_torn_last_record_is_dropped_and_a_damaged_one_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (store, loaded) = Store::open(dir.path()).unwrap();
+            let (store, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
             assert!(loaded.versions.is_empty());
             store.append_durable(version(1)).await.unwrap();
             store.append_durable(version(2)).await.unwrap();
@@ -678,25 +616,26 @@ mod store {
         // A crash in the middle of writing record 3.
         let log = dir.path().join("fleet.log");
         let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        file.write_all(br#"{"record":"version","version":3,"con"#)
+        file.write_all(br#"{"seq":4,"sum":"xxh3:0","data":{"record":"version","version":3,"con"#)
             .unwrap();
         drop(file);
-        let (store, loaded) = Store::open(dir.path()).unwrap();
+        let (store, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
         let numbers: Vec<u64> = loaded.versions.iter().map(|v| v.version).collect();
         assert_eq!(numbers, [1, 2]);
         // Appends after the repair land on a clean line.
         store.append_durable(version(3)).await.unwrap();
         drop(store);
-        let (_, loaded) = Store::open(dir.path()).unwrap();
+        let (_, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
         assert_eq!(loaded.versions.len(), 3);
 
         // Damage before the end is not guessed around.
         let text = std::fs::read_to_string(&log).unwrap();
         std::fs::write(&log, text.replacen("version", "vers!on", 1)).unwrap();
-        let error = Store::open(dir.path())
+        let error = Store::open(dir.path(), Damaged::Refuse)
             .err()
             .expect("damaged store refused");
-        assert!(error.contains("fleet.log:1"), "{error}");
+        // Line 1 is the store's identity; the first version is line 2.
+        assert!(error.contains("fleet.log:2"), "{error}");
     }
 }
 
@@ -789,10 +728,10 @@ async fn back_to_back_publishes_converge_on_the_newest_version() {
 
 #[tokio::test]
 async fn a_log_of_mostly_superseded_records_is_compacted_at_open() {
-    use tether::controller::store::{Record, Store, StoredNode};
+    use tether::controller::store::{Damaged, Record, Store, StoredNode};
     let dir = tempfile::tempdir().unwrap();
     {
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = Store::open(dir.path(), Damaged::Refuse).unwrap();
         for generation in 0..1100 {
             let node = StoredNode {
                 id: "n".into(),
@@ -810,10 +749,14 @@ async fn a_log_of_mostly_superseded_records_is_compacted_at_open() {
             .await
             .unwrap();
     }
-    let (_, loaded) = Store::open(dir.path()).unwrap();
+    let (_, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
     assert_eq!(loaded.nodes["n"].generation, 1100);
     let log = std::fs::read_to_string(dir.path().join("fleet.log")).unwrap();
-    assert_eq!(log.lines().count(), 1, "one record per node left");
-    let (_, reloaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        log.lines().count(),
+        2,
+        "the store's identity and one record per node left"
+    );
+    let (_, reloaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
     assert_eq!(reloaded.nodes["n"].generation, 1100);
 }

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 use crate::config::{content_version, ConfigError, ControllerSettings};
 use crate::control::convert;
-use crate::generation::ConfigSource;
+use crate::generation::{ConfigSource, ControllerVersion};
 use crate::grpc::{self, ClientTls};
 use crate::proto::v1::controller_message::Message as Down;
 use crate::proto::v1::controller_service_client::ControllerServiceClient;
@@ -165,7 +165,7 @@ fn hello(node: &NodeHandle, settings: &ControllerSettings, node_id: &str) -> pb:
             content_version(&generation.info.text),
             generation.number,
         ),
-        None => (0, String::new(), 0),
+        None => (ControllerVersion::default(), String::new(), 0),
     };
     let health = current
         .iter()
@@ -181,18 +181,22 @@ fn hello(node: &NodeHandle, settings: &ControllerSettings, node_id: &str) -> pb:
     message(Up::Hello(pb::Hello {
         node_id: node_id.to_owned(),
         labels: settings.labels.clone().into_iter().collect(),
-        version,
+        version: version.number,
         content_version: content,
         generation,
         build: concat!("tether ", env!("CARGO_PKG_VERSION")).to_owned(),
         health,
+        checksum: version.checksum,
+        store_id: version.store_id,
     }))
 }
 
-fn controller_version(source: &ConfigSource) -> u64 {
+/// The controller version a generation runs; number 0 when its config did
+/// not come from a controller.
+fn controller_version(source: &ConfigSource) -> ControllerVersion {
     match source {
-        ConfigSource::Controller { version } => *version,
-        _ => 0,
+        ConfigSource::Controller(version) => version.clone(),
+        _ => ControllerVersion::default(),
     }
 }
 
@@ -238,15 +242,21 @@ async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Pu
             ),
         );
     }
-    // Already serving this version (a push repeated after a reconnect):
-    // acknowledge without building a new generation.
+    let pushed = ControllerVersion {
+        number: push.version,
+        checksum: checksum.clone(),
+        store_id: push.store_id.clone(),
+    };
+    // Already serving this very version (a push repeated after a
+    // reconnect): acknowledge without building a new generation. The same
+    // number from another store, or with other content, is applied.
     if let Some(current) = node.current() {
-        if controller_version(&current.info.source) == push.version {
+        if controller_version(&current.info.source) == pushed {
             return ack(&push, current.number);
         }
     }
     let source = ApplySource::Controller {
-        version: push.version,
+        version: pushed,
         text: text.to_owned(),
         traceparent: push.traceparent.clone(),
     };
@@ -255,6 +265,7 @@ async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Pu
             let state = LastAcked {
                 version: push.version,
                 checksum,
+                store_id: push.store_id.clone(),
                 config: text.to_owned(),
             };
             if let Err(e) = state::save(state_dir, &state) {

@@ -13,6 +13,10 @@ pub struct LastAcked {
     pub version: u64,
     /// "sha256:…" of `config`, as the controller computed it.
     pub checksum: String,
+    /// The store of the controller that numbered the version (empty in
+    /// files written before stores had an identity).
+    #[serde(default)]
+    pub store_id: String,
     /// The pushed text (traffic sections only).
     pub config: String,
 }
@@ -38,6 +42,16 @@ pub fn load(state_dir: &Path) -> Result<Option<LastAcked>, String> {
         ));
     }
     Ok(Some(state))
+}
+
+impl LastAcked {
+    pub fn controller_version(&self) -> crate::generation::ControllerVersion {
+        crate::generation::ControllerVersion {
+            number: self.version,
+            checksum: self.checksum.clone(),
+            store_id: self.store_id.clone(),
+        }
+    }
 }
 
 /// Replaces the state atomically: a crash leaves the old file or the new

@@ -19,7 +19,7 @@ pub fn config_info(generation: u64, info: &ConfigInfo) -> pb::ConfigInfo {
     let (source, detail) = match &info.source {
         ConfigSource::File(path) => (pb::ConfigSource::File, path.display().to_string()),
         ConfigSource::Inline => (pb::ConfigSource::Inline, String::new()),
-        ConfigSource::Controller { .. } => (pb::ConfigSource::Controller, String::new()),
+        ConfigSource::Controller(_) => (pb::ConfigSource::Controller, String::new()),
     };
     pb::ConfigInfo {
         version: info.version.clone(),

@@ -144,7 +144,7 @@ pub fn observe_node(node: &NodeHandle) {
         .with_callback(move |observer| {
             if let Some(generation) = handle.current() {
                 let source = match generation.info.source {
-                    ConfigSource::Controller { .. } => "controller",
+                    ConfigSource::Controller(_) => "controller",
                     ConfigSource::File(_) => "file",
                     ConfigSource::Inline => "inline",
                 };

@@ -10,7 +10,9 @@ use tether::proto::v1::fleet_service_client::FleetServiceClient;
 use tether::proto::v1::{self as pb};
 use tonic::transport::Channel;
 
-use super::node::{address_in, spawn_until, SharedLog};
+use super::client::{get, http1_client};
+use super::node::{address_in, spawn_until, Node, SharedLog};
+use super::origin::Origin;
 
 pub struct Controller {
     child: Child,
@@ -27,7 +29,8 @@ impl Controller {
         Self::start_at(data, "127.0.0.1:0".parse().unwrap(), extra)
     }
 
-    fn start_at(data: &Path, listen: SocketAddr, extra: &[&str]) -> Controller {
+    /// Starts a controller listening on `listen`.
+    pub fn start_at(data: &Path, listen: SocketAddr, extra: &[&str]) -> Controller {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
         command
             .args(["controller", "--listen", &listen.to_string(), "--data"])
@@ -96,6 +99,7 @@ impl Controller {
                 selector: selector.to_owned(),
                 comment: String::new(),
                 author: "test".to_owned(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -164,4 +168,70 @@ impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A node subscribed to `controller` with `labels` (TOML inline table body).
+pub fn node_config(id: &str, controller: &str, labels: &str) -> String {
+    format!(
+        r#"
+[node]
+id = "{id}"
+drain_timeout = "2s"
+
+[controller]
+url = "{controller}"
+labels = {{ {labels} }}
+state_dir = "state"
+"#
+    )
+}
+
+/// Traffic config: one listener on an ephemeral port, `/` to `origin`.
+pub fn traffic(listen: &str, origin: &Origin) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "web"
+listen = "{listen}"
+
+[[listener.route]]
+path = "/"
+upstream = "app"
+
+[upstream.app]
+servers = [{{ addr = "{}" }}]
+"#,
+        origin.addr
+    )
+}
+
+pub async fn wait_acked(controller: &Controller, ids: &[&str], version: u64) {
+    controller
+        .wait_nodes(WAIT, &format!("{ids:?} ACK v{version}"), |nodes| {
+            ids.iter().all(|id| {
+                nodes
+                    .iter()
+                    .any(|n| n.id == *id && n.connected && n.version == version)
+            })
+        })
+        .await;
+}
+
+pub async fn wait_connected(controller: &Controller, ids: &[&str]) {
+    controller
+        .wait_nodes(WAIT, &format!("{ids:?} connected"), |nodes| {
+            ids.iter()
+                .all(|id| nodes.iter().any(|n| n.id == *id && n.connected))
+        })
+        .await;
+}
+
+pub async fn origin_answers(node: &Node, origin: &Origin) {
+    let client = http1_client();
+    let addr = node.listener("web").await;
+    let answer = get(&client, addr, None, "/hello").await;
+    assert_eq!(answer.status, 200, "{}", node.log());
+    assert_eq!(answer.header("x-origin"), Some(origin.name.as_str()));
 }
