@@ -11,9 +11,9 @@ use super::fleet::{Fleet, Publication, PublishError};
 use super::identity::Identity;
 use super::selector::Selector;
 use crate::config::{check_pushed, Config};
-use crate::control::convert::config_errors_status;
 use crate::proto::v1::fleet_service_server::FleetService;
 use crate::proto::v1::{self as pb};
+use crate::wire::config_errors_status;
 
 pub struct FleetApi {
     fleet: Arc<Fleet>,

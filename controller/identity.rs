@@ -10,9 +10,7 @@ use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-pub const NODE_PREFIX: &str = "spiffe://tether/node/";
-pub const NODE_GROUP_PREFIX: &str = "spiffe://tether/nodes/";
-pub const OPERATOR_PREFIX: &str = "spiffe://tether/operator/";
+pub use crate::grpc::{NODE_GROUP_PREFIX, NODE_PREFIX, OPERATOR_PREFIX};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {

@@ -16,7 +16,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::controller::identity::{NODE_GROUP_PREFIX, NODE_PREFIX, OPERATOR_PREFIX};
+use crate::grpc::{NODE_GROUP_PREFIX, NODE_PREFIX, OPERATOR_PREFIX};
 
 #[derive(Args)]
 pub struct CertsArgs {

@@ -294,7 +294,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     let Some(generation) = node.current() else {
         return ExitCode::FAILURE;
     };
-    crate::telemetry::metrics::observe_node(&node);
+    crate::telemetry::metrics::observe_node(Arc::new(node.clone()));
     serving.store(true, Ordering::Relaxed);
     for listener in &generation.listeners {
         tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");

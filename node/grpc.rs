@@ -125,3 +125,11 @@ impl ClientTlsArgs {
             .map_err(|e| crate::report::error_chain(&e))
     }
 }
+
+/// The identities the fleet's certificates carry as URI SANs: a node
+/// (`…/node/ID`), a group of nodes sharing a certificate (`…/nodes/PREFIX`,
+/// e.g. a Deployment's pods), an operator (`…/operator/NAME`). `tether
+/// certs` issues them and the controller reads them.
+pub const NODE_PREFIX: &str = "spiffe://tether/node/";
+pub const NODE_GROUP_PREFIX: &str = "spiffe://tether/nodes/";
+pub const OPERATOR_PREFIX: &str = "spiffe://tether/operator/";

@@ -5,11 +5,13 @@
 //! `tls` terminates TLS, `http` speaks HTTP (or `tcp_proxy` and `proxy`
 //! handle TCP, CONNECT and SOCKS5, over a `tunnel`), `route` picks a
 //! target, `upstream` picks a server and holds the connection pools,
-//! `health` checks the servers, `static_files` serves from disk.
+//! `health` checks the servers, `http` also serves static files.
 //! `config` turns TOML into a validated `Config`; `supervisor` applies
 //! configs as `generation`s; `control` serves the gRPC control API and
 //! `ctl` is its command-line client; `agent` subscribes the node to a
-//! controller. The controller itself is the `controller/` tree.
+//! controller. The controller itself is the `controller/` tree. The
+//! modules are layers that point one way (README, "Layout";
+//! tests/layers.rs keeps the order).
 
 pub mod agent;
 pub mod certs;
@@ -20,16 +22,18 @@ pub mod control;
 pub mod controller;
 pub mod ctl;
 pub mod durable;
+pub mod events;
 pub mod generation;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod lifecycle;
 pub mod listen;
+pub mod pki;
 pub mod proto;
 pub mod proxy;
 pub mod report;
 pub mod route;
-pub mod static_files;
 pub mod stream;
 pub mod supervisor;
 pub mod tcp_proxy;
@@ -37,3 +41,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod wire;

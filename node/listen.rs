@@ -19,7 +19,8 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::{ListenAddr, ListenerConfig};
-use crate::generation::{ConnectionGuard, Generation, ListenerService};
+use crate::generation::{Generation, ListenerService};
+use crate::lifecycle::ConnectionGuard;
 use crate::stream::ClientStream;
 
 /// A listening socket the node holds.
@@ -235,7 +236,10 @@ async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generati
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                let connection = ConnectionGuard::new(generation.clone(), index);
+                let connection = ConnectionGuard::new(
+                    generation.lifecycle.clone(),
+                    generation.listeners[index].open_connections_counter(),
+                );
                 let tasks = lifecycle.tasks();
                 match &generation.listeners[index].service {
                     ListenerService::Http(http) => {

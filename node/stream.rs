@@ -1,7 +1,8 @@
-//! A client connection as the protocols see it: TCP or a Unix socket,
-//! counting the bytes that cross it into its listener's `tether.bytes`
-//! counters (every protocol alike; one relaxed atomic add per read or
-//! write, and only when metrics are on).
+//! Byte streams over TCP or a Unix socket: a client connection as the
+//! protocols see it, counting the bytes that cross it into its listener's
+//! `tether.bytes` counters (every protocol alike; one relaxed atomic add
+//! per read or write, and only when metrics are on), and connections to
+//! servers (upstreams, health probes).
 
 use std::io;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::config::ServerAddr;
 use crate::telemetry::metrics::ByteCounters;
 
 pub struct ClientStream {
@@ -44,6 +46,18 @@ impl ClientStream {
                 traffic.sent.fetch_add(written as u64, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Connects to `addr` (TCP with no delay).
+pub async fn connect(addr: &ServerAddr) -> io::Result<Socket> {
+    match addr {
+        ServerAddr::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(Socket::Tcp(stream))
+        }
+        ServerAddr::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
     }
 }
 

@@ -16,11 +16,12 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{compose_pushed, content_version, Config, ConfigError};
-use crate::generation::{self, ConfigInfo, ConfigSource, ControllerVersion, Generation};
+use crate::events::{ConfigInfo, ConfigSource, ControllerVersion, NodeEvent};
+use crate::generation::{self, Generation};
 use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
 use crate::telemetry::spans;
-use crate::upstream::{ClientKey, ClientRegistry, Health};
+use crate::upstream::{ClientKey, ClientRegistry};
 use opentelemetry::trace::SpanKind;
 
 /// What to apply.
@@ -70,27 +71,6 @@ fn join(errors: &[ConfigError]) -> String {
         .map(|e| format!("  {e}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Something the node did, for watchers (`WatchHealth`, the controller).
-#[derive(Debug, Clone)]
-pub enum NodeEvent {
-    ConfigApplied {
-        generation: u64,
-        info: ConfigInfo,
-        previous_generation: u64,
-    },
-    GenerationDrained {
-        generation: u64,
-        closed_at_timeout: u64,
-    },
-    HealthChanged {
-        upstream: String,
-        server: crate::config::ServerAddr,
-        from: Health,
-        to: Health,
-        reason: String,
-    },
 }
 
 /// What `Stop` reports when it begins.
@@ -538,4 +518,44 @@ fn bind_failed(text: &str, error: std::io::Error) -> ApplyError {
         "listener",
         format!("cannot set up a listening socket: {error}"),
     )])
+}
+
+/// The node's gauges (telemetry) read the generations through this.
+impl crate::telemetry::metrics::NodeGauges for NodeHandle {
+    fn each_server_health(&self, each: &mut dyn FnMut(&str, String, crate::events::Health)) {
+        let Some(generation) = self.current() else {
+            return;
+        };
+        for upstream in generation.upstreams.values() {
+            for server in &upstream.servers {
+                each(
+                    &upstream.config.name,
+                    server.addr.to_string(),
+                    server.health(),
+                );
+            }
+        }
+    }
+
+    fn generation(&self) -> Option<(u64, String, ConfigSource)> {
+        self.current().map(|generation| {
+            (
+                generation.number,
+                generation.info.version.clone(),
+                generation.info.source.clone(),
+            )
+        })
+    }
+
+    fn draining(&self) -> u64 {
+        NodeHandle::draining(self).len() as u64
+    }
+
+    fn each_listener_connections(&self, each: &mut dyn FnMut(&str, u64)) {
+        for generation in self.current().into_iter().chain(NodeHandle::draining(self)) {
+            for listener in &generation.listeners {
+                each(&listener.config.name, listener.open_connections());
+            }
+        }
+    }
 }

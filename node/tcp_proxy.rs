@@ -17,7 +17,7 @@ use crate::stream::ClientStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerConfig;
-use crate::generation::ConnectionGuard;
+use crate::lifecycle::ConnectionGuard;
 use crate::upstream::{PickContext, Upstream};
 
 /// How long a client may take to finish a TLS handshake.
@@ -56,7 +56,7 @@ impl TcpProxy {
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {
-        let generation = connection.generation().clone();
+        let lifecycle = connection.lifecycle().clone();
         let session = async {
             match &self.tls {
                 None => self.relay(stream, peer).await,
@@ -71,7 +71,7 @@ impl TcpProxy {
         };
         tokio::select! {
             _ = session => {}
-            _ = generation.lifecycle.killed() => {}
+            _ = lifecycle.killed() => {}
         }
     }
 
@@ -90,7 +90,7 @@ impl TcpProxy {
             let server = &upstream.servers[index];
             let connect = tokio::time::timeout(
                 upstream.config.connect_timeout,
-                crate::upstream::connect::connect(&server.addr),
+                crate::stream::connect(&server.addr),
             )
             .await;
             match connect {

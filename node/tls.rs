@@ -8,30 +8,10 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{HostPattern, TlsSettings, TlsVersion, UpstreamTls};
-
-/// Parses a chain and key and checks that they belong together.
-pub fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("invalid certificate PEM: {e}"))?;
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("invalid key PEM: {e}"))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("unsupported private key: {e}"))?;
-    let certified = CertifiedKey::new(chain, key);
-    certified
-        .keys_match()
-        .map_err(|e| format!("the key does not belong to the certificate: {e}"))?;
-    Ok(certified)
-}
+use crate::pki::certified_key;
 
 /// Builds the acceptor for a listener's TLS settings. The settings were
 /// validated when the config was loaded, so failures here are unexpected.
@@ -96,52 +76,9 @@ impl ResolvesServerCert for SniResolver {
 /// The client side of TLS to upstream servers: the configured CA (or the
 /// system roots) and, for mTLS, a client certificate.
 pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_pem {
-        Some(pem) => {
-            for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| format!("invalid CA PEM: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("unusable CA certificate: {e}"))?;
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for cert in native.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err("no CA given and no system root certificates found".into());
-            }
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots);
-    match &tls.client {
-        Some((chain_pem, key_pem)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("invalid client certificate PEM: {e}"))?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem)
-                .map_err(|e| format!("invalid client key PEM: {e}"))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())
-        }
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-/// For clients that never speak TLS (plain-HTTP upstreams).
-pub fn empty_client_config() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth()
+    let identity = tls
+        .client
+        .as_ref()
+        .map(|(chain, key)| (chain.as_slice(), key.as_slice()));
+    crate::pki::client_config(tls.ca_pem.as_deref(), identity)
 }

@@ -15,14 +15,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::config::{content_version, ConfigError, ControllerSettings};
-use crate::control::convert;
-use crate::generation::{ConfigSource, ControllerVersion};
+use crate::events::{ConfigSource, ControllerVersion, NodeEvent};
 use crate::grpc::{self, ClientTls};
 use crate::proto::v1::controller_message::Message as Down;
 use crate::proto::v1::controller_service_client::ControllerServiceClient;
 use crate::proto::v1::node_message::Message as Up;
 use crate::proto::v1::{self as pb};
-use crate::supervisor::{ApplyError, ApplySource, NodeEvent, NodeHandle};
+use crate::supervisor::{ApplyError, ApplySource, NodeHandle};
+use crate::wire as convert;
 
 use state::LastAcked;
 

@@ -45,8 +45,8 @@ pub fn load(state_dir: &Path) -> Result<Option<LastAcked>, String> {
 }
 
 impl LastAcked {
-    pub fn controller_version(&self) -> crate::generation::ControllerVersion {
-        crate::generation::ControllerVersion {
+    pub fn controller_version(&self) -> crate::events::ControllerVersion {
+        crate::events::ControllerVersion {
             number: self.version,
             checksum: self.checksum.clone(),
             store_id: self.store_id.clone(),

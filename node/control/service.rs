@@ -12,9 +12,10 @@ use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use crate::config::{Config, ConfigError};
+use crate::events::NodeEvent;
 use crate::proto::v1 as pb;
 use crate::proto::v1::control_service_server::ControlService;
-use crate::supervisor::{ApplyError, ApplySource, NodeEvent, NodeHandle};
+use crate::supervisor::{ApplyError, ApplySource, NodeHandle};
 
 /// Events queued for one WatchHealth client; past this the client is
 /// behind and gets EventsMissed plus a fresh snapshot instead.

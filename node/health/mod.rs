@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerAddr;
 use crate::config::{Config, HealthCheck, InitialHealth};
-use crate::supervisor::NodeEvent;
-use crate::upstream::Health;
+use crate::events::{Health, NodeEvent};
 
 /// The health one checker reports, shared by every server it covers.
 #[derive(Debug)]

@@ -14,8 +14,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck, UpstreamTls};
+use crate::stream::connect;
 use crate::stream::Socket;
-use crate::upstream::connect::connect;
 
 /// The most a probe reads looking for an expected body or bytes.
 const READ_LIMIT: usize = 64 * 1024;

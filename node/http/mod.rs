@@ -7,6 +7,7 @@ mod headers;
 mod proxy;
 pub mod respond;
 mod server;
+mod static_files;
 mod upgrade;
 
 use std::collections::BTreeMap;

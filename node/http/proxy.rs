@@ -18,7 +18,7 @@ use super::respond::{status_response, status_with_reason};
 use super::upgrade;
 use super::HttpListener;
 use crate::config::{HashKey, UpstreamProtocol};
-use crate::generation::Generation;
+use crate::lifecycle::Lifecycle;
 use crate::telemetry::request::Observation;
 use crate::upstream::{hash_bytes, hash_ip, PickContext, RequestBody, Upstream};
 
@@ -27,7 +27,7 @@ pub async fn forward(
     upstream: &Upstream,
     client_ip: IpAddr,
     listener: &HttpListener,
-    generation: &Arc<Generation>,
+    lifecycle: &Arc<Lifecycle>,
     observation: &mut Observation,
 ) -> Response<ProxyBody> {
     let mut upgrade = upgrade::take(&mut request);
@@ -137,7 +137,7 @@ pub async fn forward(
             Ok(Ok(mut response)) => {
                 upstream.record(server, response.status().is_server_error());
                 if let Some(upgrade) = upgrade.take() {
-                    if upgrade.complete(&mut response, generation) {
+                    if upgrade.complete(&mut response, lifecycle) {
                         let (parts, _) = response.into_parts();
                         return Response::from_parts(parts, ProxyBody::empty());
                     }

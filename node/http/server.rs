@@ -17,9 +17,9 @@ use crate::stream::ClientStream;
 use super::activity::{Activity, Idle};
 use super::body::ProxyBody;
 use super::respond::status_response;
+use super::static_files;
 use super::{proxy, HttpListener, RouteTarget};
-use crate::generation::{ConnectionGuard, RequestGuard};
-use crate::static_files;
+use crate::lifecycle::{ConnectionGuard, RequestGuard};
 use crate::telemetry::request::Observation;
 
 pub async fn serve_connection(
@@ -28,7 +28,7 @@ pub async fn serve_connection(
     connection: ConnectionGuard,
     http: Arc<HttpListener>,
 ) {
-    let generation = connection.generation().clone();
+    let lifecycle = connection.lifecycle().clone();
     match &http.tls {
         None => serve(TokioIo::new(stream), peer, connection, http.clone()).await,
         Some(acceptor) => {
@@ -44,7 +44,7 @@ pub async fn serve_connection(
                     }
                     Err(_) => return,
                 },
-                _ = generation.lifecycle.killed() => return,
+                _ = lifecycle.killed() => return,
             };
             serve(TokioIo::new(stream), peer, connection, http.clone()).await
         }
@@ -55,8 +55,7 @@ async fn serve<I>(io: I, peer: SocketAddr, connection: ConnectionGuard, http: Ar
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let generation = connection.generation().clone();
-    let lifecycle = &generation.lifecycle;
+    let lifecycle = connection.lifecycle().clone();
     let activity = Arc::new(Activity::new());
     let context = Arc::new(Context {
         connection,
@@ -73,11 +72,7 @@ where
 
     let idle_timeout = http.settings.header_read_timeout;
     let idle = tokio::select! {
-        _ = lifecycle.drive_connection(
-            conn.as_mut(),
-            |conn| conn.graceful_shutdown(),
-            generation.config.node.drain_idle_grace,
-        ) => return,
+        _ = lifecycle.drive_connection(conn.as_mut(), |conn| conn.graceful_shutdown()) => return,
         idle = activity.idle(idle_timeout) => idle,
     };
     if idle == Idle::NeverUsed {
@@ -119,8 +114,8 @@ impl Drop for OpenRequest<'_> {
 
 impl Context {
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let generation = self.connection.generation();
-        let _in_flight = RequestGuard::new(&generation.lifecycle);
+        let lifecycle = self.connection.lifecycle();
+        let _in_flight = RequestGuard::new(lifecycle);
         let _open = OpenRequest::new(&self.activity);
         let version = request.version();
         let http = &*self.http;
@@ -133,7 +128,7 @@ impl Context {
             &http.unrouted,
             http.access_log.as_ref(),
         );
-        if version < Version::HTTP_2 && generation.lifecycle.is_retired() {
+        if version < Version::HTTP_2 && lifecycle.is_retired() {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -167,9 +162,9 @@ impl Context {
         observation.route = Some(route.labels.clone());
         match &route.target {
             RouteTarget::Upstream(upstream) => {
-                let generation = self.connection.generation();
+                let lifecycle = self.connection.lifecycle();
                 let client = self.peer.ip();
-                proxy::forward(request, upstream, client, http, generation, observation).await
+                proxy::forward(request, upstream, client, http, lifecycle, observation).await
             }
             RouteTarget::Static { prefix, files } => {
                 let path = request.uri().path();

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::generation::Generation;
+use crate::lifecycle::Lifecycle;
 
 /// A client's request to switch protocols.
 pub struct UpgradeRequest {
@@ -45,11 +45,11 @@ impl UpgradeRequest {
     }
 
     /// When the upstream agreed (101), joins the two connections in a task
-    /// of `generation` and answers true; otherwise leaves things as they are.
+    /// of the generation whose `lifecycle` is given, and answers true; otherwise leaves things as they are.
     pub fn complete(
         self,
         response: &mut Response<Incoming>,
-        generation: &std::sync::Arc<Generation>,
+        lifecycle: &std::sync::Arc<Lifecycle>,
     ) -> bool {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return false;
@@ -64,9 +64,9 @@ impl UpgradeRequest {
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         response.headers_mut().insert(header::UPGRADE, protocol);
-        let generation = generation.clone();
+        let owner = lifecycle.clone();
         let client = self.client;
-        generation.clone().lifecycle.tasks().spawn(async move {
+        lifecycle.tasks().spawn(async move {
             let tunnel = async {
                 let (client, upstream) = tokio::try_join!(client, upstream)?;
                 let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
@@ -79,7 +79,7 @@ impl UpgradeRequest {
                         tracing::debug!(%error, "upgraded connection ended with an error");
                     }
                 }
-                _ = generation.lifecycle.killed() => {}
+                _ = owner.killed() => {}
             }
         });
         true

@@ -19,9 +19,9 @@ use crate::stream::ClientStream;
 
 use super::{authenticate, connect, policy, Destination, Refusal, HANDSHAKE_TIMEOUT};
 use crate::config::ProxySettings;
-use crate::generation::{ConnectionGuard, Generation};
 use crate::http::body::ProxyBody;
 use crate::http::respond::{status_response, status_with_reason};
+use crate::lifecycle::{ConnectionGuard, Lifecycle};
 use crate::upstream::RequestBody;
 
 pub struct ForwardProxy {
@@ -44,14 +44,13 @@ impl ForwardProxy {
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {
-        let generation = connection.generation().clone();
+        let lifecycle = connection.lifecycle().clone();
         let proxy = self.clone();
         let service = service_fn(move |request| {
-            let (proxy, generation) = (proxy.clone(), generation.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer, &generation).await) }
+            let (proxy, lifecycle) = (proxy.clone(), lifecycle.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(request, peer, &lifecycle).await) }
         });
-        let generation = connection.generation().clone();
-        let lifecycle = &generation.lifecycle;
+        let lifecycle = connection.lifecycle().clone();
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -60,9 +59,8 @@ impl ForwardProxy {
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
-        let grace = generation.config.node.drain_idle_grace;
         lifecycle
-            .drive_connection(conn.as_mut(), |conn| conn.graceful_shutdown(), grace)
+            .drive_connection(conn.as_mut(), |conn| conn.graceful_shutdown())
             .await;
         drop(connection);
     }
@@ -71,7 +69,7 @@ impl ForwardProxy {
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
-        generation: &Arc<Generation>,
+        lifecycle: &Arc<Lifecycle>,
     ) -> Response<ProxyBody> {
         if !self.authorized(&request) {
             let mut response = status_response(StatusCode::PROXY_AUTHENTICATION_REQUIRED);
@@ -82,7 +80,7 @@ impl ForwardProxy {
             return response;
         }
         if request.method() == Method::CONNECT {
-            return self.tunnel(request, peer, generation).await;
+            return self.tunnel(request, peer, lifecycle).await;
         }
         match request.uri().scheme_str() {
             Some("http") => self.forward(request).await,
@@ -121,7 +119,7 @@ impl ForwardProxy {
         &self,
         mut request: Request<Incoming>,
         peer: SocketAddr,
-        generation: &Arc<Generation>,
+        lifecycle: &Arc<Lifecycle>,
     ) -> Response<ProxyBody> {
         let Some(destination) = request
             .uri()
@@ -136,19 +134,19 @@ impl ForwardProxy {
         };
         let client = hyper::upgrade::on(&mut request);
         let idle = self.settings.idle_timeout;
-        let lifecycle_owner = generation.clone();
-        generation.lifecycle.tasks().spawn(async move {
+        let owner = lifecycle.clone();
+        lifecycle.tasks().spawn(async move {
             tokio::select! {
                 upgraded = client => {
                     if let Ok(upgraded) = upgraded {
                         let tunnel = crate::tunnel::run(TokioIo::new(upgraded), upstream, idle, peer);
                         tokio::select! {
                             _ = tunnel => {}
-                            _ = lifecycle_owner.lifecycle.killed() => {}
+                            _ = owner.killed() => {}
                         }
                     }
                 }
-                _ = lifecycle_owner.lifecycle.killed() => {}
+                _ = owner.killed() => {}
             }
         });
         Response::new(ProxyBody::empty())

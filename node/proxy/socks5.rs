@@ -12,7 +12,7 @@ use crate::stream::ClientStream;
 
 use super::{authenticate, connect, Destination, Refusal, HANDSHAKE_TIMEOUT};
 use crate::config::ProxySettings;
-use crate::generation::ConnectionGuard;
+use crate::lifecycle::ConnectionGuard;
 
 const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0x00;
@@ -48,7 +48,7 @@ impl Socks5Proxy {
         peer: SocketAddr,
         connection: ConnectionGuard,
     ) {
-        let generation = connection.generation().clone();
+        let lifecycle = connection.lifecycle().clone();
         let session = async {
             let destination =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut client)).await {
@@ -82,7 +82,7 @@ impl Socks5Proxy {
         };
         tokio::select! {
             _ = session => {}
-            _ = generation.lifecycle.killed() => {}
+            _ = lifecycle.killed() => {}
         }
     }
 

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
 
-use crate::generation::ConfigSource;
-use crate::supervisor::NodeHandle;
-use crate::upstream::Health;
+use crate::events::{ConfigSource, Health};
 
 fn meter() -> Meter {
     opentelemetry::global::meter("tether")
@@ -109,32 +107,42 @@ pub fn status_class(status: u16) -> &'static str {
 }
 
 /// Gauges read from the node's state at each collection.
-pub fn observe_node(node: &NodeHandle) {
+/// What the node's gauges read. The supervisor's handle provides it, so
+/// that telemetry stays below everything that records into it.
+pub trait NodeGauges: Send + Sync + 'static {
+    /// Calls `each` with (upstream, server, health) for every server of
+    /// the generation in force.
+    fn each_server_health(&self, each: &mut dyn FnMut(&str, String, Health));
+    /// The generation in force: number, config version, source.
+    fn generation(&self) -> Option<(u64, String, ConfigSource)>;
+    /// Retired generations still draining.
+    fn draining(&self) -> u64;
+    /// Calls `each` with (listener, open connections), draining
+    /// generations included (a listener may appear more than once).
+    fn each_listener_connections(&self, each: &mut dyn FnMut(&str, u64));
+}
+
+pub fn observe_node(node: Arc<dyn NodeGauges>) {
     let meter = meter();
     let handle = node.clone();
     meter
         .i64_observable_gauge("tether.upstream.server.health")
         .with_description("1 healthy, 0 unhealthy, -1 not yet checked")
         .with_callback(move |observer| {
-            let Some(generation) = handle.current() else {
-                return;
-            };
-            for upstream in generation.upstreams.values() {
-                for server in &upstream.servers {
-                    let value = match server.health() {
-                        Health::Healthy => 1,
-                        Health::Unhealthy => 0,
-                        Health::Unknown => -1,
-                    };
-                    observer.observe(
-                        value,
-                        &[
-                            KeyValue::new("upstream", upstream.config.name.clone()),
-                            KeyValue::new("server", server.addr.to_string()),
-                        ],
-                    );
-                }
-            }
+            handle.each_server_health(&mut |upstream, server, health| {
+                let value = match health {
+                    Health::Healthy => 1,
+                    Health::Unhealthy => 0,
+                    Health::Unknown => -1,
+                };
+                observer.observe(
+                    value,
+                    &[
+                        KeyValue::new("upstream", upstream.to_owned()),
+                        KeyValue::new("server", server),
+                    ],
+                );
+            });
         })
         .build();
     let handle = node.clone();
@@ -142,16 +150,16 @@ pub fn observe_node(node: &NodeHandle) {
         .u64_observable_gauge("tether.config.generation")
         .with_description("The generation in force, labelled with its config version and source")
         .with_callback(move |observer| {
-            if let Some(generation) = handle.current() {
-                let source = match generation.info.source {
+            if let Some((number, version, source)) = handle.generation() {
+                let source = match source {
                     ConfigSource::Controller(_) => "controller",
                     ConfigSource::File(_) => "file",
                     ConfigSource::Inline => "inline",
                 };
                 observer.observe(
-                    generation.number,
+                    number,
                     &[
-                        KeyValue::new("version", generation.info.version.clone()),
+                        KeyValue::new("version", version),
                         KeyValue::new("source", source),
                     ],
                 );
@@ -181,20 +189,17 @@ pub fn observe_node(node: &NodeHandle) {
     meter
         .u64_observable_gauge("tether.generations.draining")
         .with_description("Retired generations still draining")
-        .with_callback(move |observer| observer.observe(handle.draining().len() as u64, &[]))
+        .with_callback(move |observer| observer.observe(handle.draining(), &[]))
         .build();
-    let handle = node.clone();
+    let handle = node;
     meter
         .u64_observable_gauge("tether.connections.active")
         .with_description("Open client connections, by listener (draining generations included)")
         .with_callback(move |observer| {
             let mut by_listener: std::collections::BTreeMap<String, u64> = Default::default();
-            for generation in handle.current().into_iter().chain(handle.draining()) {
-                for listener in &generation.listeners {
-                    *by_listener.entry(listener.config.name.clone()).or_default() +=
-                        listener.open_connections();
-                }
-            }
+            handle.each_listener_connections(&mut |listener, open| {
+                *by_listener.entry(listener.to_owned()).or_default() += open;
+            });
             for (listener, open) in by_listener {
                 observer.observe(open, &[KeyValue::new("listener", listener)]);
             }

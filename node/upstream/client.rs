@@ -123,9 +123,9 @@ impl ClientKey {
             Some(tls) => crate::tls::client_config(tls).unwrap_or_else(|error| {
                 // Validated when the config was loaded; unreachable in practice.
                 tracing::error!(%error, "upstream TLS settings unusable; connections will fail");
-                crate::tls::empty_client_config()
+                crate::pki::empty_client_config()
             }),
-            None => crate::tls::empty_client_config(),
+            None => crate::pki::empty_client_config(),
         };
         let builder = HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)

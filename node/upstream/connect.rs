@@ -19,7 +19,7 @@ use http::uri::Authority;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 
 use crate::config::ServerAddr;
 use crate::stream::Socket;
@@ -60,18 +60,6 @@ fn unix_path(uri: &Uri) -> Option<PathBuf> {
         .unwrap_or_else(|e| e.into_inner())
         .get(host)
         .cloned()
-}
-
-/// Connects to `addr` (TCP with no delay).
-pub async fn connect(addr: &ServerAddr) -> io::Result<Socket> {
-    match addr {
-        ServerAddr::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).await?;
-            let _ = stream.set_nodelay(true);
-            Ok(Socket::Tcp(stream))
-        }
-        ServerAddr::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
-    }
 }
 
 /// hyper's connector: TCP through its HttpConnector (timeouts, keepalive,

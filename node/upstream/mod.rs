@@ -18,28 +18,8 @@ pub use balance::{hash_bytes, hash_ip, Balancer};
 pub use client::{ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamClient};
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
+use crate::events::{Health, NodeEvent};
 use crate::health::{HealthCell, PreparedChecks};
-use crate::supervisor::NodeEvent;
-
-/// Health of one server as the balancers see it. Active checks (and passive
-/// ejection) move it; `Unknown` servers take traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Health {
-    Unknown = 0,
-    Healthy = 1,
-    Unhealthy = 2,
-}
-
-impl Health {
-    pub fn from_u8(value: u8) -> Health {
-        match value {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
-    }
-}
 
 /// One server of an upstream, shared by every request that uses it.
 #[derive(Debug)]

@@ -416,7 +416,7 @@ impl Validator<'_> {
             };
             let portable = self.base_dir.is_none();
             if let Err(message) = (!portable)
-                .then(|| crate::tls::certified_key(&chain_pem, &key_pem))
+                .then(|| crate::pki::certified_key(&chain_pem, &key_pem))
                 .transpose()
             {
                 self.problem(path.key("key"), message);

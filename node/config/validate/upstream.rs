@@ -142,7 +142,7 @@ impl Validator<'_> {
                 let chain = self.read_pem(&path.key("cert"), cert, pem::Expect::Certificates);
                 let key = self.read_pem(&path.key("key"), key, pem::Expect::PrivateKey);
                 let (chain, key) = (chain?, key?);
-                if let Err(message) = crate::tls::certified_key(&chain, &key) {
+                if let Err(message) = crate::pki::certified_key(&chain, &key) {
                     self.problem(path.key("key"), message);
                     return None;
                 }
@@ -171,7 +171,12 @@ impl Validator<'_> {
             server_name: raw.server_name,
             client,
         };
-        if let Err(message) = crate::tls::client_config(&tls) {
+        if let Err(message) = crate::pki::client_config(
+            tls.ca_pem.as_deref(),
+            tls.client
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice())),
+        ) {
             self.problem(path.clone(), message);
             return None;
         }

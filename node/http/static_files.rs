@@ -13,9 +13,9 @@ use http::{Method, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use tokio::io::AsyncSeekExt;
 
+use super::body::ProxyBody;
+use super::respond::status_response;
 use crate::config::StaticConfig;
-use crate::http::body::ProxyBody;
-use crate::http::respond::status_response;
 
 /// Serves `sub_path` (the request path below the route's prefix) from `files`.
 pub async fn serve(
