@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
-use crate::supervisor::{self, ApplyError, ApplySource};
+use crate::run::Node;
 
 #[derive(Parser)]
 #[command(
@@ -47,10 +47,6 @@ enum Command {
     /// Make a CA and the controller, node and operator certificates for mTLS.
     Certs(crate::certs::CertsArgs),
 }
-
-/// How long the control service may take to answer its last calls once
-/// the node has drained.
-const CONTROL_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -189,56 +185,6 @@ fn print_config_errors(file: &Path, errors: &[crate::config::ConfigError]) {
     }
 }
 
-/// The node's own file, parsed for its node-local settings; `None` if it
-/// does not parse (the first apply reports why).
-fn local_config(config_path: &Path) -> Option<Config> {
-    let text = std::fs::read_to_string(config_path).ok()?;
-    let base_dir = config_path.parent().unwrap_or(Path::new("."));
-    Config::parse(&text, base_dir).ok()
-}
-
-/// Starts the node on the last config its controller pushed, if it has
-/// one, so that a restart while the controller is down serves what the
-/// fleet last agreed on; otherwise (or if that config no longer applies
-/// here) on the config file.
-async fn start_node(
-    config_path: &Path,
-    local: Option<&Config>,
-) -> Result<supervisor::NodeHandle, ApplyError> {
-    let file = Some(config_path.to_path_buf());
-    let last_acked = local
-        .and_then(|config| config.controller.clone())
-        .and_then(
-            |controller| match crate::agent::state::load(&controller.state_dir) {
-                Ok(state) => state,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring the saved controller config");
-                    None
-                }
-            },
-        );
-    if let Some(state) = last_acked {
-        let source = ApplySource::Controller {
-            version: state.controller_version(),
-            text: state.config,
-            traceparent: String::new(),
-        };
-        match supervisor::start(file.clone(), source).await {
-            Ok(node) => {
-                tracing::info!(
-                    version = state.version,
-                    "serving the last config acknowledged to the controller"
-                );
-                return Ok(node);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, version = state.version, "the saved controller config does not apply; starting from the file")
-            }
-        }
-    }
-    supervisor::start(file, ApplySource::File).await
-}
-
 async fn run_node(config_path: PathBuf) -> ExitCode {
     let (mut hangup, mut terminate, mut interrupt) = match (
         signal(SignalKind::hangup()),
@@ -253,7 +199,7 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
     };
     // Telemetry first, so the first apply is measured too. An unreadable
     // file is reported by the apply below.
-    let local = local_config(&config_path);
+    let local = crate::run::local_config(&config_path);
     let telemetry_settings = local
         .as_ref()
         .map(|c| c.telemetry.clone())
@@ -280,84 +226,46 @@ async fn run_node(config_path: PathBuf) -> ExitCode {
         eprintln!("tether: {e}");
         return ExitCode::FAILURE;
     }
-    let node = match start_node(&config_path, local.as_ref()).await {
+    let node = match Node::start(&config_path).await {
         Ok(node) => node,
-        Err(ApplyError::Invalid(errors) | ApplyError::Bind(errors)) => {
-            print_config_errors(&config_path, &errors);
-            return ExitCode::FAILURE;
-        }
         Err(e) => {
-            eprintln!("tether: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(generation) = node.current() else {
-        return ExitCode::FAILURE;
-    };
-    crate::telemetry::metrics::observe_node(Arc::new(node.clone()));
-    serving.store(true, Ordering::Relaxed);
-    for listener in &generation.listeners {
-        tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
-    }
-    let control_settings = generation.config.control.clone();
-    // `[controller]` is read once, at start: the agent's connection is not
-    // re-pointed by a reload.
-    let agent = generation.config.controller.clone().map(|settings| {
-        let id = generation.config.node.id.clone();
-        tokio::spawn(crate::agent::run(node.clone(), settings, id))
-    });
-    let control_listen = control_settings.listen;
-    drop(generation);
-    let control = match tokio::net::TcpListener::bind(control_listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("tether: cannot bind the control service to {control_listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(
-        address = %control.local_addr().unwrap_or(control_listen),
-        mtls = control_settings.tls.is_some(),
-        "control service listening"
-    );
-    let control = tokio::spawn({
-        let node = node.clone();
-        async move {
-            let stopped = node.clone();
-            let result =
-                crate::control::serve(control, control_settings.tls.as_ref(), node, async move {
-                    stopped.stopped().await
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "control service failed");
+            match e.config_errors() {
+                Some(errors) => print_config_errors(&config_path, errors),
+                None => eprintln!("tether: {e}"),
             }
+            return ExitCode::FAILURE;
         }
-    });
+    };
+    crate::telemetry::metrics::observe_node(Arc::new(node.handle().clone()));
+    serving.store(true, Ordering::Relaxed);
+    if let Some(generation) = node.handle().current() {
+        for listener in &generation.listeners {
+            tracing::info!(listener = %listener.config.name, address = %listener.bound, protocol = listener.config.protocol.as_str(), "listening");
+        }
+    }
+    let mtls = node
+        .handle()
+        .current()
+        .is_some_and(|generation| generation.config.control.tls.is_some());
+    tracing::info!(address = %node.control_addr(), mtls, "control service listening");
     loop {
         tokio::select! {
             _ = node.stopped() => break,
             _ = hangup.recv() => {
                 // The outcome is logged by the supervisor.
-                let _ = node.apply(ApplySource::File).await;
+                let _ = node.reload().await;
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
     serving.store(false, Ordering::Relaxed);
-    node.stop(None).await;
+    // A second signal while draining stops at once.
     let code = tokio::select! {
-        _ = node.stopped() => ExitCode::SUCCESS,
+        _ = node.shutdown(None) => ExitCode::SUCCESS,
         _ = terminate.recv() => return ExitCode::FAILURE,
         _ = interrupt.recv() => return ExitCode::FAILURE,
     };
-    // Lets the control service finish answering (a Stop call, say), but a
-    // client that keeps its connection open does not hold the exit.
-    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control).await;
-    if let Some(agent) = agent {
-        agent.abort();
-    }
     telemetry.shutdown();
     tracing::info!("stopped");
     code

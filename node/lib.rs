@@ -34,6 +34,7 @@ pub mod proto;
 pub mod proxy;
 pub mod report;
 pub mod route;
+pub mod run;
 pub mod stream;
 pub mod supervisor;
 pub mod tcp_proxy;
@@ -42,3 +43,5 @@ pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod wire;
+
+pub use run::{Node, StartError};

@@ -63,10 +63,11 @@ async fn connect_via(proxy: SocketAddr, target: &str, auth: Option<&str>) -> (St
 #[tokio::test]
 async fn connect_tunnels_with_credentials_and_refuses_without() {
     let echo = echo_server().await;
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         &format!("{ALICE}allow = [\"127.0.0.1\"]\n"),
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
 
     let (status, _) = connect_via(proxy, &echo.to_string(), None).await;
@@ -90,17 +91,18 @@ async fn connect_tunnels_with_credentials_and_refuses_without() {
 #[tokio::test]
 async fn by_default_private_and_loopback_destinations_are_refused() {
     let echo = echo_server().await;
-    let node = Node::start(&config("forward", ""));
+    let node = LocalNode::start(&config("forward", "")).await;
     let proxy = node.listener("p").await;
     for target in [echo.to_string(), format!("localhost:{}", echo.port())] {
         let (status, _) = connect_via(proxy, &target, None).await;
         assert!(status.starts_with("HTTP/1.1 403"), "{target}: {status}");
     }
     // Deny rules win over allow rules.
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         "allow = [\"127.0.0.0/8\"]\ndeny = [\"localhost\"]\n",
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     let (status, _) = connect_via(proxy, &format!("localhost:{}", echo.port()), None).await;
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
@@ -111,10 +113,11 @@ async fn by_default_private_and_loopback_destinations_are_refused() {
 #[tokio::test]
 async fn absolute_form_requests_are_forwarded_without_proxy_credentials() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         &format!("{ALICE}allow = [\"127.0.0.1\"]\n"),
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     let request = format!(
         "GET http://{}/path?q=1 HTTP/1.1\r\nHost: {}\r\nProxy-Authorization: {ALICE_BASIC}\r\nConnection: close\r\n\r\n",
@@ -144,10 +147,11 @@ async fn absolute_form_requests_are_forwarded_without_proxy_credentials() {
 async fn socks5_connects_ipv4_and_domain_destinations_with_credentials() {
     use tokio_socks::tcp::Socks5Stream;
     let echo = echo_server().await;
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "socks5",
         &format!("{ALICE}allow = [\"127.0.0.1\", \"localhost\"]\n"),
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
 
     let mut stream = Socks5Stream::connect_with_password(proxy, echo, "alice", "s3cret")
@@ -191,7 +195,7 @@ async fn socks5_connects_ipv4_and_domain_destinations_with_credentials() {
 #[tokio::test]
 async fn malformed_socks5_handshakes_get_closed_and_good_ones_still_work() {
     let echo = echo_server().await;
-    let node = Node::start(&config("socks5", "allow = [\"127.0.0.1\"]\n"));
+    let node = LocalNode::start(&config("socks5", "allow = [\"127.0.0.1\"]\n")).await;
     let proxy = node.listener("p").await;
     for garbage in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],
@@ -223,7 +227,7 @@ async fn malformed_socks5_handshakes_get_closed_and_good_ones_still_work() {
 #[tokio::test]
 async fn garbage_to_the_forward_proxy_costs_only_its_connection() {
     let echo = echo_server().await;
-    let node = Node::start(&config("forward", "allow = [\"127.0.0.1\"]\n"));
+    let node = LocalNode::start(&config("forward", "allow = [\"127.0.0.1\"]\n")).await;
     let proxy = node.listener("p").await;
     for garbage in [
         &b"\x16\x03\x01\x00\xff\x00\x00"[..],
@@ -245,7 +249,7 @@ async fn garbage_to_the_forward_proxy_costs_only_its_connection() {
 #[tokio::test]
 async fn ipv6_spellings_of_loopback_and_metadata_addresses_are_refused() {
     let echo = echo_server().await;
-    let node = Node::start(&config("forward", ""));
+    let node = LocalNode::start(&config("forward", "")).await;
     let proxy = node.listener("p").await;
     let port = echo.port();
     for target in [
@@ -260,10 +264,11 @@ async fn ipv6_spellings_of_loopback_and_metadata_addresses_are_refused() {
         assert!(status.starts_with("HTTP/1.1 403"), "{target}: {status}");
     }
     // A deny rule by IPv4 network sees through the same spellings.
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         "allow = [\"::/0\", \"0.0.0.0/0\"]\ndeny = [\"127.0.0.0/8\"]\n",
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     let (status, _) = connect_via(proxy, &format!("[::ffff:127.0.0.1]:{port}"), None).await;
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
@@ -272,19 +277,21 @@ async fn ipv6_spellings_of_loopback_and_metadata_addresses_are_refused() {
 #[tokio::test]
 async fn a_deny_rule_by_name_holds_for_every_spelling_of_the_name() {
     let echo = echo_server().await;
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         "allow = [\"127.0.0.0/8\"]\ndeny = [\"localhost\"]\n",
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     for name in ["localhost.", "LocalHost", "LOCALHOST."] {
         let (status, _) = connect_via(proxy, &format!("{name}:{}", echo.port()), None).await;
         assert!(status.starts_with("HTTP/1.1 403"), "{name}: {status}");
     }
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "socks5",
         "allow = [\"127.0.0.0/8\"]\ndeny = [\"localhost\"]\n",
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     let denied = tokio_socks::tcp::Socks5Stream::connect(proxy, ("localhost.", echo.port())).await;
     assert!(
@@ -299,10 +306,11 @@ async fn a_deny_rule_by_name_holds_for_every_spelling_of_the_name() {
 #[tokio::test]
 async fn an_ipv4_mapped_network_rule_with_a_short_prefix_matches() {
     let echo = echo_server().await;
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         "forward",
         "allow = [\"127.0.0.0/8\"]\ndeny = [\"::ffff:0.0.0.0/96\"]\n",
-    ));
+    ))
+    .await;
     let proxy = node.listener("p").await;
     let (status, _) = connect_via(proxy, &echo.to_string(), None).await;
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");

@@ -46,7 +46,7 @@ async fn closed_within(
 #[tokio::test]
 async fn connections_that_send_nothing_or_stall_before_a_request_are_closed() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&proxy_config("1s", &one_server(&origin)));
+    let node = LocalNode::start(&proxy_config("1s", &one_server(&origin))).await;
     let web = node.listener("web").await;
 
     // Nothing at all: hyper-util waits for the first bytes to choose a
@@ -92,7 +92,7 @@ async fn an_https_connection_that_sends_nothing_after_the_handshake_is_closed() 
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\nheader_read_timeout = \"1s\"\n[[listener.tls.certificate]]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[[listener.route]]\nupstream = \"u\"\n{}",
         one_server(&origin)
     );
-    let node = Node::try_start_in(dir, &config).unwrap();
+    let node = LocalNode::start_in(dir, &config).await;
     let web = node.listener("web").await;
     let mut tls = tls_connect(web, "localhost", &ca.pem(), &[b"http/1.1"]).await;
     let closed = closed_within(&mut tls, Duration::from_secs(5)).await;
@@ -105,7 +105,7 @@ async fn an_https_connection_that_sends_nothing_after_the_handshake_is_closed() 
 #[tokio::test]
 async fn an_idle_http2_connection_gets_goaway_after_the_timeout() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&proxy_config("1s", &one_server(&origin)));
+    let node = LocalNode::start(&proxy_config("1s", &one_server(&origin))).await;
     let web = node.listener("web").await;
     let stream = TcpStream::connect(web).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
@@ -129,13 +129,13 @@ async fn an_idle_http2_connection_gets_goaway_after_the_timeout() {
 #[tokio::test]
 async fn a_malformed_request_body_is_the_clients_400_and_ejects_no_server() {
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);
-    let node = Node::start(&proxy_config(
+    let node = LocalNode::start(&proxy_config(
         "5s",
         &format!(
             "[upstream.u]\nservers = [{{ addr = \"{}\" }}, {{ addr = \"{}\" }}]\n[upstream.u.passive]\nconsecutive_failures = 3\n",
             a.addr, b.addr
         ),
-    ));
+    )).await;
     let web = node.listener("web").await;
     for _ in 0..6 {
         let answer = raw_exchange(
@@ -185,10 +185,11 @@ async fn http10_origin() -> SocketAddr {
 #[tokio::test]
 async fn the_node_answers_http11_clients_in_http11_behind_an_http10_origin() {
     let origin = http10_origin().await;
-    let node = Node::start(&proxy_config(
+    let node = LocalNode::start(&proxy_config(
         "5s",
         &format!("[upstream.u]\nservers = [{{ addr = \"{origin}\" }}]\n"),
-    ));
+    ))
+    .await;
     let web = node.listener("web").await;
     let mut stream = TcpStream::connect(web).await.unwrap();
     for _ in 0..2 {
@@ -243,7 +244,7 @@ async fn read_response(stream: &mut TcpStream) -> String {
 #[tokio::test]
 async fn every_x_forwarded_for_line_reaches_the_upstream_as_one_list() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&proxy_config("5s", &one_server(&origin)));
+    let node = LocalNode::start(&proxy_config("5s", &one_server(&origin))).await;
     let web = node.listener("web").await;
     let answer = raw_exchange(
         web,
@@ -265,10 +266,10 @@ async fn every_x_forwarded_for_line_reaches_the_upstream_as_one_list() {
 #[tokio::test]
 async fn an_absolute_form_target_is_routed_by_its_authority_not_by_host() {
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nhost = \"a.example\"\nupstream = \"a\"\n[[listener.route]]\nhost = \"b.example\"\nupstream = \"b\"\n[upstream.a]\nservers = [{{ addr = \"{}\" }}]\n[upstream.b]\nservers = [{{ addr = \"{}\" }}]\n",
         a.addr, b.addr
-    ));
+    )).await;
     let web = node.listener("web").await;
     let answer = raw_exchange(
         web,

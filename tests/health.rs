@@ -24,38 +24,16 @@ fn servers(origins: &[&Origin]) -> String {
 
 const FAST_CHECK: &str = "[upstream.u.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\njitter = \"0ms\"\n";
 
-async fn health_of(node: &Node, upstream: &str, addr: SocketAddr) -> i32 {
-    let config = node.get_config().await;
-    let upstream = config
-        .upstreams
-        .iter()
-        .find(|u| u.name == upstream)
-        .expect("upstream");
-    upstream
-        .servers
-        .iter()
-        .find(|s| s.address == addr.to_string())
-        .expect("server")
-        .health
-}
-
 /// Polls until the server's health is `state`; answers how long it took.
 async fn wait_for(
-    node: &Node,
+    node: &impl ControlClient,
     upstream: &str,
     addr: SocketAddr,
     state: pb::HealthState,
     within: Duration,
 ) -> Duration {
-    let started = Instant::now();
-    while health_of(node, upstream, addr).await != state as i32 {
-        assert!(
-            started.elapsed() < within,
-            "{addr} did not become {state:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
+    node.wait_health(upstream, &addr.to_string(), state, within)
+        .await
 }
 
 #[tokio::test]
@@ -65,10 +43,11 @@ async fn a_dead_server_stops_taking_traffic_and_comes_back_after_rise_checks() {
         Origin::start("b").await,
         Origin::start("c").await,
     );
-    let node = Node::start(&config(&format!(
+    let node = LocalNode::start(&config(&format!(
         "[upstream.u]\nservers = {}\n{FAST_CHECK}",
         servers(&[&a, &b, &c])
-    )));
+    )))
+    .await;
     let web = node.listener("web").await;
     for origin in [&a, &b, &c] {
         wait_for(
@@ -140,7 +119,7 @@ async fn wrong_status_wrong_body_and_a_hung_server_are_all_down() {
             "unexpected 204",
         ),
     ] {
-        let node = Node::start(&config(&check(extra)));
+        let node = LocalNode::start(&config(&check(extra))).await;
         wait_for(
             &node,
             "u",
@@ -166,9 +145,10 @@ async fn wrong_status_wrong_body_and_a_hung_server_are_all_down() {
         );
     }
     // The same body check passes when the body matches.
-    let node = Node::start(&config(&check(
+    let node = LocalNode::start(&config(&check(
         "path = \"/healthz\"\nexpect_body = \"o\"\nexpect_status = [\"2xx\"]\n",
-    )));
+    )))
+    .await;
     wait_for(
         &node,
         "u",
@@ -187,7 +167,7 @@ async fn tcp_checks_and_try_all() {
         "[upstream.u]\nservers = [{{ addr = \"{}\" }}, {{ addr = \"{closed}\" }}]\nall_down = \"try_all\"\n[upstream.u.health]\ntype = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nfall = 1\njitter = \"0ms\"\n",
         origin.addr
     );
-    let node = Node::start(&config(&upstreams));
+    let node = LocalNode::start(&config(&upstreams)).await;
     wait_for(
         &node,
         "u",
@@ -229,7 +209,7 @@ async fn passive_checks_eject_a_failing_server_and_let_it_back_after_the_period(
         "[upstream.u]\nservers = {}\n[upstream.u.passive]\nconsecutive_failures = 3\nejection = \"700ms\"\nmax_ejected_percent = 50\n",
         servers(&[&good, &bad])
     );
-    let node = Node::start(&config(&upstreams));
+    let node = LocalNode::start(&config(&upstreams)).await;
     let web = node.listener("web").await;
     let mut watch = node.watch_health().await;
     watch.message().await.unwrap();
@@ -246,8 +226,8 @@ async fn passive_checks_eject_a_failing_server_and_let_it_back_after_the_period(
         "exactly `consecutive_failures` requests reach the bad server before it is ejected"
     );
     assert_eq!(
-        health_of(&node, "u", bad.addr).await,
-        pb::HealthState::Unhealthy as i32
+        node.server_health("u", &bad.addr.to_string()).await,
+        pb::HealthState::Unhealthy
     );
     let event = tokio::time::timeout(Duration::from_secs(2), watch.message())
         .await
@@ -287,10 +267,11 @@ async fn passive_checks_eject_a_failing_server_and_let_it_back_after_the_period(
 async fn a_failed_connect_is_retried_on_another_server() {
     let good = Origin::start("good").await;
     let closed = free_addr();
-    let node = Node::start(&config(&format!(
+    let node = LocalNode::start(&config(&format!(
         "[upstream.u]\nservers = [{{ addr = \"{closed}\" }}, {{ addr = \"{}\" }}]\nretries = 1\n",
         good.addr
-    )));
+    )))
+    .await;
     let web = node.listener("web").await;
     let client = http1_client();
     for _ in 0..10 {
@@ -329,7 +310,7 @@ async fn health_state_survives_a_reload_and_shared_servers_get_one_checker() {
             s = servers(&[&a, &b])
         )
     };
-    let node = Node::start(&two_upstreams(""));
+    let node = LocalNode::start(&two_upstreams("")).await;
     wait_for(
         &node,
         "u",
@@ -372,12 +353,12 @@ async fn health_state_survives_a_reload_and_shared_servers_get_one_checker() {
     .await
     .unwrap();
     assert_eq!(
-        health_of(&node, "u", b.addr).await,
-        pb::HealthState::Unhealthy as i32
+        node.server_health("u", &b.addr.to_string()).await,
+        pb::HealthState::Unhealthy
     );
     assert_eq!(
-        health_of(&node, "u", a.addr).await,
-        pb::HealthState::Healthy as i32
+        node.server_health("u", &a.addr.to_string()).await,
+        pb::HealthState::Healthy
     );
     let web = node.listener("web").await;
     for _ in 0..10 {
@@ -388,10 +369,11 @@ async fn health_state_survives_a_reload_and_shared_servers_get_one_checker() {
 #[tokio::test]
 async fn watch_health_streams_a_transition_when_a_server_stops() {
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);
-    let node = Node::start(&config(&format!(
+    let node = LocalNode::start(&config(&format!(
         "[upstream.u]\nservers = {}\n{FAST_CHECK}",
         servers(&[&a, &b])
-    )));
+    )))
+    .await;
     wait_for(
         &node,
         "u",

@@ -37,6 +37,7 @@ const LAYERS: &[&str] = &[
     // What drives a node, and the controller.
     "control",
     "agent",
+    "run",
     "controller",
     // The command line.
     "certs",

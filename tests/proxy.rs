@@ -61,7 +61,7 @@ upstream = "fallback"
         upstream_block("wild", &[&wild], ""),
         upstream_block("fallback", &[&fallback], ""),
     );
-    let node = Node::start(&config);
+    let node = LocalNode::start(&config).await;
     let web = node.listener("web").await;
     let cases = [
         (Some("example.com"), "/api/users", "api"),
@@ -94,10 +94,10 @@ upstream = "fallback"
 #[tokio::test]
 async fn no_matching_route_is_404() {
     let origin = Origin::start("only").await;
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nhost = \"a.test\"\npath = \"/app/\"\nupstream = \"u\"\n{}",
         upstream_block("u", &[&origin], "")
-    ));
+    )).await;
     let web = node.listener("web").await;
     let client = http1_client();
     assert_eq!(
@@ -118,10 +118,10 @@ async fn no_matching_route_is_404() {
 #[tokio::test]
 async fn forwarding_headers_as_nginx_users_expect() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nvia = true\n[[listener.route]]\nupstream = \"u\"\n{}",
         upstream_block("u", &[&origin], "")
-    ));
+    )).await;
     let web = node.listener("web").await;
     let answer = get_with(
         &http1_client(),
@@ -192,10 +192,10 @@ async fn distribution(
         .zip(weights)
         .map(|(o, w)| format!("{{ addr = \"{}\", weight = {w} }}", o.addr))
         .collect();
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"u\"\n[upstream.u]\nservers = [{}]\n{balance}\n",
         servers.join(", ")
-    ));
+    )).await;
     let web = node.listener("web").await;
     let client = http1_client();
     for _ in 0..requests {
@@ -241,10 +241,10 @@ async fn consistent_hash_spreads_different_keys() {
     for i in 0..3 {
         origins.push(Origin::start(&format!("s{i}")).await);
     }
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"u\"\n{}",
         upstream_block("u", &origins.iter().collect::<Vec<_>>(), "balance = \"consistent_hash\"\nhash_on = \"header:x-user\"")
-    ));
+    )).await;
     let web = node.listener("web").await;
     let client = http1_client();
     let mut owner = HashMap::new();
@@ -271,10 +271,10 @@ async fn consistent_hash_spreads_different_keys() {
 async fn least_conn_and_power_of_two_avoid_a_busy_server() {
     for balance in ["least_conn", "power_of_two"] {
         let (busy, idle) = (Origin::start("busy").await, Origin::start("idle").await);
-        let node = Node::start(&format!(
+        let node = LocalNode::start(&format!(
             "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"u\"\n{}",
             upstream_block("u", &[&busy, &idle], &format!("balance = \"{balance}\""))
-        ));
+        )).await;
         let web = node.listener("web").await;
         // One slow request holds one server busy...
         let client = http1_client();
@@ -304,7 +304,7 @@ async fn least_conn_and_power_of_two_avoid_a_busy_server() {
 async fn refused_upstream_is_502_and_slow_upstream_is_504() {
     let origin = Origin::start("o").await;
     let dead = free_addr();
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         r#"
 [[listener]]
 name = "web"
@@ -322,7 +322,8 @@ servers = [{{ addr = "{}" }}]
 read_timeout = "300ms"
 "#,
         origin.addr
-    ));
+    ))
+    .await;
     let web = node.listener("web").await;
     let client = http1_client();
     let answer = get(&client, web, None, "/dead/x").await;
@@ -340,6 +341,7 @@ read_timeout = "300ms"
 async fn large_bodies_stream_both_ways_in_bounded_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
     let origin = Origin::start("o").await;
+    // Its own process: the test measures the node's peak memory.
     let node = Node::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"u\"\n{}",
         upstream_block("u", &[&origin], "")
@@ -393,10 +395,10 @@ async fn large_bodies_stream_both_ways_in_bounded_memory() {
 #[tokio::test]
 async fn malformed_and_oversized_requests_get_4xx_and_the_node_keeps_serving() {
     let origin = Origin::start("o").await;
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 8192\nheader_read_timeout = \"500ms\"\n[[listener.route]]\nupstream = \"u\"\n{}",
         upstream_block("u", &[&origin], "")
-    ));
+    )).await;
     let web = node.listener("web").await;
     let garbage = raw_exchange(
         web,

@@ -40,7 +40,7 @@ fn site() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn serves_index_and_content_types_with_prefix_stripped() {
-    let node = Node::try_start_in(site(), CONFIG).unwrap();
+    let node = LocalNode::start_in(site(), CONFIG).await;
     let web = node.listener("web").await;
     let client = http1_client();
     let home = get(&client, web, None, "/").await;
@@ -74,7 +74,7 @@ async fn serves_index_and_content_types_with_prefix_stripped() {
 
 #[tokio::test]
 async fn etag_and_last_modified_give_304() {
-    let node = Node::try_start_in(site(), CONFIG).unwrap();
+    let node = LocalNode::start_in(site(), CONFIG).await;
     let web = node.listener("web").await;
     let client = http1_client();
     let first = get(&client, web, None, "/index.html").await;
@@ -115,7 +115,7 @@ async fn etag_and_last_modified_give_304() {
 
 #[tokio::test]
 async fn byte_ranges_give_206_and_416() {
-    let node = Node::try_start_in(site(), CONFIG).unwrap();
+    let node = LocalNode::start_in(site(), CONFIG).await;
     let web = node.listener("web").await;
     let client = http1_client();
     let part = get_with(&client, web, None, "/data.bin", &[("range", "bytes=10-19")])
@@ -138,7 +138,7 @@ async fn byte_ranges_give_206_and_416() {
 
 #[tokio::test]
 async fn nothing_outside_the_root_is_served() {
-    let node = Node::try_start_in(site(), CONFIG).unwrap();
+    let node = LocalNode::start_in(site(), CONFIG).await;
     let web = node.listener("web").await;
     for attempt in [
         "/../secret.txt",
@@ -167,7 +167,7 @@ async fn nothing_outside_the_root_is_served() {
 
 #[tokio::test]
 async fn only_get_and_head() {
-    let node = Node::try_start_in(site(), CONFIG).unwrap();
+    let node = LocalNode::start_in(site(), CONFIG).await;
     let web = node.listener("web").await;
     let answer = raw_exchange(
         web,

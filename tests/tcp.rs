@@ -63,7 +63,7 @@ async fn exchange(addr: SocketAddr, text: &str) -> String {
 #[tokio::test]
 async fn balances_copies_both_ways_and_passes_half_close() {
     let (a, b) = (echo_server("a").await, echo_server("b").await);
-    let node = Node::start(&config("127.0.0.1:0", &[a, b], "10s", "5s"));
+    let node = LocalNode::start(&config("127.0.0.1:0", &[a, b], "10s", "5s")).await;
     let addr = node.listener("tcp").await;
     let mut answers = Vec::new();
     for i in 0..4 {
@@ -82,7 +82,7 @@ async fn balances_copies_both_ways_and_passes_half_close() {
 async fn an_idle_session_is_closed_and_a_dead_server_is_skipped() {
     let a = echo_server("a").await;
     let dead = free_addr();
-    let node = Node::start(&config("127.0.0.1:0", &[dead, a], "300ms", "5s"));
+    let node = LocalNode::start(&config("127.0.0.1:0", &[dead, a], "300ms", "5s")).await;
     let addr = node.listener("tcp").await;
     for _ in 0..2 {
         assert_eq!(
@@ -109,7 +109,7 @@ async fn an_idle_session_is_closed_and_a_dead_server_is_skipped() {
 async fn a_session_survives_a_reload_until_the_drain_deadline() {
     let a = echo_server("a").await;
     let listen = free_addr().to_string();
-    let node = Node::start(&config(&listen, &[a], "10s", "1s"));
+    let node = LocalNode::start(&config(&listen, &[a], "10s", "1s")).await;
     let addr = node.listener("tcp").await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 64];
@@ -134,11 +134,11 @@ async fn a_session_survives_a_reload_until_the_drain_deadline() {
 async fn garbage_and_aborted_connections_cost_only_themselves() {
     let a = echo_server("a").await;
     let origin = Origin::start("o").await;
-    let node = Node::start(&format!(
+    let node = LocalNode::start(&format!(
         "{}[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"h\"\n[upstream.h]\nservers = [{{ addr = \"{}\" }}]\n",
         config("127.0.0.1:0", &[a], "10s", "5s"),
         origin.addr
-    ));
+    )).await;
     let (tcp, web) = (node.listener("tcp").await, node.listener("web").await);
     for addr in [tcp, web] {
         for garbage in [

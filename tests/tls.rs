@@ -107,7 +107,7 @@ async fn sni_picks_the_certificate_and_alpn_serves_h2_and_http1() {
     let default = certs.write("default", &["default.test"]);
     let a = certs.write("a", &["a.test"]);
     let wild = certs.write("wild", &["*.b.test"]);
-    let node = Node::start(&https_config(&certs, &origin));
+    let node = LocalNode::start(&https_config(&certs, &origin)).await;
     let addr = node.listener("tls").await;
 
     for (name, expected) in [
@@ -158,7 +158,7 @@ async fn replaced_certificate_files_are_served_after_a_reload() {
     certs.write("default", &["default.test"]);
     let old = certs.write("a", &["a.test"]);
     certs.write("wild", &["*.b.test"]);
-    let node = Node::start(&https_config(&certs, &origin));
+    let node = LocalNode::start(&https_config(&certs, &origin)).await;
     let addr = node.listener("tls").await;
     assert_eq!(connect(addr, &certs.ca, "a.test", &[]).await.0, old);
 
@@ -175,7 +175,7 @@ async fn missing_or_mismatched_tls_material_is_a_config_error_with_its_location(
     certs.write("default", &["default.test"]);
     certs.write("a", &["a.test"]);
     certs.write("wild", &["*.b.test"]);
-    let node = Node::start(&https_config(&certs, &origin));
+    let node = LocalNode::start(&https_config(&certs, &origin)).await;
 
     // a.key now belongs to another certificate.
     let other = certs.ca.issue(&["a.test"]);

@@ -95,23 +95,24 @@ async fn verifies_the_server_against_the_ca_and_speaks_h2_by_alpn() {
     let ca_path = files.write("ca.pem", &ca.pem());
     let tls = format!("ca = \"{ca_path}\"\nserver_name = \"origin.test\"\n");
 
-    let node = Node::start(&config(origin, "http1", &tls));
+    let node = LocalNode::start(&config(origin, "http1", &tls)).await;
     let answer = get(&http1_client(), node.listener("web").await, None, "/").await;
     assert_eq!(
         (answer.status, answer.text().as_str()),
         (StatusCode::OK, "HTTP/1.1 client-cert:false")
     );
 
-    let node = Node::start(&config(origin, "h2", &tls));
+    let node = LocalNode::start(&config(origin, "h2", &tls)).await;
     let answer = get(&http1_client(), node.listener("web").await, None, "/").await;
     assert_eq!(answer.text(), "HTTP/2.0 client-cert:false", "ALPN picks h2");
 
     // The wrong name, or another CA: the server is not trusted.
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         origin,
         "http1",
         &format!("ca = \"{ca_path}\"\nserver_name = \"other.test\"\n"),
-    ));
+    ))
+    .await;
     assert_eq!(
         get(&http1_client(), node.listener("web").await, None, "/")
             .await
@@ -119,11 +120,12 @@ async fn verifies_the_server_against_the_ca_and_speaks_h2_by_alpn() {
         StatusCode::BAD_GATEWAY
     );
     let other = files.write("other.pem", &TestCa::new("someone else").pem());
-    let node = Node::start(&config(
+    let node = LocalNode::start(&config(
         origin,
         "http1",
         &format!("ca = \"{other}\"\nserver_name = \"origin.test\"\n"),
-    ));
+    ))
+    .await;
     assert_eq!(
         get(&http1_client(), node.listener("web").await, None, "/")
             .await
@@ -144,11 +146,12 @@ async fn presents_a_client_certificate_to_servers_that_require_one() {
         files.write("node.key", &node_cert.key_pem),
     );
 
-    let without = Node::start(&config(
+    let without = LocalNode::start(&config(
         origin,
         "http1",
         &format!("ca = \"{ca_path}\"\nserver_name = \"origin.test\"\n"),
-    ));
+    ))
+    .await;
     assert_eq!(
         get(&http1_client(), without.listener("web").await, None, "/")
             .await
@@ -156,11 +159,11 @@ async fn presents_a_client_certificate_to_servers_that_require_one() {
         StatusCode::BAD_GATEWAY
     );
 
-    let with = Node::start(&config(
+    let with = LocalNode::start(&config(
         origin,
         "http1",
         &format!("ca = \"{ca_path}\"\nserver_name = \"origin.test\"\ncert = \"{cert}\"\nkey = \"{key}\"\n"),
-    ));
+    )).await;
     let answer = get(&http1_client(), with.listener("web").await, None, "/").await;
     assert_eq!(answer.text(), "HTTP/1.1 client-cert:true");
 }
@@ -203,7 +206,7 @@ async fn http_health_checks_can_probe_over_tls() {
         (&wrong_ca, tether::proto::v1::HealthState::Unhealthy),
     ] {
         let tls = format!("ca = \"{ca_path}\"\nserver_name = \"origin.test\"\n");
-        let node = Node::start(&(config(origin, "http1", &tls) + check));
+        let node = LocalNode::start(&(config(origin, "http1", &tls) + check)).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let health = node.get_config().await.upstreams[0].servers[0].health;

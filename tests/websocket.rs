@@ -63,7 +63,7 @@ async fn roundtrip(
 async fn a_websocket_passes_through_and_survives_a_reload() {
     let upstream = echo_server().await;
     let listen = free_addr().to_string();
-    let node = Node::start(&config(&listen, upstream, "10s"));
+    let node = LocalNode::start(&config(&listen, upstream, "10s")).await;
     let web = node.listener("web").await;
     let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
         .await
@@ -99,7 +99,7 @@ async fn a_websocket_passes_through_and_survives_a_reload() {
 async fn a_websocket_outliving_the_drain_timeout_is_closed() {
     let upstream = echo_server().await;
     let listen = free_addr().to_string();
-    let node = Node::start(&config(&listen, upstream, "500ms"));
+    let node = LocalNode::start(&config(&listen, upstream, "500ms")).await;
     let web = node.listener("web").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
         .await

@@ -11,6 +11,7 @@ use tether::proto::v1::{self as pb};
 use tonic::transport::Channel;
 
 use super::client::{get, http1_client};
+use super::control::ControlClient;
 use super::node::{address_in, spawn_until, Node, SharedLog};
 use super::origin::Origin;
 

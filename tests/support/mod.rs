@@ -4,12 +4,16 @@
 
 pub mod certs;
 pub mod client;
+pub mod control;
 pub mod controller;
+pub mod local;
 pub mod node;
 pub mod origin;
 
 pub use certs::*;
 pub use client::*;
+pub use control::*;
 pub use controller::*;
+pub use local::*;
 pub use node::*;
 pub use origin::*;

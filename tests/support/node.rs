@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::control::ControlClient;
 use tether::proto::v1::control_service_client::ControlServiceClient;
 use tether::proto::v1::{self as pb, reload_request};
 use tonic::transport::Channel;
@@ -25,7 +26,7 @@ pub struct Node {
 pub type Customize = Arc<dyn Fn(&mut Command) + Send + Sync>;
 
 /// Adds `[control] listen = "127.0.0.1:0"` unless the config has a control section.
-fn with_ephemeral_control(config: &str) -> String {
+pub fn with_ephemeral_control(config: &str) -> String {
     if config.contains("[control]") {
         config.to_owned()
     } else {
@@ -98,68 +99,6 @@ impl Node {
         self.log.lock().unwrap().join("\n")
     }
 
-    pub async fn control(&self) -> ControlServiceClient<Channel> {
-        ControlServiceClient::connect(format!("http://{}", self.control_addr))
-            .await
-            .expect("connect to the control service")
-    }
-
-    pub async fn get_config(&self) -> pb::GetConfigResponse {
-        self.control()
-            .await
-            .get_config(pb::GetConfigRequest {})
-            .await
-            .expect("GetConfig")
-            .into_inner()
-    }
-
-    /// The bound address of the listener called `name`.
-    pub async fn listener(&self, name: &str) -> SocketAddr {
-        let config = self.get_config().await;
-        let listener = config
-            .listeners
-            .iter()
-            .find(|l| l.name == name)
-            .unwrap_or_else(|| panic!("no listener {name}: {:?}", config.listeners));
-        listener.bound.parse().expect("bound address")
-    }
-
-    /// Applies `config` inline through the control service.
-    pub async fn reload(&self, config: &str) -> Result<pb::ReloadResponse, tonic::Status> {
-        let request = pb::ReloadRequest {
-            source: Some(reload_request::Source::ConfigText(with_ephemeral_control(
-                config,
-            ))),
-        };
-        self.control()
-            .await
-            .reload(request)
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    /// Opens a WatchHealth stream.
-    pub async fn watch_health(&self) -> tonic::Streaming<pb::NodeEvent> {
-        self.control()
-            .await
-            .watch_health(pb::WatchHealthRequest {})
-            .await
-            .expect("WatchHealth")
-            .into_inner()
-    }
-
-    /// Waits until no retired generation is left draining.
-    pub async fn wait_drained(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.get_config().await.draining.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "old generations did not finish draining within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     pub fn write_config(&self, config: &str) {
         std::fs::write(&self.config_path, with_ephemeral_control(config)).expect("write config");
     }
@@ -199,22 +138,6 @@ impl Node {
         proc_status_field(self.pid(), "Threads:")
     }
 
-    /// The health GetConfig reports for `addr` in `upstream`.
-    pub async fn server_health(&self, upstream: &str, addr: &str) -> pb::HealthState {
-        let config = self.get_config().await;
-        let upstream = config
-            .upstreams
-            .iter()
-            .find(|u| u.name == upstream)
-            .unwrap_or_else(|| panic!("no upstream {upstream}"));
-        let server = upstream
-            .servers
-            .iter()
-            .find(|s| s.address == addr)
-            .unwrap_or_else(|| panic!("no server {addr} in {:?}", upstream.servers));
-        pb::HealthState::try_from(server.health).unwrap_or(pb::HealthState::Unspecified)
-    }
-
     /// How many log lines contain `text`.
     pub fn log_lines_with(&self, text: &str) -> usize {
         self.log
@@ -238,6 +161,12 @@ fn proc_status_field(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+impl ControlClient for Node {
+    fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
 }
 
 impl Drop for Node {
