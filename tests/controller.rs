@@ -587,21 +587,10 @@ async fn the_fleet_command_line_publishes_lists_and_shows() {
 mod store {
     use std::io::Write;
 
-    use tether::controller::store::{Damaged, Record, Store, StoredVersion};
+    use tether::controller::store::{Damaged, Record, Store};
 
-    pub fn version(n: u64) -> Record {
-        let config = format!("# version {n}\n");
-        Record::Version(StoredVersion {
-            version: n,
-            checksum: tether::config::content_version(&config),
-            config,
-            selector: String::new(),
-            comment: String::new(),
-            author: String::new(),
-            published_at: 0,
-            rollback_of: 0,
-            idempotency_key: String::new(),
-        })
+    fn version(n: u64) -> Record {
+        super::stored_version(n, &format!("# version {n}\n"))
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tether::controller::store::{Damaged, Record, Store, StoredVersion};
+use tether::controller::store::{Damaged, Store};
 use tether::proto::v1 as pb;
 use tonic::Code;
 
@@ -63,28 +63,13 @@ async fn a_controller_on_a_fresh_store_never_matches_a_node_by_version_number() 
     assert!(node.get_config().await.config.unwrap().generation > generation_before);
 }
 
-fn version(n: u64, text: &str) -> Record {
-    let config = format!("# {text}\n");
-    Record::Version(StoredVersion {
-        version: n,
-        checksum: tether::config::content_version(&config),
-        config,
-        selector: String::new(),
-        comment: String::new(),
-        author: String::new(),
-        published_at: 0,
-        rollback_of: 0,
-        idempotency_key: String::new(),
-    })
-}
-
 /// A store holding versions 1 to 3; answers its log's lines (the first
 /// is the store's identity).
 async fn three_versions(dir: &Path) -> Vec<String> {
     let (store, _) = Store::open(dir, Damaged::Refuse).unwrap();
     for n in 1..=3 {
         store
-            .append_durable(version(n, &format!("version {n}")))
+            .append_durable(stored_version(n, &format!("# version {n}\n")))
             .await
             .unwrap();
     }
@@ -207,6 +192,13 @@ async fn repair_keeps_a_copy_and_the_records_before_the_damage() {
     assert_eq!(published.version, 3);
 }
 
+async fn publish(
+    controller: &Controller,
+    request: pb::PublishConfigRequest,
+) -> Result<tonic::Response<pb::PublishConfigResponse>, tonic::Status> {
+    controller.fleet().await.publish_config(request).await
+}
+
 #[tokio::test]
 async fn a_publish_repeated_with_its_idempotency_key_stores_one_version() {
     let data = tempfile::tempdir().unwrap();
@@ -217,42 +209,23 @@ async fn a_publish_repeated_with_its_idempotency_key_stores_one_version() {
         idempotency_key: "k-1".into(),
         ..Default::default()
     };
-    let first = controller
-        .fleet()
-        .await
-        .publish_config(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let again = controller
-        .fleet()
-        .await
-        .publish_config(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((first.version, again.version), (1, 1));
+    let first = publish(&controller, request.clone()).await.unwrap();
+    let again = publish(&controller, request.clone()).await.unwrap();
+    assert_eq!(
+        (first.into_inner().version, again.into_inner().version),
+        (1, 1)
+    );
     // The key is durable: a retry after a crash finds it.
     controller.restart();
-    let after_restart = controller
-        .fleet()
-        .await
-        .publish_config(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(after_restart.version, 1);
+    let after_restart = publish(&controller, request.clone()).await.unwrap();
+    assert_eq!(after_restart.into_inner().version, 1);
     assert_eq!(controller.versions().await.len(), 1);
     // The same key for something else is refused.
-    let reused = controller
-        .fleet()
-        .await
-        .publish_config(pb::PublishConfigRequest {
-            config: String::new(),
-            ..request
-        })
-        .await
-        .unwrap_err();
+    let other = pb::PublishConfigRequest {
+        config: String::new(),
+        ..request
+    };
+    let reused = publish(&controller, other).await.unwrap_err();
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::sample::select;
 use tether::config::{Config, ListenAddr, Protocol};
-use tether::controller::store::{Damaged, Record, Store, StoredNode, StoredVersion};
+use tether::controller::store::{Damaged, Record, Store, StoredNode};
 use tether::proxy::Destination;
 use tether::supervisor::{self, ApplySource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -436,21 +436,6 @@ fn socks5_and_forward_requests_of_any_shape_cost_only_their_connection() {
     });
 }
 
-fn stored_version(n: u64) -> Record {
-    let config = format!("# version {n}\n");
-    Record::Version(StoredVersion {
-        version: n,
-        checksum: tether::config::content_version(&config),
-        config,
-        selector: String::new(),
-        comment: format!("v{n}"),
-        author: String::new(),
-        published_at: n,
-        rollback_of: 0,
-        idempotency_key: String::new(),
-    })
-}
-
 #[test]
 fn a_damaged_store_opens_with_a_prefix_of_its_versions_or_not_at_all() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -461,7 +446,10 @@ fn a_damaged_store_opens_with_a_prefix_of_its_versions_or_not_at_all() {
     runtime.block_on(async {
         let (store, _) = Store::open(pristine.path(), Damaged::Refuse).unwrap();
         for n in 1..=4 {
-            store.append_durable(stored_version(n)).await.unwrap();
+            store
+                .append_durable(support::stored_version(n, &format!("# version {n}\n")))
+                .await
+                .unwrap();
             store
                 .append_durable(Record::Node(StoredNode {
                     id: format!("node-{n}"),

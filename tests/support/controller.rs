@@ -236,3 +236,18 @@ pub async fn origin_answers(node: &Node, origin: &Origin) {
     assert_eq!(answer.status, 200, "{}", node.log());
     assert_eq!(answer.header("x-origin"), Some(origin.name.as_str()));
 }
+
+/// A version record for a store, with `config` as its text.
+pub fn stored_version(number: u64, config: &str) -> tether::controller::store::Record {
+    tether::controller::store::Record::Version(tether::controller::store::StoredVersion {
+        version: number,
+        checksum: tether::config::content_version(config),
+        config: config.to_owned(),
+        selector: String::new(),
+        comment: String::new(),
+        author: String::new(),
+        published_at: 0,
+        rollback_of: 0,
+        idempotency_key: String::new(),
+    })
+}
