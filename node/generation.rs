@@ -30,6 +30,33 @@ pub struct Shared<'a> {
     pub events: &'a broadcast::Sender<NodeEvent>,
 }
 
+/// A listener of a validated config that could not be set up (its TLS
+/// material or access log changed since validation).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{error}")]
+    Http {
+        listener: usize,
+        #[source]
+        error: crate::http::ListenerError,
+    },
+    #[error("{error}")]
+    Tcp {
+        listener: usize,
+        #[source]
+        error: crate::pki::PkiError,
+    },
+}
+
+impl BuildError {
+    /// The index of the listener that failed.
+    pub fn listener(&self) -> usize {
+        match self {
+            BuildError::Http { listener, .. } | BuildError::Tcp { listener, .. } => *listener,
+        }
+    }
+}
+
 pub struct Generation {
     pub number: u64,
     pub info: ConfigInfo,
@@ -69,7 +96,7 @@ impl Generation {
         bound: &[ListenAddr],
         previous: Option<&Generation>,
         shared: Shared,
-    ) -> Result<Generation, (usize, String)> {
+    ) -> Result<Generation, BuildError> {
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -93,16 +120,24 @@ impl Generation {
         for (index, (listener, bound)) in config.listeners.iter().zip(bound).enumerate() {
             let service = match listener.protocol {
                 Protocol::Http | Protocol::Https => ListenerService::Http(Arc::new(
-                    HttpListener::new(listener, &upstreams).map_err(|e| (index, e))?,
+                    HttpListener::new(listener, &upstreams).map_err(|error| BuildError::Http {
+                        listener: index,
+                        error,
+                    })?,
                 )),
-                Protocol::Tcp => ListenerService::Tcp(
-                    TcpProxy::new(listener, &upstreams).map_err(|e| (index, e))?,
-                ),
+                Protocol::Tcp => {
+                    ListenerService::Tcp(TcpProxy::new(listener, &upstreams).map_err(|error| {
+                        BuildError::Tcp {
+                            listener: index,
+                            error,
+                        }
+                    })?)
+                }
                 Protocol::Forward | Protocol::Socks5 => {
                     let settings = listener
                         .proxy
                         .clone()
-                        .ok_or((index, "a proxy listener without proxy settings".to_owned()))?;
+                        .expect("a validated proxy listener has proxy settings");
                     if listener.protocol == Protocol::Forward {
                         ListenerService::Forward(Arc::new(ForwardProxy::new(settings)))
                     } else {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{compose_pushed, content_version, Config, ConfigError};
+use crate::config::{compose_pushed, content_version, Config, ConfigError, ListenerConfig};
 use crate::events::{ConfigInfo, ConfigSource, ControllerVersion, NodeEvent};
 use crate::generation::{self, Generation};
 use crate::health::HealthRegistry;
@@ -340,12 +340,15 @@ impl Supervisor {
         base_dir: &Path,
     ) -> Result<Applied, ApplyError> {
         let started = Instant::now();
-        let config = Config::parse(&text, base_dir).map_err(ApplyError::Invalid)?;
+        let config = Arc::new(Config::parse(&text, base_dir).map_err(ApplyError::Invalid)?);
+        let listeners = &config.listeners;
         let prepared = self
             .sockets
-            .prepare(&config.listeners)
-            .map_err(|failures| ApplyError::Bind(bind_errors(&text, failures)))?;
-        let bound = prepared.local_addrs().map_err(|e| bind_failed(&text, e))?;
+            .prepare(listeners)
+            .map_err(|failures| ApplyError::Bind(bind_errors(listeners, failures)))?;
+        let bound = prepared
+            .local_addrs()
+            .map_err(|e| bind_failed(listeners, e))?;
         let previous = self.current();
         let number = self.next_generation;
         let text: Arc<str> = text.into();
@@ -361,7 +364,7 @@ impl Supervisor {
         let checks = self.health.prepare(&config);
         let built = Generation::build(
             number,
-            Arc::new(config),
+            config.clone(),
             info,
             &bound,
             previous.as_deref(),
@@ -373,17 +376,18 @@ impl Supervisor {
         );
         let generation = match built {
             Ok(generation) => Arc::new(generation),
-            Err((index, message)) => {
-                let error = ConfigError::at_path(&text, &format!("listener[{index}]"), message);
-                return Err(ApplyError::Invalid(vec![error]));
+            Err(error) => {
+                let listener = &config.listeners[error.listener()];
+                let located = listener.location.entry.error(error.to_string());
+                return Err(ApplyError::Invalid(vec![located]));
             }
         };
         self.sockets
             .commit(&prepared)
-            .map_err(|e| bind_failed(&generation.info.text, e))?;
+            .map_err(|e| bind_failed(&config.listeners, e))?;
         if let Err(e) = prepared.start_accepting(&generation) {
             generation.lifecycle.retire();
-            return Err(bind_failed(&generation.info.text, e));
+            return Err(bind_failed(&config.listeners, e));
         }
         // Switch: N+1 accepts from here on; N stops and drains.
         self.next_generation += 1;
@@ -502,22 +506,33 @@ fn record_apply(result: &Result<Applied, ApplyError>, duration: Duration) {
 
 type SourceText = (String, ConfigSource, PathBuf, Option<Pushed>);
 
-fn bind_errors(text: &str, failures: Vec<crate::listen::BindFailure>) -> Vec<ConfigError> {
+fn bind_errors(
+    listeners: &[ListenerConfig],
+    failures: Vec<crate::listen::BindFailure>,
+) -> Vec<ConfigError> {
     failures
         .into_iter()
         .map(|f| {
-            let path = format!("listener[{}].listen", f.listener_index);
-            ConfigError::at_path(text, &path, format!("cannot bind {}: {}", f.addr, f.error))
+            let listen = &listeners[f.listener_index].location.listen;
+            listen.error(format!("cannot bind {}: {}", f.addr, f.error))
         })
         .collect()
 }
 
-fn bind_failed(text: &str, error: std::io::Error) -> ApplyError {
-    ApplyError::Bind(vec![ConfigError::at_path(
-        text,
-        "listener",
-        format!("cannot set up a listening socket: {error}"),
-    )])
+/// A listening socket that failed after it was bound (rare: the system
+/// ran out of something), placed at the first listener.
+fn bind_failed(listeners: &[ListenerConfig], error: std::io::Error) -> ApplyError {
+    let message = format!("cannot set up a listening socket: {error}");
+    let located = match listeners.first() {
+        Some(listener) => listener.location.entry.error(message),
+        None => ConfigError {
+            path: "listener".to_owned(),
+            line: 0,
+            column: 0,
+            message,
+        },
+    };
+    ApplyError::Bind(vec![located])
 }
 
 /// The node's gauges (telemetry) read the generations through this.

@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::stream::ClientStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::pki::PkiError;
+
 use crate::config::ListenerConfig;
 use crate::lifecycle::ConnectionGuard;
 use crate::upstream::{PickContext, Upstream};
@@ -34,15 +36,14 @@ impl TcpProxy {
     pub fn new(
         config: &ListenerConfig,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PkiError> {
+        // Validation guarantees both: a tcp listener has its settings, and
+        // its upstream exists.
         let settings = config
             .tcp
             .as_ref()
-            .ok_or("a tcp listener without tcp settings")?;
-        let upstream = upstreams
-            .get(&settings.upstream)
-            .ok_or_else(|| format!("no upstream named {:?}", settings.upstream))?
-            .clone();
+            .expect("a validated tcp listener has tcp settings");
+        let upstream = upstreams[&settings.upstream].clone();
         Ok(TcpProxy {
             upstream,
             tls: config.tls.as_ref().map(crate::tls::acceptor).transpose()?,

@@ -11,11 +11,11 @@ use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{HostPattern, TlsSettings, TlsVersion, UpstreamTls};
-use crate::pki::certified_key;
+use crate::pki::{certified_key, PkiError};
 
 /// Builds the acceptor for a listener's TLS settings. The settings were
 /// validated when the config was loaded, so failures here are unexpected.
-pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, String> {
+pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, PkiError> {
     let mut resolver = SniResolver::default();
     for (i, certificate) in settings.certificates.iter().enumerate() {
         let key = Arc::new(certified_key(&certificate.chain_pem, &certificate.key_pem)?);
@@ -42,7 +42,7 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, String> {
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(versions)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| PkiError::Rustls(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -75,7 +75,7 @@ impl ResolvesServerCert for SniResolver {
 
 /// The client side of TLS to upstream servers: the configured CA (or the
 /// system roots) and, for mTLS, a client certificate.
-pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, PkiError> {
     let identity = tls
         .client
         .as_ref()

@@ -30,15 +30,26 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl ConfigError {
-    /// An error at a key path such as `listener[1].listen`, located in `text`.
-    pub fn at_path(text: &str, path: &str, message: String) -> ConfigError {
-        let (root, _) = DeTable::parse_recoverable(text);
-        let locator = Locator::new(text, &root);
-        locator.locate(Problem {
-            path: KeyPath::parse(path),
-            message,
-        })
+/// Where a key sits in the config text. The validated config keeps the
+/// locations of what can still fail when it is applied (a listener's
+/// address, its TLS material), so such errors are located without parsing
+/// the text again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    /// Key path such as `listener[1].listen`.
+    pub path: String,
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Location {
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: self.line,
+            column: self.column,
+            message: message.into(),
+        }
     }
 }
 
@@ -67,23 +78,6 @@ impl KeyPath {
     pub fn key(&self, key: &str) -> Self {
         let mut path = self.clone();
         path.0.push(Segment::Key(key.to_owned()));
-        path
-    }
-
-    /// Parses the `Display` form back: `a.b[2].c`.
-    pub fn parse(text: &str) -> Self {
-        let mut path = KeyPath::root();
-        for part in text.split('.').filter(|p| !p.is_empty()) {
-            let (key, indexes) = part
-                .split_once('[')
-                .map_or((part, ""), |(k, rest)| (k, rest));
-            path = path.key(key);
-            for index in indexes.split('[') {
-                if let Ok(index) = index.trim_end_matches(']').parse() {
-                    path = path.index(index);
-                }
-            }
-        }
         path
     }
 
@@ -135,6 +129,16 @@ impl<'a> Locator<'a> {
         };
         let span = span.unwrap_or_else(|| self.span_of(base));
         self.error(path.to_string(), span, error.message().trim().to_owned())
+    }
+
+    /// Where `path` is (its nearest parent, if it is missing).
+    pub fn location(&self, path: &KeyPath) -> Location {
+        let (line, column) = line_column(self.text, self.span_of(path).start);
+        Location {
+            path: path.to_string(),
+            line,
+            column,
+        }
     }
 
     pub fn error(&self, path: String, span: Range<usize>, message: String) -> ConfigError {

@@ -18,7 +18,7 @@ use http::HeaderName;
 use sha2::{Digest, Sha256};
 
 pub use duration::{format_duration, parse_duration};
-pub use error::ConfigError;
+pub use error::{ConfigError, Location};
 pub use pushed::{check_pushed, compose_pushed, NODE_LOCAL_SECTIONS};
 pub use validate::hostname;
 
@@ -190,6 +190,17 @@ pub struct ListenerConfig {
     pub proxy: Option<ProxySettings>,
     /// One line per request (HTTP listeners).
     pub access_log: Option<AccessLogSettings>,
+    /// Where the listener is written, for errors found when it is applied.
+    pub location: ListenerLocation,
+}
+
+/// Where a listener and its address are in the config text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerLocation {
+    /// `listener[N]`: TLS material and access logs that fail to load.
+    pub entry: Location,
+    /// `listener[N].listen`: an address that cannot be bound.
+    pub listen: Location,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

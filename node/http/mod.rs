@@ -20,8 +20,9 @@ pub use headers::remove_hop_by_hop;
 pub use server::serve_connection;
 
 use crate::config::{HostPattern, HttpSettings, ListenerConfig, RouteAction, StaticConfig};
+use crate::pki::PkiError;
 use crate::route::Router;
-use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::access_log::{AccessLog, AccessLogError};
 use crate::telemetry::request::RouteLabels;
 use crate::upstream::Upstream;
 
@@ -40,6 +41,16 @@ pub enum RouteTarget {
 pub struct Route {
     pub target: RouteTarget,
     pub labels: Arc<RouteLabels>,
+}
+
+/// Why an HTTP listener cannot be set up from a validated config: what it
+/// loads when it is built can have changed since validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error(transparent)]
+    Tls(#[from] PkiError),
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
 }
 
 pub struct HttpListener {
@@ -61,7 +72,7 @@ impl HttpListener {
     pub fn new(
         config: &ListenerConfig,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ListenerError> {
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let router = Router::new(config.routes.iter().map(|route| {
             let target = match &route.action {

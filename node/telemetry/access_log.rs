@@ -39,9 +39,21 @@ pub struct Entry<'a> {
     pub trace_id: Option<String>,
 }
 
+/// Why an access log cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("cannot open access log {}: {error}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot start the access log writer: {0}")]
+    Writer(std::io::Error),
+}
+
 impl AccessLog {
     /// Opens the destination (a file is appended to) and starts its writer.
-    pub fn open(settings: &AccessLogSettings) -> Result<AccessLog, String> {
+    pub fn open(settings: &AccessLogSettings) -> Result<AccessLog, AccessLogError> {
         let mut sink: Box<dyn Write + Send> = match &settings.destination {
             AccessLogDestination::Stdout => Box::new(std::io::stdout()),
             AccessLogDestination::Stderr => Box::new(std::io::stderr()),
@@ -50,7 +62,10 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| format!("cannot open access log {}: {e}", path.display()))?,
+                    .map_err(|error| AccessLogError::Open {
+                        path: path.clone(),
+                        error,
+                    })?,
             ),
         };
         let (lines, queue) = sync_channel::<String>(QUEUE);
@@ -66,7 +81,7 @@ impl AccessLog {
                     let _ = sink.flush();
                 }
             })
-            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+            .map_err(AccessLogError::Writer)?;
         Ok(AccessLog {
             lines,
             format: settings.format,

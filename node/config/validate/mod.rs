@@ -101,6 +101,7 @@ pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigEr
         }
     }
     let config = Validator {
+        locator: &locator,
         problems: &mut problems,
         base_dir,
         upstream_names: std::mem::take(&mut sections.upstream_names),
@@ -236,6 +237,8 @@ fn decode_table<T: DeserializeOwned>(
 }
 
 struct Validator<'a> {
+    /// Places kept with the validated config (`ListenerLocation`).
+    locator: &'a Locator<'a>,
     problems: &'a mut Vec<Problem>,
     /// `None`: file names are checked for shape only, never opened.
     base_dir: Option<&'a Path>,
@@ -419,7 +422,7 @@ impl Validator<'_> {
                 .then(|| crate::pki::certified_key(&chain_pem, &key_pem))
                 .transpose()
             {
-                self.problem(path.key("key"), message);
+                self.problem(path.key("key"), message.to_string());
                 continue;
             }
             certificates.push(CertificateConfig {
@@ -596,6 +599,10 @@ impl Validator<'_> {
                 _ => None,
             },
             proxy,
+            location: ListenerLocation {
+                entry: self.locator.location(path),
+                listen: self.locator.location(&path.key("listen")),
+            },
         })
     }
 

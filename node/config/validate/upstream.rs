@@ -143,7 +143,7 @@ impl Validator<'_> {
                 let key = self.read_pem(&path.key("key"), key, pem::Expect::PrivateKey);
                 let (chain, key) = (chain?, key?);
                 if let Err(message) = crate::pki::certified_key(&chain, &key) {
-                    self.problem(path.key("key"), message);
+                    self.problem(path.key("key"), message.to_string());
                     return None;
                 }
                 Some((chain, key))
@@ -177,7 +177,7 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|(c, k)| (c.as_slice(), k.as_slice())),
         ) {
-            self.problem(path.clone(), message);
+            self.problem(path.clone(), message.to_string());
             return None;
         }
         Some(tls)
