@@ -422,7 +422,11 @@ async fn sighup_rereads_the_file_and_a_bad_file_keeps_the_config_in_force() {
 
     node.write_config("[[listener]]\nname = 1\n");
     node.signal(libc::SIGHUP);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.log().contains("config refused") {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(node.get_config().await.config.unwrap().generation, 2);
     assert_eq!(get(&client, web, None, "/").await.text(), "b");
     assert!(node.log().contains("config refused"), "{}", node.log());

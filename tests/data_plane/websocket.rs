@@ -1,12 +1,10 @@
 //! WebSocket (HTTP/1.1 Upgrade) through the node, including across a reload.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -1,11 +1,9 @@
 //! The controller and its fleet: real `tether controller` and `tether node`
 //! processes on loopback, real Sync streams, real HTTP through the nodes.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tether::proto::v1::fleet_event::Event;
 use tether::proto::v1::{self as pb};
 use tonic::Code;
@@ -492,11 +490,15 @@ key = "{key}"
             .into_inner()
             .versions;
         assert_eq!(versions[0].author, "alice");
-        assert!(
-            outsider.log().contains("cannot speak for node"),
-            "{}",
-            outsider.log()
-        );
+        let deadline = std::time::Instant::now() + WAIT;
+        while !outsider.log().contains("cannot speak for node") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                outsider.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         drop((honest, web));
     }
 }

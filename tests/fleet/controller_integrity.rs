@@ -3,12 +3,10 @@
 //! a damaged store is found at open (and can be repaired on purpose); a
 //! retried publish stores one version.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tether::controller::store::{Damaged, Store};
 use tether::proto::v1 as pb;
 use tonic::Code;

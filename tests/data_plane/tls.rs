@@ -2,17 +2,15 @@
 //! port, certificates re-read on reload, bad TLS material refused with its
 //! location.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
-use support::*;
 
 struct Certs {
     ca: TestCa,

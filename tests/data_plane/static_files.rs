@@ -1,10 +1,8 @@
 //! Static files served by the node: index, types, validators, ranges, and
 //! no way out of the root.
 
-mod support;
-
+use crate::support::*;
 use http::StatusCode;
-use support::*;
 
 const CONFIG: &str = r#"
 [[listener]]

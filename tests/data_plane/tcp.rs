@@ -1,12 +1,10 @@
 //! The TCP (L4) listener: balancing, half-close, idle timeout, draining,
 //! and garbage that costs nothing but its own connection.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -3,13 +3,11 @@
 //! and targets that must be read the way RFC 9110/9112 say, and the
 //! descriptor budget running out.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -1,13 +1,11 @@
 //! Listeners on Unix sockets: HTTP and TCP, stale socket files, a live one
 //! held by someone else, and the socket kept across reloads.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

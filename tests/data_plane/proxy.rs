@@ -1,16 +1,14 @@
 //! The HTTP reverse proxy end to end: the shipped binary in front of real
 //! upstream servers, driven by real HTTP/1.1 and HTTP/2 clients.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use support::*;
 
 fn upstream_block(name: &str, origins: &[&Origin], extra: &str) -> String {
     let servers: Vec<String> = origins

@@ -2,19 +2,17 @@
 //! name, client certificates for servers that require them, and HTTP/2
 //! chosen by ALPN.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use support::*;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 

@@ -1,12 +1,10 @@
 //! Forward proxy (CONNECT and absolute-form) and SOCKS5, with credentials
 //! and destination rules, driven by real clients.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

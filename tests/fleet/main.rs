@@ -1,0 +1,8 @@
+//! The controller and its fleet: real `tether controller` and `tether node`
+//! processes on loopback, real Sync streams, real HTTP through the nodes.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod controller;
+mod controller_integrity;
