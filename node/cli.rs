@@ -62,15 +62,9 @@ pub fn main() -> ExitCode {
             crate::telemetry::init_logging();
             raise_fd_limit();
             disable_transparent_huge_pages();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match server_runtime() {
                 Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("tether: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(crate::controller::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -83,17 +77,10 @@ pub fn main() -> ExitCode {
         Command::Node { config } => {
             crate::telemetry::init_logging();
             raise_fd_limit();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("tether: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(run_node(config))
+            match server_runtime() {
+                Ok(runtime) => runtime.block_on(run_node(config)),
+                Err(code) => code,
+            }
         }
     }
 }
@@ -107,6 +94,17 @@ fn exit_quietly_on_closed_pipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// The multi-threaded runtime the node and the controller run on.
+fn server_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("tether: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 /// Lifts the soft open-file limit to the hard one: a proxy or a

@@ -101,6 +101,20 @@ impl fmt::Display for KeyPath {
     }
 }
 
+/// Parses `text` as TOML with the spans errors are located by; every
+/// syntax error is reported, located.
+pub fn parse_document(text: &str) -> Result<Spanned<DeTable<'_>>, Vec<ConfigError>> {
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    if syntax_errors.is_empty() {
+        return Ok(root);
+    }
+    let locator = Locator::new(text, &root);
+    Err(syntax_errors
+        .iter()
+        .map(|e| locator.locate_toml_error(&KeyPath::root(), e))
+        .collect())
+}
+
 /// Maps key paths to text positions and back, over the parsed document.
 pub struct Locator<'a> {
     text: &'a str,

@@ -3,9 +3,7 @@
 //! file, so a controller can never rebind a node's control port, point it
 //! at another controller or change its identity.
 
-use toml::de::DeTable;
-
-use super::error::{KeyPath, Locator, Problem};
+use super::error::{parse_document, KeyPath, Locator, Problem};
 use super::ConfigError;
 
 /// Sections a node takes only from its own file.
@@ -14,14 +12,8 @@ pub const NODE_LOCAL_SECTIONS: &[&str] = &["node", "control", "controller", "tel
 /// Refuses pushed text that holds a node-local section, with the location
 /// of each one.
 pub fn check_pushed(text: &str) -> Result<(), Vec<ConfigError>> {
-    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let root = parse_document(text)?;
     let locator = Locator::new(text, &root);
-    if !syntax_errors.is_empty() {
-        return Err(syntax_errors
-            .iter()
-            .map(|e| locator.locate_toml_error(&KeyPath::root(), e))
-            .collect());
-    }
     let errors: Vec<ConfigError> = root
         .get_ref()
         .iter()

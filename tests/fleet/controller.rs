@@ -492,11 +492,7 @@ key = "{key}"
         assert_eq!(versions[0].author, "alice");
         let deadline = std::time::Instant::now() + WAIT;
         while !outsider.log().contains("cannot speak for node") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{}",
-                outsider.log()
-            );
+            assert!(std::time::Instant::now() < deadline, "{}", outsider.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop((honest, web));

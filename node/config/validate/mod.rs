@@ -11,12 +11,12 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::de::DeserializeOwned;
 use serde_spanned::Spanned;
-use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::de::{DeValue, ValueDeserializer};
 
 mod proxy;
 mod upstream;
 
-use super::error::{KeyPath, Locator, Problem};
+use super::error::{parse_document, KeyPath, Locator, Problem};
 use super::raw::*;
 use super::*;
 
@@ -64,14 +64,8 @@ const SECTIONS: &[&str] = &[
 /// `base_dir` is where relative file names point; `None` validates
 /// without reading any file (`Config::parse_portable`).
 pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
-    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let root = parse_document(text)?;
     let locator = Locator::new(text, &root);
-    if !syntax_errors.is_empty() {
-        return Err(syntax_errors
-            .iter()
-            .map(|e| locator.locate_toml_error(&KeyPath::root(), e))
-            .collect());
-    }
     let mut errors = Vec::new();
     let mut problems = Vec::new();
     let mut sections = Sections::default();
