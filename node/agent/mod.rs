@@ -36,7 +36,7 @@ const UPSTREAM_QUEUE: usize = 256;
 
 /// Runs the agent until the node stops.
 pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String) {
-    let mut retry = FIRST_RETRY;
+    let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -49,11 +49,7 @@ pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String
                 tracing::warn!(controller = %settings.url, %reason, "controller unreachable")
             }
         }
-        if started.elapsed() >= STABLE_STREAM {
-            retry = FIRST_RETRY;
-        }
-        let delay = jittered(retry);
-        retry = (retry * 2).min(MAX_RETRY);
+        let delay = backoff.after(started.elapsed());
         tracing::info!(delay = ?delay, "reconnecting to the controller");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -62,10 +58,30 @@ pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String
     }
 }
 
-/// Between half and all of `delay`, so a fleet that lost its controller
-/// does not reconnect in lockstep.
-fn jittered(delay: Duration) -> Duration {
-    delay.mul_f64(rand::random_range(0.5..=1.0))
+/// Reconnect delays: doubling from 200 ms to 15 s, back to the start after
+/// a stream that stayed up, each jittered to between half and all of it so
+/// that a fleet that lost its controller does not reconnect in lockstep.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: FIRST_RETRY }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt, after a stream that lasted
+    /// `stream_lasted`.
+    fn after(&mut self, stream_lasted: Duration) -> Duration {
+        if stream_lasted >= STABLE_STREAM {
+            self.next = FIRST_RETRY;
+        }
+        let delay = self.next.mul_f64(rand::random_range(0.5..=1.0));
+        self.next = (self.next * 2).min(MAX_RETRY);
+        delay
+    }
 }
 
 async fn connect(settings: &ControllerSettings) -> Result<Channel, String> {
@@ -304,4 +320,27 @@ fn ack(push: &pb::Push, generation: u64) -> Up {
         nonce: push.nonce.clone(),
         generation,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_to_fifteen_seconds_with_jitter_and_reset_after_a_stable_stream() {
+        let mut backoff = Backoff::default();
+        let short = Duration::from_secs(1);
+        let mut ceiling = FIRST_RETRY;
+        for _ in 0..10 {
+            let delay = backoff.after(short);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{delay:?} vs {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(MAX_RETRY);
+        }
+        assert_eq!(ceiling, MAX_RETRY);
+        let delay = backoff.after(STABLE_STREAM);
+        assert!(delay <= FIRST_RETRY, "a stable stream resets: {delay:?}");
+    }
 }
