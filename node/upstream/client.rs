@@ -34,7 +34,8 @@ impl RequestBody {
     /// The client's body, and the flag that tells afterwards whether it
     /// failed to arrive.
     pub fn from_client(body: Incoming) -> (RequestBody, ClientBodyFailed) {
-        let failed = ClientBodyFailed::default();
+        // Most requests have no body: they pay for no flag.
+        let failed = ClientBodyFailed((!body.is_end_stream()).then(Arc::default));
         (RequestBody::Streaming(body, failed.clone()), failed)
     }
 }
@@ -44,11 +45,17 @@ impl RequestBody {
 /// the client's fault, so it is the client's `400` and never counts
 /// against the server.
 #[derive(Clone, Default)]
-pub struct ClientBodyFailed(Arc<AtomicBool>);
+pub struct ClientBodyFailed(Option<Arc<AtomicBool>>);
 
 impl ClientBodyFailed {
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.as_ref().is_some_and(|failed| failed.load(Ordering::Relaxed))
+    }
+
+    fn set(&self) {
+        if let Some(failed) = &self.0 {
+            failed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -64,7 +71,7 @@ impl Body for RequestBody {
             RequestBody::Streaming(body, failed) => {
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(Some(Err(_))) = &frame {
-                    failed.0.store(true, Ordering::Relaxed);
+                    failed.set();
                 }
                 frame
             }
