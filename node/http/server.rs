@@ -65,7 +65,13 @@ where
     });
     let service = service_fn(move |request| {
         let context = context.clone();
-        async move { Ok::<_, Infallible>(context.handle(request).await) }
+        async move {
+            // The request stays open on its connection until the last byte
+            // of its response body: a long download is not idleness.
+            let open = OpenRequest::new(context.activity.clone());
+            let response = context.handle(request).await;
+            Ok::<_, Infallible>(response.map(|body| TrackedBody { body, _open: open }))
+        }
     });
     let conn = http.connections.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -79,8 +85,8 @@ where
         tracing::debug!(%peer, timeout = ?idle_timeout, "closing a connection that sent no request");
         return;
     }
-    // GOAWAY (HTTP/2) or close (idle HTTP/1); a peer that does not even
-    // take that within another timeout is dropped.
+    // No request is open: GOAWAY (HTTP/2) or close (HTTP/1). A peer that
+    // does not even take that within another timeout is dropped.
     conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn => {}
@@ -97,18 +103,44 @@ struct Context {
 }
 
 /// Marks a request open on its connection until dropped.
-struct OpenRequest<'a>(&'a Activity);
+struct OpenRequest(Arc<Activity>);
 
-impl<'a> OpenRequest<'a> {
-    fn new(activity: &'a Activity) -> Self {
+impl OpenRequest {
+    fn new(activity: Arc<Activity>) -> Self {
         activity.request_started();
         OpenRequest(activity)
     }
 }
 
-impl Drop for OpenRequest<'_> {
+impl Drop for OpenRequest {
     fn drop(&mut self) {
         self.0.request_done();
+    }
+}
+
+/// A response body that keeps its request open until it is done.
+struct TrackedBody {
+    body: ProxyBody,
+    _open: OpenRequest,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = <ProxyBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -116,7 +148,6 @@ impl Context {
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let lifecycle = self.connection.lifecycle();
         let _in_flight = RequestGuard::new(lifecycle);
-        let _open = OpenRequest::new(&self.activity);
         let version = request.version();
         let http = &*self.http;
         let mut observation =

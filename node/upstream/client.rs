@@ -49,7 +49,9 @@ pub struct ClientBodyFailed(Option<Arc<AtomicBool>>);
 
 impl ClientBodyFailed {
     pub fn get(&self) -> bool {
-        self.0.as_ref().is_some_and(|failed| failed.load(Ordering::Relaxed))
+        self.0
+            .as_ref()
+            .is_some_and(|failed| failed.load(Ordering::Relaxed))
     }
 
     fn set(&self) {

@@ -353,3 +353,52 @@ async fn out_of_descriptors_the_node_keeps_serving_open_connections_and_logs_onc
     }
     drop(flood);
 }
+
+/// An origin that streams `chunks` chunks, one every 200 ms.
+async fn trickling_origin(chunks: usize) -> SocketAddr {
+    use http_body_util::StreamBody;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let ticks = futures_util::stream::unfold(0, move |sent| async move {
+                        if sent == chunks {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let frame = hyper::body::Frame::data(bytes::Bytes::from_static(b"tick\n"));
+                        Some((Ok::<_, std::convert::Infallible>(frame), sent + 1))
+                    });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(ticks)))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Idleness is no request open, and a request is open until its response
+/// body ends: a download that outlasts header_read_timeout many times over
+/// is never cut, over HTTP/1.1 or HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_download_is_not_an_idle_connection() {
+    let origin = trickling_origin(20).await;
+    let node = LocalNode::start(&proxy_config(
+        "500ms",
+        &format!("[upstream.u]\nservers = [{{ addr = \"{origin}\" }}]\n"),
+    ))
+    .await;
+    let web = node.listener("web").await;
+    for client in [http1_client(), http2_client()] {
+        let answer = get(&client, web, None, "/").await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.len(), 20 * 5, "the whole 4 s download arrived");
+    }
+}
