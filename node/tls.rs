@@ -18,7 +18,10 @@ use crate::pki::{certified_key, PkiError};
 pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, PkiError> {
     let mut resolver = SniResolver::default();
     for (i, certificate) in settings.certificates.iter().enumerate() {
-        let key = Arc::new(certified_key(&certificate.chain_pem, &certificate.key_pem)?);
+        let key = match &certificate.certified {
+            Some(certified) => certified.clone(),
+            None => Arc::new(certified_key(&certificate.chain_pem, &certificate.key_pem)?),
+        };
         if i == 0 {
             resolver.default = Some(key.clone());
         }

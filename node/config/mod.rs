@@ -143,12 +143,26 @@ pub enum TlsVersion {
 
 /// A certificate chain and key, read from disk when the config is loaded
 /// (so a reload picks up replaced files), and the SNI names it serves.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CertificateConfig {
     pub names: Vec<HostPattern>,
     pub chain_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// The chain and key as rustls serves them, made when the files were
+    /// validated; `None` for a config validated without its files.
+    pub certified: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
 }
+
+/// The same files make the same certificate.
+impl PartialEq for CertificateConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.names == other.names
+            && self.chain_pem == other.chain_pem
+            && self.key_pem == other.key_pem
+    }
+}
+
+impl Eq for CertificateConfig {}
 
 impl std::fmt::Debug for CertificateConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

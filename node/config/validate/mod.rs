@@ -411,18 +411,23 @@ impl Validator<'_> {
             let (Some(chain_pem), Some(key_pem)) = (chain, key) else {
                 continue;
             };
-            let portable = self.base_dir.is_none();
-            if let Err(message) = (!portable)
-                .then(|| crate::pki::certified_key(&chain_pem, &key_pem))
-                .transpose()
-            {
-                self.problem(path.key("key"), message.to_string());
-                continue;
-            }
+            // Parsed once here and served from the result: the listener's
+            // acceptor does not read the PEM again.
+            let certified = match self.base_dir {
+                None => None,
+                Some(_) => match crate::pki::certified_key(&chain_pem, &key_pem) {
+                    Ok(certified) => Some(std::sync::Arc::new(certified)),
+                    Err(message) => {
+                        self.problem(path.key("key"), message.to_string());
+                        continue;
+                    }
+                },
+            };
             certificates.push(CertificateConfig {
                 names,
                 chain_pem,
                 key_pem,
+                certified,
             });
         }
         Some(TlsSettings {
