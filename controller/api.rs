@@ -154,6 +154,16 @@ impl FleetService for FleetApi {
         self.publish(publication).await
     }
 
+    async fn fleet_health(
+        &self,
+        request: Request<pb::FleetHealthRequest>,
+    ) -> Result<Response<pb::FleetHealthResponse>, Status> {
+        operator(&request)?;
+        Ok(Response::new(pb::FleetHealthResponse {
+            servers: self.fleet.fleet_health(&request.get_ref().upstream),
+        }))
+    }
+
     type WatchFleetStream = FleetEvents;
 
     async fn watch_fleet(

@@ -572,6 +572,37 @@ impl Fleet {
             .collect()
     }
 
+    /// Each upstream server (of `upstream`, or all) as the connected
+    /// nodes report it.
+    pub fn fleet_health(&self, upstream: &str) -> Vec<pb::ServerFleetHealth> {
+        let inner = self.lock();
+        let mut servers: BTreeMap<(String, String), pb::ServerFleetHealth> = BTreeMap::new();
+        for (id, node) in &inner.nodes {
+            if node.connection.is_none() {
+                continue;
+            }
+            for ((name, server), state) in &node.health {
+                if !upstream.is_empty() && name != upstream {
+                    continue;
+                }
+                let entry = servers
+                    .entry((name.clone(), server.clone()))
+                    .or_insert_with(|| pb::ServerFleetHealth {
+                        upstream: name.clone(),
+                        server: server.clone(),
+                        ..Default::default()
+                    });
+                let seen = match pb::HealthState::try_from(*state) {
+                    Ok(pb::HealthState::Healthy) => &mut entry.up,
+                    Ok(pb::HealthState::Unhealthy) => &mut entry.down,
+                    _ => &mut entry.unknown,
+                };
+                seen.push(id.clone());
+            }
+        }
+        servers.into_values().collect()
+    }
+
     pub fn connected(&self) -> usize {
         self.lock()
             .nodes

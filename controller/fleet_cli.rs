@@ -66,6 +66,12 @@ enum FleetCommand {
     },
     /// Stream fleet events: connects, disconnects, publishes, ACKs, NACKs, health.
     Watch,
+    /// Each upstream server as the connected nodes see it: up, down, unchecked.
+    Health {
+        /// Only this upstream.
+        #[arg(long, default_value = "")]
+        upstream: String,
+    },
 }
 
 pub async fn run(args: FleetArgs) -> ExitCode {
@@ -167,6 +173,12 @@ async fn read(
             .await
             .map(|r| print_version(&r.into_inner(), json)),
         FleetCommand::Watch => watch(client, json).await,
+        FleetCommand::Health { upstream } => client
+            .fleet_health(pb::FleetHealthRequest {
+                upstream: upstream.clone(),
+            })
+            .await
+            .map(|r| print_fleet_health(&r.into_inner().servers, json)),
         FleetCommand::Publish { .. } | FleetCommand::Rollback { .. } => {
             unreachable!("publishing is retried by run")
         }
@@ -313,6 +325,33 @@ fn node_json(node: &pb::NodeStatus) -> Value {
         "servers_down": node.servers_down,
         "down": node.down,
     })
+}
+
+/// "api/10.0.0.7:8080 down on 3 of 60 nodes: eu-1, eu-2, eu-3".
+fn print_fleet_health(servers: &[pb::ServerFleetHealth], json: bool) {
+    if json {
+        let rows = servers.iter().map(|s| {
+            json!({
+                "upstream": s.upstream, "server": s.server,
+                "up": s.up, "down": s.down, "unknown": s.unknown,
+            })
+        });
+        println!("{}", Value::Array(rows.collect()));
+        return;
+    }
+    for server in servers {
+        let nodes = server.up.len() + server.down.len() + server.unknown.len();
+        let name = format!("{}/{}", server.upstream, server.server);
+        if server.down.is_empty() {
+            println!("{name} up on {} of {nodes} nodes", server.up.len());
+        } else {
+            println!(
+                "{name} down on {} of {nodes} nodes: {}",
+                server.down.len(),
+                server.down.join(", ")
+            );
+        }
+    }
 }
 
 fn print_nodes(nodes: &[pb::NodeStatus], json: bool) {

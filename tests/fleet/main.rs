@@ -6,3 +6,4 @@ mod support;
 
 mod controller;
 mod controller_integrity;
+mod fleet_health;
