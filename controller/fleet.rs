@@ -193,10 +193,6 @@ impl Fleet {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn store_id(&self) -> &str {
-        &self.store_id
-    }
-
     pub fn events(&self) -> broadcast::Receiver<pb::FleetEvent> {
         self.events.subscribe()
     }

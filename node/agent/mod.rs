@@ -22,7 +22,7 @@ use crate::proto::v1::controller_service_client::ControllerServiceClient;
 use crate::proto::v1::node_message::Message as Up;
 use crate::proto::v1::{self as pb};
 use crate::supervisor::{ApplyError, ApplySource, NodeHandle};
-use crate::wire as convert;
+use crate::wire;
 
 use state::LastAcked;
 
@@ -149,7 +149,7 @@ async fn session(
             event = events.recv() => match event {
                 Ok(NodeEvent::HealthChanged { upstream, server, from, to, reason }) => {
                     let report = pb::HealthReport {
-                        transitions: vec![convert::health_transition(upstream, server, from, to, reason)],
+                        transitions: vec![wire::health_transition(upstream, server, from, to, reason)],
                     };
                     if up.try_send(message(Up::Health(report))).is_err() {
                         tracing::debug!("controller stream backed up; health report dropped");
@@ -190,7 +190,7 @@ fn hello(node: &NodeHandle, settings: &ControllerSettings, node_id: &str) -> pb:
             upstream.servers.iter().map(|server| pb::ServerHealth {
                 upstream: upstream.config.name.clone(),
                 server: server.addr.to_string(),
-                state: convert::health(server.health()) as i32,
+                state: wire::health(server.health()) as i32,
             })
         })
         .collect();
@@ -241,7 +241,7 @@ async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Pu
         Up::Nack(pb::Nack {
             version: push.version,
             nonce: push.nonce.clone(),
-            errors: errors.iter().map(convert::config_error).collect(),
+            errors: errors.iter().map(wire::config_error).collect(),
             reason,
         })
     };
