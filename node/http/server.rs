@@ -65,13 +65,16 @@ where
     });
     let service = service_fn(move |request| {
         let context = context.clone();
-        async move {
+        // Boxed: hyper keeps a slot the size of this future for as long as
+        // the connection lives, and a proxied request's future is tens of
+        // KiB; idle keep-alive connections would hold that much each.
+        Box::pin(async move {
             // The request stays open on its connection until the last byte
             // of its response body: a long download is not idleness.
             let open = OpenRequest::new(context.activity.clone());
             let response = context.handle(request).await;
             Ok::<_, Infallible>(response.map(|body| TrackedBody { body, _open: open }))
-        }
+        })
     });
     let conn = http.connections.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
