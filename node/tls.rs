@@ -10,7 +10,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{HostPattern, TlsSettings, TlsVersion, UpstreamTls};
+use crate::config::{HostPattern, TlsSettings, TlsVersion};
 use crate::pki::{certified_key, PkiError};
 
 /// Builds the acceptor for a listener's TLS settings. The settings were
@@ -74,14 +74,4 @@ impl ResolvesServerCert for SniResolver {
             .or(self.default.as_ref())
             .cloned()
     }
-}
-
-/// The client side of TLS to upstream servers: the configured CA (or the
-/// system roots) and, for mTLS, a client certificate.
-pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, PkiError> {
-    let identity = tls
-        .client
-        .as_ref()
-        .map(|(chain, key)| (chain.as_slice(), key.as_slice()));
-    crate::pki::client_config(tls.ca_pem.as_deref(), identity)
 }

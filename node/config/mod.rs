@@ -498,6 +498,18 @@ pub struct UpstreamTls {
     pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl UpstreamTls {
+    /// The client side of TLS to the servers: the configured CA (or the
+    /// system roots) and, for mTLS, the client certificate.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, crate::pki::PkiError> {
+        let identity = self
+            .client
+            .as_ref()
+            .map(|(chain, key)| (chain.as_slice(), key.as_slice()));
+        crate::pki::client_config(self.ca_pem.as_deref(), identity)
+    }
+}
+
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")

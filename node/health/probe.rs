@@ -65,7 +65,7 @@ fn tls_connector(
     addr: &ServerAddr,
     tls: &UpstreamTls,
 ) -> Result<(TlsConnector, ServerName<'static>), String> {
-    let config = crate::tls::client_config(tls).map_err(|e| e.to_string())?;
+    let config = tls.client_config().map_err(|e| e.to_string())?;
     let name = match &tls.server_name {
         Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
         None => match addr {

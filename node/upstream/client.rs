@@ -129,7 +129,7 @@ impl ClientKey {
             connect_timeout: self.connect_timeout,
         };
         let tls_config = match &self.tls {
-            Some(tls) => crate::tls::client_config(tls).unwrap_or_else(|error| {
+            Some(tls) => tls.client_config().unwrap_or_else(|error| {
                 // Validated when the config was loaded; unreachable in practice.
                 tracing::error!(%error, "upstream TLS settings unusable; connections will fail");
                 crate::pki::empty_client_config()

@@ -171,12 +171,7 @@ impl Validator<'_> {
             server_name: raw.server_name,
             client,
         };
-        if let Err(message) = crate::pki::client_config(
-            tls.ca_pem.as_deref(),
-            tls.client
-                .as_ref()
-                .map(|(c, k)| (c.as_slice(), k.as_slice())),
-        ) {
+        if let Err(message) = tls.client_config() {
             self.problem(path.clone(), message.to_string());
             return None;
         }
