@@ -134,13 +134,16 @@ fn decode<T: DeserializeOwned>(
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
     const MOST_ERRORS_PER_ENTRY: usize = 64;
+    let attempt = |value: &Spanned<DeValue>| T::deserialize(ValueDeserializer::from(value.clone()));
+    // The common case, a good entry, costs one copy; the copy that keys
+    // are removed from is made only after an error.
+    let mut error = match attempt(value) {
+        Ok(decoded) => return Some(decoded),
+        Err(error) => error,
+    };
     let mut value = value.clone();
     let mut removed_any = false;
     for _ in 0..MOST_ERRORS_PER_ENTRY {
-        let error = match T::deserialize(ValueDeserializer::from(value.clone())) {
-            Ok(decoded) => return Some(decoded),
-            Err(error) => error,
-        };
         // A required key we left out ourselves is not the user's error.
         if removed_any && error.message().starts_with("missing field") {
             return None;
@@ -150,6 +153,10 @@ fn decode<T: DeserializeOwned>(
             Some(span) if remove_entry_at(&mut value, span.start) => removed_any = true,
             _ => return None,
         }
+        error = match attempt(&value) {
+            Ok(decoded) => return Some(decoded),
+            Err(error) => error,
+        };
     }
     None
 }
