@@ -237,7 +237,7 @@ if [ "$H2C" = 1 ] && [ -n "${H2RUNS[tether]:-}" ]; then
     for name in tether nginx haproxy; do
         [ -n "${H2RUNS[$name]:-}" ] || continue
         rps=$(h2_median "$name")
-        versus=$(awk -v t="$tether_h2" -v a="$rps" 'BEGIN { printf "%.2f×", (a > 0 ? t / a : 0) }')
+        versus=$(awk -v t="$tether_h2" -v a="$rps" 'BEGIN { r = 0; if (a > 0) r = t / a; printf "%.2f×", r }')
         [ "$name" = tether ] && versus="-"
         printf '| %-8s | %10s | %13s |\n' "$name" "$rps" "$versus"
     done

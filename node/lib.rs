@@ -43,5 +43,6 @@ pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod wire;
+pub mod workers;
 
 pub use run::{Node, StartError};

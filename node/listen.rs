@@ -1,11 +1,15 @@
 //! Listening sockets and accept loops.
 //!
-//! The node keeps one listening socket per configured address for as long
-//! as some generation lists it. A new generation gets a duplicate of the
-//! same socket (same accept queue), so a reload never closes a socket that
-//! has connections waiting in its queue. Only new addresses are bound.
-//! Unix sockets work the same way; a stale socket file left by a process
-//! that is gone is replaced, a live one is an address in use.
+//! Each worker has its own listening socket per TCP address, all bound
+//! with SO_REUSEPORT so the kernel spreads new connections over the
+//! workers. The node keeps those sockets for as long as some generation
+//! lists the address. A new generation gets duplicates of the same sockets
+//! (same accept queues), so a reload never closes a socket that has
+//! connections waiting in its queue (a closed member of a SO_REUSEPORT
+//! group drops its queue). Only new addresses are bound. A Unix socket is
+//! one socket whose duplicates every worker accepts from; a stale socket
+//! file left by a process that is gone is replaced, a live one is an
+//! address in use.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,6 +26,7 @@ use crate::config::{ListenAddr, ListenerConfig};
 use crate::generation::{Generation, ListenerService};
 use crate::lifecycle::ConnectionGuard;
 use crate::stream::ClientStream;
+use crate::workers::Workers;
 
 /// A listening socket the node holds.
 enum Held {
@@ -52,10 +57,10 @@ const UNIX_PEER: SocketAddr =
 
 const BACKLOG: i32 = 4096;
 
-/// The sockets the node holds, by configured address.
-#[derive(Default)]
+/// The sockets the node holds, by configured address: one per worker.
 pub struct SocketRegistry {
-    sockets: HashMap<SocketKey, Held>,
+    workers: usize,
+    sockets: HashMap<SocketKey, Vec<Held>>,
 }
 
 /// What identifies a listening socket across configs: its address, and for
@@ -79,8 +84,8 @@ impl SocketKey {
 
 /// A socket for each listener of a config being applied, not yet in force.
 pub struct PreparedSockets {
-    /// In listener order.
-    sockets: Vec<(SocketKey, Held)>,
+    /// In listener order; one socket per worker.
+    sockets: Vec<(SocketKey, Vec<Held>)>,
 }
 
 /// A listener whose address could not be bound.
@@ -92,8 +97,16 @@ pub struct BindFailure {
 }
 
 impl SocketRegistry {
-    /// Sockets for `listeners`: a duplicate of the held socket where the
-    /// address is unchanged, a fresh bind otherwise. The registry itself is
+    /// A registry that binds one socket per address for each of `workers`.
+    pub fn new(workers: usize) -> Self {
+        SocketRegistry {
+            workers: workers.max(1),
+            sockets: HashMap::new(),
+        }
+    }
+
+    /// Sockets for `listeners`: duplicates of the held sockets where the
+    /// address is unchanged, fresh binds otherwise. The registry itself is
     /// untouched until `commit`, so a failure changes nothing.
     pub fn prepare(
         &self,
@@ -105,8 +118,8 @@ impl SocketRegistry {
             let addr = listener.listen.clone();
             let key = SocketKey::of(listener);
             let socket = match self.sockets.get(&key) {
-                Some(held) => held.try_clone(),
-                None => bind(&addr),
+                Some(held) => held.iter().map(Held::try_clone).collect(),
+                None => bind(&addr, self.workers),
             };
             match socket {
                 Ok(socket) => sockets.push((key, socket)),
@@ -129,8 +142,12 @@ impl SocketRegistry {
     /// them open until it stops accepting.
     pub fn commit(&mut self, prepared: &PreparedSockets) -> io::Result<()> {
         let mut next = HashMap::with_capacity(prepared.sockets.len());
-        for (key, socket) in &prepared.sockets {
-            next.insert(key.clone(), socket.try_clone()?);
+        for (key, sockets) in &prepared.sockets {
+            let held = sockets
+                .iter()
+                .map(Held::try_clone)
+                .collect::<io::Result<_>>()?;
+            next.insert(key.clone(), held);
         }
         self.sockets = next;
         Ok(())
@@ -145,30 +162,58 @@ impl PreparedSockets {
     pub fn local_addrs(&self) -> io::Result<Vec<ListenAddr>> {
         self.sockets
             .iter()
-            .map(|(key, s)| s.local_addr(&key.addr))
+            .map(|(key, sockets)| sockets[0].local_addr(&key.addr))
             .collect()
     }
 
-    /// Starts one accept loop per listener of `generation`, in its task set.
-    pub fn start_accepting(self, generation: &Arc<Generation>) -> io::Result<()> {
-        for (index, (_, socket)) in self.sockets.into_iter().enumerate() {
-            let listener = match socket {
-                Held::Tcp(socket) => Accepting::Tcp(TcpListener::from_std(socket)?),
-                Held::Unix(socket) => Accepting::Unix(UnixListener::from_std(socket)?),
-            };
-            generation
-                .lifecycle
-                .tasks()
-                .spawn(accept_loop(listener, index, generation.clone()));
+    /// Starts, on each worker, one accept loop per listener of
+    /// `generation`, in its task set. Connections are served on the worker
+    /// that accepted them.
+    pub fn start_accepting(
+        self,
+        generation: &Arc<Generation>,
+        workers: &Workers,
+    ) -> io::Result<()> {
+        for (index, (_, sockets)) in self.sockets.into_iter().enumerate() {
+            for (socket, worker) in sockets.into_iter().zip(workers.handles()) {
+                // Registered with the worker's reactor, not the caller's.
+                let _entered = worker.enter();
+                let listener = match socket {
+                    Held::Tcp(socket) => Accepting::Tcp(TcpListener::from_std(socket)?),
+                    Held::Unix(socket) => Accepting::Unix(UnixListener::from_std(socket)?),
+                };
+                generation
+                    .lifecycle
+                    .tasks()
+                    .spawn_on(accept_loop(listener, index, generation.clone()), worker);
+            }
         }
         Ok(())
     }
 }
 
-fn bind(addr: &ListenAddr) -> io::Result<Held> {
+/// `workers` sockets for `addr`: a SO_REUSEPORT group on one port (the
+/// port the first one got, for port 0), or duplicates of one Unix socket.
+fn bind(addr: &ListenAddr, workers: usize) -> io::Result<Vec<Held>> {
     match addr {
-        ListenAddr::Tcp(addr) => bind_tcp(*addr).map(Held::Tcp),
-        ListenAddr::Unix(path) => bind_unix(path).map(Held::Unix),
+        ListenAddr::Tcp(addr) => {
+            let first = bind_tcp(*addr)?;
+            let bound = first.local_addr()?;
+            let mut sockets = vec![Held::Tcp(first)];
+            for _ in 1..workers {
+                sockets.push(Held::Tcp(bind_tcp(bound)?));
+            }
+            Ok(sockets)
+        }
+        ListenAddr::Unix(path) => {
+            let socket = Held::Unix(bind_unix(path)?);
+            let mut sockets = Vec::with_capacity(workers);
+            for _ in 1..workers {
+                sockets.push(socket.try_clone()?);
+            }
+            sockets.push(socket);
+            Ok(sockets)
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! in force, untouched.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -22,6 +22,7 @@ use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
 use crate::telemetry::spans;
 use crate::upstream::{ClientKey, ClientRegistry};
+use crate::workers::Workers;
 use opentelemetry::trace::SpanKind;
 
 /// What to apply.
@@ -61,6 +62,8 @@ pub enum ApplyError {
     Superseded,
     #[error("the node is stopping")]
     Stopping,
+    #[error("cannot start {workers} worker threads: {reason}")]
+    Workers { workers: usize, reason: String },
     #[error("the node has no config file to re-read; it was started with inline config")]
     NoConfigFile,
 }
@@ -92,6 +95,8 @@ struct Shared {
     events: broadcast::Sender<NodeEvent>,
     stopped: watch::Sender<bool>,
     config_path: Option<PathBuf>,
+    /// Started with the first config; `[node] workers` is read then.
+    workers: OnceLock<Arc<Workers>>,
 }
 
 /// The controller push in force, so that re-reading the file (SIGHUP)
@@ -124,12 +129,13 @@ pub async fn start(
         events: broadcast::channel(EVENT_BUFFER).0,
         stopped: watch::channel(false).0,
         config_path,
+        workers: OnceLock::new(),
     });
     let mut supervisor = Supervisor {
         health: HealthRegistry::new(shared.events.clone()),
         shared: shared.clone(),
-        sockets: SocketRegistry::default(),
-        clients: ClientRegistry::default(),
+        sockets: SocketRegistry::new(1),
+        clients: ClientRegistry::new(1),
         next_generation: 1,
         drains: TaskTracker::new(),
         pushed: None,
@@ -187,6 +193,11 @@ impl NodeHandle {
         self.shared.config_path.as_deref()
     }
 
+    /// Tasks alive on the worker threads.
+    pub fn worker_tasks(&self) -> usize {
+        self.shared.workers.get().map_or(0, |w| w.alive_tasks())
+    }
+
     /// Publishes a health change to watchers.
     pub fn publish(&self, event: NodeEvent) {
         let _ = self.shared.events.send(event);
@@ -242,6 +253,9 @@ impl Supervisor {
         self.health.stop_all();
         self.drains.close();
         self.drains.wait().await;
+        if let Some(workers) = self.shared.workers.get() {
+            workers.stop();
+        }
         // send_replace: the value must change even if nobody watches yet
         // (`send` drops it then, and a later `stopped()` would wait forever).
         self.shared.stopped.send_replace(true);
@@ -341,6 +355,7 @@ impl Supervisor {
     ) -> Result<Applied, ApplyError> {
         let started = Instant::now();
         let config = Arc::new(Config::parse(&text, base_dir).map_err(ApplyError::Invalid)?);
+        let workers = self.workers(&config)?;
         let listeners = &config.listeners;
         let prepared = self
             .sockets
@@ -385,7 +400,7 @@ impl Supervisor {
         self.sockets
             .commit(&prepared)
             .map_err(|e| bind_failed(&config.listeners, e))?;
-        if let Err(e) = prepared.start_accepting(&generation) {
+        if let Err(e) = prepared.start_accepting(&generation, &workers) {
             generation.lifecycle.retire();
             return Err(bind_failed(&config.listeners, e));
         }
@@ -419,6 +434,30 @@ impl Supervisor {
             info: generation.info.clone(),
             duration: started.elapsed(),
         })
+    }
+
+    /// The worker threads, started with the first config.
+    fn workers(&mut self, config: &Config) -> Result<Arc<Workers>, ApplyError> {
+        let wanted = config.node.workers;
+        if let Some(workers) = self.shared.workers.get() {
+            if workers.len() != wanted {
+                tracing::warn!(
+                    running = workers.len(),
+                    configured = wanted,
+                    "[node] workers changes only when the node restarts"
+                );
+            }
+            return Ok(workers.clone());
+        }
+        let workers = Workers::start(wanted).map_err(|error| ApplyError::Workers {
+            workers: wanted,
+            reason: error.to_string(),
+        })?;
+        let workers = Arc::new(workers);
+        self.sockets = SocketRegistry::new(workers.len());
+        self.clients = ClientRegistry::new(workers.len());
+        let _ = self.shared.workers.set(workers.clone());
+        Ok(workers)
     }
 
     fn current(&self) -> Option<Arc<Generation>> {
@@ -494,6 +533,7 @@ fn record_apply(result: &Result<Applied, ApplyError>, duration: Duration) {
         Err(ApplyError::Read { .. } | ApplyError::NoConfigFile) => "read",
         Err(ApplyError::Superseded) => "superseded",
         Err(ApplyError::Stopping) => "stopping",
+        Err(ApplyError::Workers { .. }) => "workers",
     };
     let metrics = crate::telemetry::metrics::node();
     metrics

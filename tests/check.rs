@@ -205,7 +205,10 @@ connect_timeout = "5x"
 #[test]
 fn numbers_outside_their_documented_ranges_are_refused() {
     let (code, _, stderr) = check(
-        r#"[[listener]]
+        r#"[node]
+workers = 0
+
+[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
 header_read_timeout = "18446744073709551615s"
@@ -245,6 +248,7 @@ max_ejected_percent = 101
     );
     assert_eq!(code, 1);
     for fragment in [
+        "node.workers: 0 is out of range: write 1 to 1024",
         "listener[0].header_read_timeout: duration \"18446744073709551615s\" is too long: at most 24h",
         "listener[0].max_header_bytes: 4294967296 is out of range: write 8192 to 1048576",
         "listener[1].idle_timeout: duration \"18446744073709551615s\" is too long",

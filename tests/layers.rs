@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "grpc",
     "telemetry",
     // The data path, in the order a request meets it (from the bottom).
+    "workers",
     "stream",
     "tls",
     "route",

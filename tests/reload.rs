@@ -386,6 +386,39 @@ async fn two_hundred_reloads_leak_no_descriptors_threads_or_generations() {
     );
 }
 
+/// `[node] workers = 3`: every listener is three sockets on one port (a
+/// SO_REUSEPORT group, one per worker thread), and a reload keeps those
+/// very sockets: a closed member of the group would drop the connections
+/// waiting in its accept queue.
+#[tokio::test]
+async fn each_worker_listens_on_its_own_socket_and_reloads_keep_them() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let listen = free_addr().to_string();
+    let with_workers = |origin: &Origin| {
+        config(&listen, "u", &upstream("u", &[origin], "round_robin"), "")
+            .replace("[node]\n", "[node]\nworkers = 3\n")
+    };
+    let node = Node::start(&with_workers(&a));
+    let web = node.listener("web").await;
+    let sockets = node.listening_sockets(web.port());
+    assert_eq!(sockets.len(), 3, "one listening socket per worker");
+    node.reload(&with_workers(&b)).await.unwrap();
+    assert_eq!(
+        node.listening_sockets(web.port()),
+        sockets,
+        "the reload kept the same sockets"
+    );
+    // Fresh connections land on all three sockets; every one is served.
+    for _ in 0..30 {
+        let client = http1_client();
+        let answer = get(&client, web, None, "/").await;
+        assert_eq!(
+            (answer.status, answer.text().as_str()),
+            (StatusCode::OK, "b")
+        );
+    }
+}
+
 #[tokio::test]
 async fn sighup_rereads_the_file_and_a_bad_file_keeps_the_config_in_force() {
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);

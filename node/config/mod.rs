@@ -46,6 +46,10 @@ pub struct NodeSettings {
     /// for a request already on its way; that request is answered with
     /// `Connection: close`.
     pub drain_idle_grace: Duration,
+    /// Threads serving connections, each with its own listening sockets and
+    /// upstream pools (`[node] workers`; default: the CPUs the process may
+    /// run on). Read when the node starts.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -11,6 +11,7 @@ pub struct RawNode {
     pub id: Option<String>,
     pub drain_timeout: Option<ConfigDuration>,
     pub drain_idle_grace: Option<ConfigDuration>,
+    pub workers: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -88,6 +88,7 @@ fn apply_status(error: ApplyError) -> Status {
         ApplyError::Read { .. } | ApplyError::NoConfigFile => (Code::FailedPrecondition, &[][..]),
         ApplyError::Superseded => (Code::Aborted, &[][..]),
         ApplyError::Stopping => (Code::Unavailable, &[][..]),
+        ApplyError::Workers { .. } => (Code::Internal, &[][..]),
     };
     convert::config_errors_status(code, error.to_string(), errors)
 }
@@ -176,9 +177,10 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|g| convert::draining(g))
                 .collect(),
-            runtime_tasks: tokio::runtime::Handle::current()
+            runtime_tasks: (tokio::runtime::Handle::current()
                 .metrics()
-                .num_alive_tasks() as u64,
+                .num_alive_tasks()
+                + self.node.worker_tasks()) as u64,
         }))
     }
 

@@ -130,7 +130,7 @@ pub async fn forward(
 
         let response = tokio::time::timeout(
             upstream.config.read_timeout,
-            upstream.client.request(outgoing),
+            upstream.clients.here().request(outgoing),
         )
         .await;
         match response {

@@ -1,5 +1,6 @@
 //! Pooled connections to upstream servers. One hyper client per distinct
-//! set of connection settings, kept across generations so a reload keeps
+//! set of connection settings and per worker (a worker's connections are
+//! driven on its own thread), kept across generations so a reload keeps
 //! every warm keep-alive connection.
 
 use std::collections::HashMap;
@@ -161,20 +162,39 @@ impl ClientKey {
     }
 }
 
-#[derive(Default)]
+/// One client per worker, for one set of settings.
+#[derive(Clone)]
+pub struct WorkerClients(Arc<[UpstreamClient]>);
+
+impl WorkerClients {
+    /// The client whose pool belongs to the calling worker.
+    pub fn here(&self) -> &UpstreamClient {
+        &self.0[crate::workers::current() % self.0.len()]
+    }
+}
+
 pub struct ClientRegistry {
-    clients: HashMap<ClientKey, UpstreamClient>,
+    workers: usize,
+    clients: HashMap<ClientKey, WorkerClients>,
 }
 
 impl ClientRegistry {
-    /// The client for these settings, made on first use.
-    pub fn get(&mut self, key: ClientKey) -> UpstreamClient {
-        if let Some(client) = self.clients.get(&key) {
-            return client.clone();
+    /// A registry that makes one client per worker of `workers`.
+    pub fn new(workers: usize) -> Self {
+        ClientRegistry {
+            workers: workers.max(1),
+            clients: HashMap::new(),
         }
-        let client = key.build();
-        self.clients.insert(key, client.clone());
-        client
+    }
+
+    /// The clients for these settings, made on first use.
+    pub fn get(&mut self, key: ClientKey) -> WorkerClients {
+        if let Some(clients) = self.clients.get(&key) {
+            return clients.clone();
+        }
+        let clients = WorkerClients((0..self.workers).map(|_| key.build()).collect());
+        self.clients.insert(key, clients.clone());
+        clients
     }
 
     /// Forgets clients no upstream of the generation in force uses; their

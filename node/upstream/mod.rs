@@ -15,7 +15,9 @@ use http::uri::Authority;
 use tokio::sync::broadcast;
 
 pub use balance::{hash_bytes, hash_ip, Balancer};
-pub use client::{ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamClient};
+pub use client::{
+    ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamClient, WorkerClients,
+};
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::events::{Health, NodeEvent};
@@ -184,7 +186,8 @@ pub struct PickContext {
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub servers: Vec<Arc<Server>>,
-    pub client: UpstreamClient,
+    /// Pooled connections, per worker.
+    pub clients: WorkerClients,
     balancer: Box<dyn Balancer>,
     /// Where passive ejections are announced.
     events: broadcast::Sender<NodeEvent>,
@@ -230,11 +233,11 @@ impl Upstream {
             })
             .collect();
         let balancer = balance::for_policy(&config.balance, &servers);
-        let client = clients.get(ClientKey::of(&config));
+        let clients = clients.get(ClientKey::of(&config));
         Upstream {
             config,
             servers,
-            client,
+            clients,
             balancer,
             events,
         }

@@ -129,6 +129,36 @@ impl Node {
             .unwrap_or(0)
     }
 
+    /// The inodes of the node process's TCP sockets listening on `port`.
+    pub fn listening_sockets(&self, port: u16) -> std::collections::BTreeSet<u64> {
+        let own: std::collections::BTreeSet<u64> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| {
+                    let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+                    let target = target.to_str()?;
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+        let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", self.pid())).unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = u16::from_str_radix(fields[1].rsplit(':').next()?, 16).ok()?;
+                let listening = fields[3] == "0A";
+                let inode: u64 = fields[9].parse().ok()?;
+                (listening && local_port == port && own.contains(&inode)).then_some(inode)
+            })
+            .collect()
+    }
+
     /// Peak resident memory (VmHWM) of the node process, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         proc_status_field(self.pid(), "VmHWM:")

@@ -22,6 +22,8 @@ use super::*;
 
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN_IDLE_GRACE: Duration = Duration::from_millis(500);
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: u32 = 1024;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -335,8 +337,17 @@ impl Validator<'_> {
                 "node id must not be empty",
             );
         }
+        let workers = match raw.workers {
+            Some(workers) => {
+                let path = KeyPath::root().key("node").key("workers");
+                self.in_range(path, workers, 1..=MAX_WORKERS);
+                workers.clamp(1, MAX_WORKERS) as usize
+            }
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         NodeSettings {
             id,
+            workers,
             drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             drain_idle_grace: raw
                 .drain_idle_grace
