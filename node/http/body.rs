@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use tokio::fs::File;
 use tokio_util::io::poll_read_buf;
 
-use crate::upstream::ActiveRequest;
+use crate::upstream::{ActiveRequest, UpstreamBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,7 +21,7 @@ pub enum ProxyBody {
     /// An upstream response body; the guard counts the request against its
     /// server until the body is done.
     Upstream {
-        body: Incoming,
+        body: UpstreamBody,
         _active: ActiveRequest,
     },
     /// A body streamed through with nothing to count (forward proxy).
@@ -63,9 +63,8 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => {
-                Pin::new(body).poll_frame(cx).map_err(Into::into)
-            }
+            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Stream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::File {
                 file,
@@ -95,7 +94,8 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => body.is_end_stream(),
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Stream(body) => body.is_end_stream(),
             ProxyBody::File { remaining, .. } => *remaining == 0,
             ProxyBody::Full(bytes) => bytes.is_none(),
         }
@@ -103,7 +103,8 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } | ProxyBody::Stream(body) => body.size_hint(),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Stream(body) => body.size_hint(),
             ProxyBody::File { remaining, .. } => SizeHint::with_exact(*remaining),
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))

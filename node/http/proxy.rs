@@ -130,7 +130,7 @@ pub async fn forward(
 
         let response = tokio::time::timeout(
             upstream.config.read_timeout,
-            upstream.clients.here().request(outgoing),
+            upstream.clients.here().send(outgoing, upgrade.is_some()),
         )
         .await;
         match response {

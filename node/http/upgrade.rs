@@ -46,9 +46,9 @@ impl UpgradeRequest {
 
     /// When the upstream agreed (101), joins the two connections in a task
     /// of the generation whose `lifecycle` is given, and answers true; otherwise leaves things as they are.
-    pub fn complete(
+    pub fn complete<B>(
         self,
-        response: &mut Response<Incoming>,
+        response: &mut Response<B>,
         lifecycle: &std::sync::Arc<Lifecycle>,
     ) -> bool {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -17,6 +17,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::connect::UpstreamConnector;
+use super::inline::{InlineBody, InlinePool, SendError};
+use http::{Request, Response};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use rustls_pki_types::ServerName;
 
@@ -119,7 +121,7 @@ impl ClientKey {
         }
     }
 
-    fn build(&self) -> UpstreamClient {
+    fn build(&self) -> WorkerClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(self.connect_timeout));
@@ -129,6 +131,13 @@ impl ClientKey {
             tcp: connector,
             connect_timeout: self.connect_timeout,
         };
+        let inline = (self.protocol == UpstreamProtocol::Http1 && self.tls.is_none()).then(|| {
+            Arc::new(InlinePool::new(
+                connector.clone(),
+                self.idle_timeout,
+                self.max_idle_per_server,
+            ))
+        });
         let tls_config = match &self.tls {
             Some(tls) => tls.client_config().unwrap_or_else(|error| {
                 // Validated when the config was loaded; unreachable in practice.
@@ -158,17 +167,81 @@ impl ClientKey {
             .pool_idle_timeout(self.idle_timeout)
             .pool_max_idle_per_host(self.max_idle_per_server)
             .http2_only(self.protocol == UpstreamProtocol::H2c);
-        builder.build(connector)
+        WorkerClient {
+            pooled: builder.build(connector),
+            inline,
+        }
     }
+}
+
+/// One worker's connections for one set of settings.
+pub struct WorkerClient {
+    /// hyper-util's pool: TLS, HTTP/2, upgrades.
+    pub pooled: UpstreamClient,
+    /// Plain HTTP/1.1, driven in the request's task.
+    pub inline: Option<Arc<InlinePool>>,
 }
 
 /// One client per worker, for one set of settings.
 #[derive(Clone)]
-pub struct WorkerClients(Arc<[UpstreamClient]>);
+pub struct WorkerClients(Arc<[WorkerClient]>);
+
+impl WorkerClient {
+    /// Sends `request` to the server its URI names: inline when the
+    /// settings allow it and the request does not ask to switch protocols.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+        upgrade: bool,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match &self.inline {
+            Some(inline) if !upgrade => Ok(inline.send(request).await?.map(UpstreamBody::Inline)),
+            _ => match self.pooled.request(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::Pooled)),
+                Err(error) => Err(SendError::Pooled(error)),
+            },
+        }
+    }
+}
+
+/// An upstream's response body, from either kind of connection.
+pub enum UpstreamBody {
+    Pooled(Incoming),
+    Inline(InlineBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Pooled(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Inline(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Pooled(body) => body.is_end_stream(),
+            UpstreamBody::Inline(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Pooled(body) => body.size_hint(),
+            UpstreamBody::Inline(body) => body.size_hint(),
+        }
+    }
+}
 
 impl WorkerClients {
-    /// The client whose pool belongs to the calling worker.
-    pub fn here(&self) -> &UpstreamClient {
+    /// The client whose pools belong to the calling worker.
+    pub fn here(&self) -> &WorkerClient {
         &self.0[crate::workers::current() % self.0.len()]
     }
 }

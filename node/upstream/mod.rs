@@ -5,6 +5,7 @@
 mod balance;
 mod client;
 pub mod connect;
+mod inline;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -16,8 +17,10 @@ use tokio::sync::broadcast;
 
 pub use balance::{hash_bytes, hash_ip, Balancer};
 pub use client::{
-    ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamClient, WorkerClients,
+    ClientBodyFailed, ClientKey, ClientRegistry, RequestBody, UpstreamBody, UpstreamClient,
+    WorkerClient, WorkerClients,
 };
+pub use inline::SendError;
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::events::{Health, NodeEvent};

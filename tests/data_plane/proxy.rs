@@ -437,3 +437,66 @@ async fn malformed_and_oversized_requests_get_4xx_and_the_node_keeps_serving() {
         StatusCode::OK
     );
 }
+
+/// One worker, sequential requests of every body shape: a single
+/// upstream connection carries them all; when the server closes its idle
+/// connections (a restart), the next request goes on a new connection
+/// instead of failing; past `idle_timeout` a pooled connection is not
+/// reused.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_stale_ones_are_replaced() {
+    let origin = Origin::start("o").await;
+    let node = LocalNode::start(&format!(
+        "[node]\nworkers = 1\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"u\"\n{}",
+        upstream_block("u", &[&origin], "idle_timeout = \"1s\"")
+    ))
+    .await;
+    let web = node.listener("web").await;
+    let client = http1_client();
+    for round in 0..10 {
+        assert_eq!(get(&client, web, None, "/").await.text(), "o");
+        let sized = get(&client, web, None, "/bytes/100000").await;
+        assert_eq!(sized.body.len(), 100_000, "round {round}");
+        let chunked = get(&client, web, None, "/chunked/70000").await;
+        assert_eq!(chunked.body.len(), 70_000, "round {round}");
+        let upload = client
+            .request(
+                Request::post(format!("http://{web}/upload"))
+                    .body(http_body_util::Full::new(Bytes::from(vec![b'u'; 5000])))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let uploaded = upload.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&uploaded[..], b"5000");
+        let empty = get(&client, web, None, "/status/204").await;
+        assert_eq!(empty.status, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(
+        origin.connections(),
+        1,
+        "50 requests on one upstream connection"
+    );
+
+    // The origin restarts: its connections close while they sit idle in the pool.
+    let addr = origin.addr;
+    origin.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let origin = Origin::start_on(addr, "o2").await;
+    for _ in 0..3 {
+        let answer = get(&client, web, None, "/").await;
+        assert_eq!(
+            (answer.status, answer.text().as_str()),
+            (StatusCode::OK, "o2")
+        );
+    }
+    assert_eq!(origin.connections(), 1);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&client, web, None, "/").await.text(), "o2");
+    assert_eq!(
+        origin.connections(),
+        2,
+        "an idle connection past idle_timeout is not reused"
+    );
+}

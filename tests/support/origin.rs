@@ -3,7 +3,8 @@
 //! Paths choose the behaviour:
 //! - `/slow/MS`: answers after MS milliseconds
 //! - `/hang`: never answers
-//! - `/bytes/N`: streams N bytes
+//! - `/bytes/N`: streams N bytes (with Content-Length)
+//! - `/chunked/N`: streams N bytes in chunked encoding
 //! - `/upload`: reads the whole request body and answers its length
 //! - `/status/CODE`: answers with that status
 //! - anything else: answers the origin's name
@@ -37,6 +38,7 @@ pub struct Origin {
     pub addr: SocketAddr,
     pub name: String,
     requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     failing: Arc<AtomicBool>,
     stop: CancellationToken,
@@ -55,10 +57,12 @@ impl Origin {
             addr,
             name: name.to_owned(),
             requests: Arc::default(),
+            connections: Arc::default(),
             seen: Arc::default(),
             failing: Arc::default(),
             stop: CancellationToken::new(),
         };
+        let connections = origin.connections.clone();
         let (name, requests, seen, stop, failing) = (
             origin.name.clone(),
             origin.requests.clone(),
@@ -75,6 +79,7 @@ impl Origin {
                         Err(_) => continue,
                     },
                 };
+                connections.fetch_add(1, Ordering::SeqCst);
                 let (name, requests, seen, stop, failing) = (
                     name.clone(),
                     requests.clone(),
@@ -104,6 +109,11 @@ impl Origin {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -175,7 +185,7 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(3600)).await;
             full(name.clone())
         }
-        "bytes" => {
+        "bytes" | "chunked" => {
             let total: u64 = arg.parse().unwrap_or(0);
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let chunks = (0..total.div_ceil(chunk.len() as u64)).map(move |i| {
@@ -184,9 +194,11 @@ async fn handle(
                 Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
             });
             let stream = futures_util::stream::iter(chunks);
-            let response = Response::builder()
-                .header("x-origin", &name)
-                .header("content-length", total)
+            let mut response = Response::builder().header("x-origin", &name);
+            if first == "bytes" {
+                response = response.header("content-length", total);
+            }
+            let response = response
                 .body(BodyExt::boxed(StreamBody::new(stream)))
                 .unwrap();
             return Ok(response);
