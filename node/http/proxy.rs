@@ -101,18 +101,6 @@ pub async fn forward(
         let server = &upstream.servers[index];
         observation.server = Some(server.addr.clone());
         let active = server.begin_request();
-        let Ok(uri) = Uri::builder()
-            .scheme(if upstream.config.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            })
-            .authority(server.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-        else {
-            return status_response(StatusCode::BAD_REQUEST);
-        };
         // A retry needs the headers again, so they are cloned only when a
         // retry is possible: retries left and another server to try.
         let may_retry = replayable
@@ -120,7 +108,7 @@ pub async fn forward(
             && tried.len() + 1 < upstream.servers.len();
         let mut outgoing = Request::new(body.take().unwrap_or(RequestBody::Empty));
         *outgoing.method_mut() = parts.method.clone();
-        *outgoing.uri_mut() = uri;
+        *outgoing.uri_mut() = Uri::from(path_and_query.clone());
         *outgoing.version_mut() = version;
         *outgoing.headers_mut() = if may_retry {
             parts.headers.clone()
@@ -130,7 +118,12 @@ pub async fn forward(
 
         let response = tokio::time::timeout(
             upstream.config.read_timeout,
-            upstream.clients.here().send(outgoing, upgrade.is_some()),
+            upstream.clients.here().send(
+                outgoing,
+                &server.authority,
+                upstream.config.tls.is_some(),
+                upgrade.is_some(),
+            ),
         )
         .await;
         match response {

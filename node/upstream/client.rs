@@ -18,7 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::connect::UpstreamConnector;
 use super::inline::{InlineBody, InlinePool, SendError};
-use http::{Request, Response};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use rustls_pki_types::ServerName;
 
@@ -187,19 +188,41 @@ pub struct WorkerClient {
 pub struct WorkerClients(Arc<[WorkerClient]>);
 
 impl WorkerClient {
-    /// Sends `request` to the server its URI names: inline when the
-    /// settings allow it and the request does not ask to switch protocols.
+    /// Sends `request` (its URI in origin form) to the server at
+    /// `authority`: inline when the settings allow it and the request does
+    /// not ask to switch protocols.
     pub async fn send(
         &self,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
+        authority: &Authority,
+        tls: bool,
         upgrade: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match &self.inline {
-            Some(inline) if !upgrade => Ok(inline.send(request).await?.map(UpstreamBody::Inline)),
-            _ => match self.pooled.request(request).await {
+            Some(inline) if !upgrade => Ok(inline
+                .send(request, authority)
+                .await?
+                .map(UpstreamBody::Inline)),
+            _ => {
+                // hyper-util's client finds its pool by the absolute URI.
+                let mut parts = std::mem::take(request.uri_mut()).into_parts();
+                parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+                parts.authority = Some(authority.clone());
+                *request.uri_mut() = Uri::from_parts(parts).map_err(SendError::Uri)?;
+                self.send_pooled(request).await
+            }
+        }
+    }
+
+    async fn send_pooled(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        {
+            match self.pooled.request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::Pooled)),
                 Err(error) => Err(SendError::Pooled(error)),
-            },
+            }
         }
     }
 }

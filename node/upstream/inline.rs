@@ -57,6 +57,8 @@ pub enum SendError {
     /// From hyper-util's pooled client.
     #[error(transparent)]
     Pooled(hyper_util::client::legacy::Error),
+    #[error("cannot make the upstream URI: {0}")]
+    Uri(http::uri::InvalidUriParts),
 }
 
 impl SendError {
@@ -64,7 +66,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Exchange(_) => false,
+            SendError::Exchange(_) | SendError::Uri(_) => false,
             SendError::Pooled(error) => error.is_connect(),
         }
     }
@@ -94,34 +96,27 @@ impl InlinePool {
         }
     }
 
-    /// Sends `request` (its URI carries the server's authority) on an idle
-    /// connection, or a new one. A request that a reused connection did
-    /// not take (the server had just closed it) goes on a new connection.
+    /// Sends `request` (its URI in origin form) to the server at
+    /// `authority` on an idle connection, or a new one. A request that a
+    /// reused connection did not take (the server had just closed it) goes
+    /// on a new connection.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
+        authority: &Authority,
     ) -> Result<Response<InlineBody>, SendError> {
-        let uri = request.uri().clone();
-        let authority = uri
-            .authority()
-            .cloned()
-            .expect("upstream request URIs carry the server's authority");
-        // hyper writes origin-form on its own connections.
-        *request.uri_mut() = Uri::from(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        if let Some(exchange) = self.checkout(&authority).await {
+        if let Some(exchange) = self.checkout(authority).await {
             match exchange_on(exchange, request).await {
-                Ok((response, exchange)) => return Ok(self.body_of(response, exchange, authority)),
+                Ok((response, exchange)) => {
+                    return Ok(self.body_of(response, exchange, authority.clone()))
+                }
                 Err(Failed::NotSent(again)) => request = *again,
                 Err(Failed::Error(error)) => return Err(error.into()),
             }
         }
-        let exchange = self.connect(uri).await?;
+        let exchange = self.connect(authority).await?;
         match exchange_on(exchange, request).await {
-            Ok((response, exchange)) => Ok(self.body_of(response, exchange, authority)),
+            Ok((response, exchange)) => Ok(self.body_of(response, exchange, authority.clone())),
             Err(Failed::NotSent(_)) => Err(SendError::Connect(
                 "the new connection closed before the request was sent".into(),
             )),
@@ -144,7 +139,13 @@ impl InlinePool {
         })
     }
 
-    async fn connect(&self, uri: Uri) -> Result<Box<Exchange>, SendError> {
+    async fn connect(&self, authority: &Authority) -> Result<Box<Exchange>, SendError> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SendError::Connect(e.into()))?;
         let mut connector = self.connector.clone();
         let io = connector.call(uri).await.map_err(SendError::Connect)?;
         let (sender, connection) = http1::Builder::new()
