@@ -77,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Node { config } => {
             crate::telemetry::init_logging();
             raise_fd_limit();
+            disable_transparent_huge_pages();
             match server_runtime() {
                 Ok(runtime) => runtime.block_on(run_node(config)),
                 Err(code) => code,
