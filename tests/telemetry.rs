@@ -256,6 +256,68 @@ async fn a_proxied_request_is_one_span_with_its_attributes_and_the_trace_reaches
     assert_eq!(requests, 1);
 }
 
+/// At `trace_sample_ratio = 0.5` about half of new traces are sampled,
+/// with the SDK's rule; a request that is not gets no span and sends no
+/// `traceparent` of the node's upstream, and a client's unsampled
+/// `traceparent` goes upstream unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_not_sampled_get_no_span_and_no_trace_context() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let origin = Origin::start("api").await;
+    let node = Node::start(&config(endpoint, &origin, "").replace(
+        "metrics_interval",
+        "trace_sample_ratio = 0.5\nmetrics_interval",
+    ));
+    let addr = node.listener("web").await;
+    let client = http1_client();
+    for _ in 0..300 {
+        assert_eq!(get(&client, addr, None, "/api/x").await.status, 200);
+    }
+    let unsampled_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let answer = get_with(
+        &client,
+        addr,
+        None,
+        "/api/y",
+        &[("traceparent", unsampled_parent)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200);
+
+    let seen = origin.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.headers["traceparent"], unsampled_parent);
+    let propagated: Vec<String> = seen[..300]
+        .iter()
+        .filter_map(|s| s.headers.get("traceparent"))
+        .map(|v| v.to_str().unwrap().split('-').nth(2).unwrap().to_owned())
+        .collect();
+    assert!(
+        (90..=210).contains(&propagated.len()),
+        "{} of 300 requests sampled at 50%",
+        propagated.len()
+    );
+    // Every request that went upstream with a trace context is one
+    // exported span, and no other request is.
+    let exported = receiver
+        .wait_for("every sampled request's span", |r| {
+            let spans = r.spans.lock().unwrap();
+            let ids: Vec<String> = spans
+                .iter()
+                .filter(|(_, s)| s.kind == SpanKind::Server as i32)
+                .map(|(_, s)| hex(&s.span_id))
+                .collect();
+            (ids.len() >= propagated.len()).then_some(ids)
+        })
+        .await;
+    let mut exported = exported;
+    exported.sort();
+    let mut propagated = propagated;
+    propagated.sort();
+    assert_eq!(exported, propagated);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

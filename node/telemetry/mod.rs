@@ -16,6 +16,7 @@ pub mod access_log;
 pub mod metrics;
 pub mod prometheus;
 pub mod request;
+mod sampling;
 pub mod spans;
 
 use std::io::IsTerminal;
@@ -120,6 +121,7 @@ pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Tel
             .map_err(|e| format!("OTLP trace exporter: {e}"))?;
         let mut builder = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
+            .with_id_generator(sampling::PresetIds::default())
             .with_resource(resource.clone());
         // Otherwise OTEL_TRACES_SAMPLER / _ARG, read by the SDK.
         if let Some(ratio) = settings.trace_sample_ratio {
@@ -127,6 +129,7 @@ pub fn start(settings: &TelemetrySettings, identity: Identity<'_>) -> Result<Tel
                 Sampler::TraceIdRatioBased(ratio),
             )));
         }
+        sampling::set_ratio(settings.trace_sample_ratio);
         let provider = builder.build();
         opentelemetry::global::set_tracer_provider(provider.clone());
         TRACING.store(true, Ordering::Relaxed);

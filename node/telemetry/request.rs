@@ -2,7 +2,8 @@
 //! conventions, parent taken from the client's `traceparent`, passed on to
 //! the upstream), the request counter and duration histogram, and the
 //! access log line. Everything it records is decided when the request
-//! arrives; when tracing is off no span is made at all.
+//! arrives; when tracing is off, or the request is not sampled, no span is
+//! made at all.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -142,7 +143,8 @@ impl Observation {
                 .unwrap_or_default()
                 .to_owned()
         };
-        let context = super::tracing_enabled().then(|| {
+        let traced = super::tracing_enabled() && super::sampling::sample_request(headers);
+        let context = traced.then(|| {
             let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
             let mut span = tracer()
                 .span_builder(request.method().as_str().to_owned())
