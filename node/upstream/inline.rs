@@ -166,13 +166,14 @@ impl InlinePool {
                 continue;
             }
             let mut exchange = idle.exchange;
-            // Finishes the previous exchange's bookkeeping so the
-            // connection takes a new request; one that has ended is dropped.
+            // One poll finishes the previous exchange's bookkeeping; a
+            // connection that has ended, or is still busy with it (a
+            // request body the server stopped reading), is closed rather
+            // than waited for.
             let ready = poll_fn(|cx| {
-                if !exchange.poll_alive(cx) {
-                    return Poll::Ready(false);
-                }
-                exchange.sender.poll_ready(cx).map(|r| r.is_ok())
+                let ready = exchange.poll_alive(cx)
+                    && matches!(exchange.sender.poll_ready(cx), Poll::Ready(Ok(())));
+                Poll::Ready(ready)
             })
             .await;
             if ready {
