@@ -115,6 +115,8 @@ impl HttpListener {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
+            // WebSocket over HTTP/2 (RFC 8441).
+            .enable_connect_protocol()
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
         Ok(HttpListener {
             name: config.name.as_str().into(),

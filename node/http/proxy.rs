@@ -31,6 +31,12 @@ pub async fn forward(
     observation: &mut Observation,
 ) -> Response<ProxyBody> {
     let mut upgrade = upgrade::take(&mut request);
+    if upgrade.as_ref().is_some_and(|u| u.is_extended_connect())
+        && upstream.config.protocol != UpstreamProtocol::Http1
+    {
+        let reason = "WebSocket over HTTP/2 is proxied to protocol = \"http1\" upstreams only";
+        return status_with_reason(StatusCode::NOT_IMPLEMENTED, reason);
+    }
     let key_hash = upstream.hash_key().map(|key| match key {
         HashKey::ClientIp => hash_ip(client_ip),
         HashKey::Header(name) => request
@@ -72,7 +78,7 @@ pub async fn forward(
     }
     observation.propagate(&mut parts.headers);
     if let Some(upgrade) = &upgrade {
-        upgrade.restore(&mut parts.headers);
+        upgrade.prepare(&mut parts);
     }
     let version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,

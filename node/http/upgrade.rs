@@ -1,25 +1,50 @@
-//! HTTP/1.1 Upgrade pass-through (WebSocket and other upgraded protocols):
-//! the Upgrade handshake is proxied like any request; once the upstream
-//! answers 101, both connections become one byte tunnel until either side
-//! closes. A tunnel is in-flight work of its generation: a drain waits for
-//! it up to drain_timeout, then closes it.
+//! Upgrade pass-through (WebSocket and other upgraded protocols): the
+//! HTTP/1.1 Upgrade handshake is proxied like any request; once the
+//! upstream answers 101, both connections become one byte tunnel until
+//! either side closes. WebSocket over HTTP/2 (RFC 8441: an extended CONNECT
+//! with `:protocol = websocket`, the stream then carrying the WebSocket
+//! bytes) goes to the upstream as an HTTP/1.1 Upgrade, and its 101 is the
+//! client's 200. A tunnel is in-flight work of its generation: a drain
+//! waits for it up to drain_timeout, then closes it.
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use base64::Engine as _;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::ext::Protocol;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::lifecycle::Lifecycle;
 
+static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+
 /// A client's request to switch protocols.
 pub struct UpgradeRequest {
     protocol: HeaderValue,
     client: OnUpgrade,
+    /// Asked as an HTTP/2 extended CONNECT (RFC 8441), not an HTTP/1.1
+    /// Upgrade.
+    extended_connect: bool,
 }
 
-/// Takes the upgrade out of an HTTP/1.1 request that asks for one.
+/// Takes the upgrade out of a request that asks for one: an HTTP/1.1
+/// Upgrade, or an HTTP/2 extended CONNECT for WebSocket.
 pub fn take(request: &mut Request<Incoming>) -> Option<UpgradeRequest> {
+    if request.version() == Version::HTTP_2 {
+        let websocket = request.method() == Method::CONNECT
+            && request
+                .extensions()
+                .get::<Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return websocket.then(|| UpgradeRequest {
+            protocol: HeaderValue::from_static("websocket"),
+            client: hyper::upgrade::on(request),
+            extended_connect: true,
+        });
+    }
     if request.version() != Version::HTTP_11 {
         return None;
     }
@@ -34,14 +59,30 @@ pub fn take(request: &mut Request<Incoming>) -> Option<UpgradeRequest> {
     asks.then(|| UpgradeRequest {
         protocol,
         client: hyper::upgrade::on(request),
+        extended_connect: false,
     })
 }
 
 impl UpgradeRequest {
-    /// Puts back the two headers that hop-by-hop removal took out.
-    pub fn restore(&self, headers: &mut http::HeaderMap) {
+    /// Asked as WebSocket over HTTP/2, which only an HTTP/1.1 upstream can
+    /// be asked for here.
+    pub fn is_extended_connect(&self) -> bool {
+        self.extended_connect
+    }
+
+    /// Makes the upstream request an HTTP/1.1 Upgrade: puts back the two
+    /// headers hop-by-hop removal took out, and turns an extended CONNECT
+    /// into the GET with a `Sec-WebSocket-Key` that RFC 6455 asks for.
+    pub fn prepare(&self, parts: &mut Parts) {
+        let headers = &mut parts.headers;
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, self.protocol.clone());
+        if self.extended_connect {
+            parts.method = Method::GET;
+            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+            let key = HeaderValue::from_str(&key).expect("base64 is a valid header value");
+            headers.insert(SEC_WEBSOCKET_KEY.clone(), key);
+        }
     }
 
     /// When the upstream agreed (101), joins the two connections in a task
@@ -55,15 +96,26 @@ impl UpgradeRequest {
             return false;
         }
         let upstream = hyper::upgrade::on(&mut *response);
-        let protocol = response
-            .headers()
-            .get(header::UPGRADE)
-            .cloned()
-            .unwrap_or(self.protocol.clone());
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        response.headers_mut().insert(header::UPGRADE, protocol);
+        if self.extended_connect {
+            // An HTTP/2 stream says yes with 200 and carries no
+            // connection-specific headers; the accept key answered a key
+            // the client never sent.
+            *response.status_mut() = StatusCode::OK;
+            let headers = response.headers_mut();
+            headers.remove(header::CONNECTION);
+            headers.remove(header::UPGRADE);
+            headers.remove(&SEC_WEBSOCKET_ACCEPT);
+        } else {
+            let protocol = response
+                .headers()
+                .get(header::UPGRADE)
+                .cloned()
+                .unwrap_or(self.protocol.clone());
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            response.headers_mut().insert(header::UPGRADE, protocol);
+        }
         let owner = lifecycle.clone();
         let client = self.client;
         lifecycle.tasks().spawn(async move {
