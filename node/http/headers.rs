@@ -24,6 +24,14 @@ static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 tether");
 /// Removes hop-by-hop headers, including those the `Connection` header
 /// names. `TE: trailers` survives: HTTP/2 upstreams (gRPC) need it.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the few names they
+    // have costs less than a removal (a hash lookup) per hop-by-hop name.
+    let any = headers
+        .keys()
+        .any(|name| name == header::TE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     // Names listed in Connection are rare; collect only when present.
     if let Some(connection) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
@@ -47,15 +55,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
+/// Appends the client (its address as `client_header_value` wrote it, once
+/// per connection) to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` (the client's values of those two are not trusted).
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let client = ip_header_value(client_ip);
+    let client = client.clone();
     // Several header lines are one comma-separated list (RFC 9110 §5.3).
     let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
     let forwarded_for = if existing.peek().is_none() {
@@ -81,7 +90,8 @@ pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, VIA_VALUE.clone());
 }
 
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
+/// A client address as X-Forwarded-For lists it.
+pub fn client_header_value(ip: IpAddr) -> HeaderValue {
     let mut buf = [0u8; 45];
     let len = {
         use std::io::Write;
@@ -127,7 +137,8 @@ mod tests {
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let host = HeaderValue::from_static("example.com");
-        add_forwarded(&mut h, "10.1.2.3".parse().unwrap(), "http", Some(&host));
+        let client = client_header_value("10.1.2.3".parse().unwrap());
+        add_forwarded(&mut h, &client, "http", Some(&host));
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.7, 10.1.2.3");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
@@ -141,7 +152,8 @@ mod tests {
             &X_FORWARDED_FOR,
             HeaderValue::from_static("198.51.100.1, 192.0.2.9"),
         );
-        add_forwarded(&mut h, "10.1.2.3".parse().unwrap(), "http", None);
+        let client = client_header_value("10.1.2.3".parse().unwrap());
+        add_forwarded(&mut h, &client, "http", None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(
             h[&X_FORWARDED_FOR],

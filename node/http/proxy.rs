@@ -26,6 +26,7 @@ pub async fn forward(
     mut request: Request<Incoming>,
     upstream: &Upstream,
     client_ip: IpAddr,
+    client_header: &HeaderValue,
     listener: &HttpListener,
     lifecycle: &Arc<Lifecycle>,
     observation: &mut Observation,
@@ -66,7 +67,7 @@ pub async fn forward(
     remove_hop_by_hop(&mut parts.headers);
     add_forwarded(
         &mut parts.headers,
-        client_ip,
+        client_header,
         listener.scheme,
         host.as_ref(),
     );

@@ -60,6 +60,7 @@ where
     let context = Arc::new(Context {
         connection,
         peer,
+        peer_header: super::headers::client_header_value(peer.ip()),
         http: http.clone(),
         activity: activity.clone(),
     });
@@ -101,6 +102,8 @@ where
 struct Context {
     connection: ConnectionGuard,
     peer: SocketAddr,
+    /// The peer's address as X-Forwarded-For lists it, written once.
+    peer_header: HeaderValue,
     http: Arc<HttpListener>,
     activity: Arc<Activity>,
 }
@@ -198,7 +201,16 @@ impl Context {
             RouteTarget::Upstream(upstream) => {
                 let lifecycle = self.connection.lifecycle();
                 let client = self.peer.ip();
-                proxy::forward(request, upstream, client, http, lifecycle, observation).await
+                proxy::forward(
+                    request,
+                    upstream,
+                    client,
+                    &self.peer_header,
+                    http,
+                    lifecycle,
+                    observation,
+                )
+                .await
             }
             RouteTarget::Static { prefix, files } => {
                 let path = request.uri().path();
