@@ -1,7 +1,8 @@
 //! `tether fleet`: the operator's command line for FleetService. Prints
 //! for people by default, JSON (one object per line for `watch`) with
 //! `--json`. Exit codes: 0 done, 1 refused (invalid config, unknown
-//! version), 2 the controller could not be reached or failed.
+//! version) or, with `publish --wait`, not running on every target, 2 the
+//! controller could not be reached or failed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use super::publish_wait::{wait_for_answers, NotApplied};
 use crate::grpc::ClientTlsArgs;
 use crate::proto::v1::fleet_event::Event;
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
@@ -46,6 +48,14 @@ enum FleetCommand {
         /// Recorded with the version (default: $USER; with mTLS, the certificate's name).
         #[arg(long)]
         author: Option<String>,
+        /// Follow the target nodes: print each ACK and NACK as it arrives;
+        /// exit 0 once every target runs the version, 1 on a NACK or when
+        /// a target has not answered within --ack-timeout.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long the targets have to answer.
+        #[arg(long, default_value = "60s", value_parser = crate::config::parse_duration)]
+        ack_timeout: Duration,
     },
     /// Every node: connected, the version it runs and should run, its last NACK, health.
     Nodes {
@@ -85,6 +95,8 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             selector,
             comment,
             author,
+            wait,
+            ack_timeout,
         } => {
             let config = match std::fs::read_to_string(file) {
                 Ok(config) => config,
@@ -100,12 +112,23 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                 author: author.clone().unwrap_or_else(default_author),
                 idempotency_key: key,
             };
-            with_retries(&args, |mut client| {
+            let published = with_retries(&args, |mut client| {
                 let request = request.clone();
                 async move { client.publish_config(request).await }
             })
             .await
-            .map(|r| print_published(&r.into_inner(), json))
+            .map(|r| r.into_inner());
+            match published {
+                Ok(published) => {
+                    print_published(&published, json);
+                    if *wait {
+                        follow(&args, &published, *ack_timeout).await
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(failed) => Err(failed),
+            }
         }
         FleetCommand::Rollback {
             version,
@@ -137,6 +160,10 @@ pub async fn run(args: FleetArgs) -> ExitCode {
         Err(Failed::Unreachable(message)) => {
             eprintln!("tether fleet: cannot reach {}: {message}", args.controller);
             ExitCode::from(2)
+        }
+        Err(Failed::NotApplied(message)) => {
+            eprintln!("tether fleet: {message}");
+            ExitCode::from(1)
         }
         Err(Failed::Refused(status)) => {
             eprintln!("tether fleet: {}", status.message());
@@ -188,6 +215,25 @@ async fn read(
 enum Failed {
     Unreachable(String),
     Refused(Status),
+    /// Published, but not every target runs it (`--wait`).
+    NotApplied(String),
+}
+
+/// `publish --wait`: follows the targets until each has answered.
+async fn follow(
+    args: &FleetArgs,
+    published: &pb::PublishConfigResponse,
+    timeout: Duration,
+) -> Result<(), Failed> {
+    let mut client = connect(args).await.map_err(Failed::Unreachable)?;
+    let version = published.version;
+    match wait_for_answers(&mut client, version, &published.targets, timeout, args.json).await {
+        Ok(()) => Ok(()),
+        Err(NotApplied::Unreachable(status)) if broke_off(&status) => Err(Failed::Unreachable(
+            NotApplied::Unreachable(status).message(version, timeout),
+        )),
+        Err(not_applied) => Err(Failed::NotApplied(not_applied.message(version, timeout))),
+    }
 }
 
 /// How long a publish keeps trying: about 6 s, doubling from 200 ms.

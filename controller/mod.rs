@@ -7,6 +7,7 @@ pub mod api;
 pub mod fleet;
 pub mod fleet_cli;
 pub mod identity;
+mod publish_wait;
 pub mod selector;
 pub mod store;
 pub mod sync;

@@ -582,6 +582,67 @@ async fn the_fleet_command_line_publishes_lists_and_shows() {
     drop(node);
 }
 
+/// `tether fleet publish --wait`: exit 0 once every target runs the
+/// version; exit 1 with the node and its reason when one NACKs; exit 1
+/// naming the node that did not answer in time (a stopped one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_follows_every_target_to_its_answer() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let url = controller.url();
+    let a = Node::start(&node_config("a", &url, r#"env = "prod""#));
+    let b = Node::start(&node_config("b", &url, r#"env = "prod""#));
+    wait_connected(&controller, &["a", "b"]).await;
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let publish = |name: &str, config: String, extra: &[&str]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, config).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
+            .args(["fleet", "--controller", &url, "publish", "--wait"])
+            .arg(&file)
+            .args(extra);
+        async move {
+            let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+                .await
+                .unwrap();
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+
+    let (code, out, err) = publish("v1.toml", traffic("127.0.0.1:0", &origin), &[]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("a runs v1") && out.contains("b runs v1"),
+        "{out}"
+    );
+    assert!(out.contains("v1: 2 of 2 nodes ACKed"), "{out}");
+
+    // On b something already listens where v2 wants to.
+    let _held = std::os::unix::net::UnixListener::bind(b.path("web.sock")).unwrap();
+    let (code, out, err) = publish("v2.toml", traffic("unix:web.sock", &origin), &[]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("a runs v2"), "{out}");
+    assert!(out.contains("b NACKed v2: cannot bind"), "{out}");
+    assert!(err.contains("v2 was NACKed by b"), "{err}");
+
+    drop(a);
+    let (code, out, err) = publish(
+        "v3.toml",
+        traffic("127.0.0.1:0", &origin),
+        &["--ack-timeout", "2s"],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("b runs v3"), "{out}");
+    assert!(err.contains("v3: no answer within 2s from a"), "{err}");
+}
+
 mod store {
     use std::io::Write;
 

@@ -1,0 +1,160 @@
+//! `tether fleet publish --wait`: after a publish, follows the target nodes
+//! until each has answered the version. Every ACK and NACK is printed as
+//! it arrives (one JSON object per line with `--json`), with a progress
+//! line when the count changes. It succeeds when every target runs the
+//! version, and fails on the first answer that is not an ACK: a NACK, or a
+//! node that has not answered within the timeout (a disconnected node
+//! counts as one that has not answered).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::config::format_duration;
+use crate::proto::v1::fleet_service_client::FleetServiceClient;
+use crate::proto::v1::{self as pb};
+
+/// How often the nodes' state is read.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Why the wait ended without every target running the version.
+pub enum NotApplied {
+    /// Some targets NACKed (node → reason), and no target is left waiting.
+    Nacked(BTreeMap<String, String>),
+    /// These targets had not answered when the time was up.
+    TimedOut(BTreeSet<String>),
+    /// The controller stopped answering.
+    Unreachable(tonic::Status),
+}
+
+impl NotApplied {
+    pub fn message(&self, version: u64, timeout: Duration) -> String {
+        match self {
+            NotApplied::Nacked(nacks) => format!(
+                "v{version} was NACKed by {}: {}",
+                join(nacks.keys()),
+                nacks
+                    .iter()
+                    .map(|(node, reason)| format!("{node}: {reason}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            NotApplied::TimedOut(pending) => format!(
+                "v{version}: no answer within {} from {}",
+                format_duration(timeout),
+                join(pending.iter())
+            ),
+            NotApplied::Unreachable(status) => {
+                format!(
+                    "v{version}: lost the controller while waiting: {}",
+                    status.message()
+                )
+            }
+        }
+    }
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    names.map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// Follows `targets` until each runs `version` (or a newer one) or has
+/// NACKed it, for at most `timeout`.
+pub async fn wait_for_answers(
+    client: &mut FleetServiceClient<Channel>,
+    version: u64,
+    targets: &[String],
+    timeout: Duration,
+    json: bool,
+) -> Result<(), NotApplied> {
+    let targets: BTreeSet<String> = targets.iter().cloned().collect();
+    let deadline = Instant::now() + timeout;
+    let mut acked = BTreeSet::new();
+    let mut nacked = BTreeMap::new();
+    let mut progress = String::new();
+    loop {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .map_err(NotApplied::Unreachable)?
+            .into_inner()
+            .nodes;
+        for node in nodes.iter().filter(|n| targets.contains(&n.id)) {
+            if acked.contains(&node.id) || nacked.contains_key(&node.id) {
+                continue;
+            }
+            if node.version >= version {
+                acked.insert(node.id.clone());
+                report(json, "acked", &node.id, version, None);
+            } else if let Some(nack) = node.last_nack.as_ref().filter(|n| n.version == version) {
+                let reason = nack_reason(nack);
+                report(json, "nacked", &node.id, version, Some(&reason));
+                nacked.insert(node.id.clone(), reason);
+            }
+        }
+        if !json {
+            let line = format!(
+                "v{version}: {} of {} nodes ACKed{}",
+                acked.len(),
+                targets.len(),
+                if nacked.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} NACKed", nacked.len())
+                }
+            );
+            if line != progress {
+                println!("{line}");
+                progress = line;
+            }
+        }
+        let answered = acked.len() + nacked.len();
+        if answered == targets.len() {
+            return if nacked.is_empty() {
+                Ok(())
+            } else {
+                Err(NotApplied::Nacked(nacked))
+            };
+        }
+        if Instant::now() >= deadline {
+            let pending = targets
+                .iter()
+                .filter(|id| !acked.contains(*id) && !nacked.contains_key(*id))
+                .cloned()
+                .collect();
+            return Err(NotApplied::TimedOut(pending));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The NACK's reason with its first located error, on one line.
+fn nack_reason(nack: &pb::NackRecord) -> String {
+    match nack.errors.first() {
+        Some(error) if !error.path.is_empty() => {
+            format!(
+                "{} ({}: {})",
+                nack.reason.lines().next().unwrap_or_default(),
+                error.path,
+                error.message
+            )
+        }
+        _ => nack.reason.lines().next().unwrap_or_default().to_owned(),
+    }
+}
+
+fn report(json: bool, event: &str, node: &str, version: u64, reason: Option<&str>) {
+    if json {
+        println!(
+            "{}",
+            json!({ "event": event, "node": node, "version": version, "reason": reason })
+        );
+    } else {
+        match reason {
+            Some(reason) => println!("{node} NACKed v{version}: {reason}"),
+            None => println!("{node} runs v{version}"),
+        }
+    }
+}
