@@ -11,18 +11,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
 
 use super::connect::UpstreamConnector;
 use super::inline::{InlineBody, InlinePool, SendError};
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use rustls_pki_types::ServerName;
-
 use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTls};
 
 pub type UpstreamClient = Client<HttpsConnector<UpstreamConnector>, RequestBody>;
@@ -209,19 +208,10 @@ impl WorkerClient {
                 parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
                 parts.authority = Some(authority.clone());
                 *request.uri_mut() = Uri::from_parts(parts).map_err(SendError::Uri)?;
-                self.send_pooled(request).await
-            }
-        }
-    }
-
-    async fn send_pooled(
-        &self,
-        request: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        {
-            match self.pooled.request(request).await {
-                Ok(response) => Ok(response.map(UpstreamBody::Pooled)),
-                Err(error) => Err(SendError::Pooled(error)),
+                match self.pooled.request(request).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::Pooled)),
+                    Err(error) => Err(SendError::Pooled(error)),
+                }
             }
         }
     }
