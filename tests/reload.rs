@@ -417,6 +417,46 @@ async fn each_worker_listens_on_its_own_socket_and_reloads_keep_them() {
             (StatusCode::OK, "b")
         );
     }
+    // Connections held open on whichever workers took them are counted
+    // once, summed over the workers.
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(web).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nb") {
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        held.push(stream);
+    }
+    // (The 30 connections above close as their clients went away.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = node
+            .get_config()
+            .await
+            .listeners
+            .into_iter()
+            .find(|l| l.name == "web")
+            .unwrap()
+            .open_connections;
+        if open == 24 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} open connections, 24 held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
 }
 
 #[tokio::test]

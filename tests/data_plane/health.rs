@@ -299,12 +299,13 @@ async fn a_failed_connect_is_retried_on_another_server() {
     );
 }
 
+/// Four workers too: checks run once per (server, check), not per worker.
 #[tokio::test]
 async fn health_state_survives_a_reload_and_shared_servers_get_one_checker() {
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);
     let two_upstreams = |extra_route: &str| {
         format!(
-            "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{extra_route}[[listener.route]]\nupstream = \"u\"\n[[listener.route]]\npath = \"/v/\"\nupstream = \"v\"\n[upstream.u]\nservers = {s}\n{FAST_CHECK}[upstream.v]\nservers = {s}\nbalance = \"least_conn\"\n{}",
+            "[node]\nworkers = 4\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{extra_route}[[listener.route]]\nupstream = \"u\"\n[[listener.route]]\npath = \"/v/\"\nupstream = \"v\"\n[upstream.u]\nservers = {s}\n{FAST_CHECK}[upstream.v]\nservers = {s}\nbalance = \"least_conn\"\n{}",
             FAST_CHECK.replace("upstream.u", "upstream.v"),
             s = servers(&[&a, &b])
         )
@@ -342,7 +343,7 @@ async fn health_state_survives_a_reload_and_shared_servers_get_one_checker() {
     let probes = a.probes() - before;
     assert!(
         (6..=13).contains(&probes),
-        "{probes} probes in 1 s at a 100 ms interval: one checker, not two"
+        "{probes} probes in 1 s at a 100 ms interval: one checker, not one per upstream or worker"
     );
 
     // A reload that changes routes keeps the state: no reset to unknown.
