@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use super::json::{event_json, health_name, node_json, time, version_json};
 use super::publish_wait::{wait_for_answers, NotApplied};
 use crate::grpc::ClientTlsArgs;
 use crate::proto::v1::fleet_event::Event;
@@ -334,45 +335,6 @@ fn labels(labels: &std::collections::HashMap<String, String>) -> String {
         .join(",")
 }
 
-fn time(timestamp: Option<&prost_types::Timestamp>) -> String {
-    timestamp
-        .and_then(|t| SystemTime::try_from(*t).ok())
-        .map(httpdate::fmt_http_date)
-        .unwrap_or_default()
-}
-
-fn errors_json(errors: &[pb::ConfigError]) -> Value {
-    errors
-        .iter()
-        .map(
-            |e| json!({ "path": e.path, "line": e.line, "column": e.column, "message": e.message }),
-        )
-        .collect()
-}
-
-fn node_json(node: &pb::NodeStatus) -> Value {
-    json!({
-        "id": node.id,
-        "labels": node.labels.iter().collect::<BTreeMap<_, _>>(),
-        "connected": node.connected,
-        "last_seen": time(node.last_seen.as_ref()),
-        "address": node.address,
-        "build": node.build,
-        "desired_version": node.desired_version,
-        "version": node.version,
-        "generation": node.generation,
-        "last_nack": node.last_nack.as_ref().map(|nack| json!({
-            "version": nack.version,
-            "reason": nack.reason,
-            "errors": errors_json(&nack.errors),
-            "at": time(nack.at.as_ref()),
-        })),
-        "servers_up": node.servers_up,
-        "servers_down": node.servers_down,
-        "down": node.down,
-    })
-}
-
 /// "api/10.0.0.7:8080 down on 3 of 60 nodes: eu-1, eu-2, eu-3".
 fn print_fleet_health(servers: &[pb::ServerFleetHealth], json: bool) {
     if json {
@@ -452,18 +414,6 @@ fn error_line(error: &pb::ConfigError) -> String {
     )
 }
 
-fn version_json(info: &pb::VersionInfo) -> Value {
-    json!({
-        "version": info.version,
-        "selector": info.selector,
-        "comment": info.comment,
-        "author": info.author,
-        "published_at": time(info.published_at.as_ref()),
-        "checksum": info.checksum,
-        "rollback_of": info.rollback_of,
-    })
-}
-
 fn print_versions(versions: &[pb::VersionInfo], json: bool) {
     if json {
         println!(
@@ -513,40 +463,6 @@ fn print_version(response: &pb::GetVersionResponse, json: bool) {
             info.comment
         );
         print!("{}", response.config);
-    }
-}
-
-fn event_json(event: &pb::FleetEvent) -> Value {
-    let (kind, detail) = match &event.event {
-        Some(Event::Connected(c)) => (
-            "connected",
-            json!({ "labels": c.labels.iter().collect::<BTreeMap<_, _>>(), "version": c.version, "address": c.address }),
-        ),
-        Some(Event::Disconnected(d)) => ("disconnected", json!({ "reason": d.reason })),
-        Some(Event::Published(info)) => ("published", version_json(info)),
-        Some(Event::Acked(ack)) => (
-            "ack",
-            json!({ "version": ack.version, "nonce": ack.nonce, "generation": ack.generation }),
-        ),
-        Some(Event::Nacked(nack)) => (
-            "nack",
-            json!({ "version": nack.version, "nonce": nack.nonce, "reason": nack.reason, "errors": errors_json(&nack.errors) }),
-        ),
-        Some(Event::Health(t)) => (
-            "health",
-            json!({ "upstream": t.upstream, "server": t.server, "from": health_name(t.from), "to": health_name(t.to), "reason": t.reason }),
-        ),
-        Some(Event::EventsMissed(m)) => ("events_missed", json!({ "count": m.count })),
-        None => ("unknown", Value::Null),
-    };
-    json!({ "at": time(event.at.as_ref()), "node": event.node_id, "event": kind, "detail": detail })
-}
-
-fn health_name(state: i32) -> &'static str {
-    match pb::HealthState::try_from(state) {
-        Ok(pb::HealthState::Healthy) => "healthy",
-        Ok(pb::HealthState::Unhealthy) => "unhealthy",
-        _ => "unknown",
     }
 }
 

@@ -4,9 +4,11 @@
 //! Callers are identified by their client certificates (`identity`).
 
 pub mod api;
+mod dashboard;
 pub mod fleet;
 pub mod fleet_cli;
 pub mod identity;
+mod json;
 mod publish_wait;
 pub mod selector;
 pub mod store;
@@ -68,6 +70,10 @@ pub struct ControllerArgs {
     /// last good record, and serve what remains.
     #[arg(long)]
     pub repair: bool,
+    /// Serve the fleet over HTTP on this loopback address: a JSON snapshot
+    /// (`/api/fleet`) and live events (`/api/events`, Server-Sent Events).
+    #[arg(long)]
+    pub dashboard: Option<SocketAddr>,
 }
 
 impl ControllerArgs {
@@ -159,16 +165,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         service: "tether-controller",
         instance_id: &instance,
     };
+    if let Some(addr) = args.dashboard {
+        dashboard::check_address(addr)?;
+    }
     let mut telemetry = crate::telemetry::start(&settings, identity)?;
     telemetry.serve_prometheus(Arc::new(|| true)).await?;
     let _health = match args.health_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(address = %listener.local_addr().unwrap_or(addr), "health service listening");
-            Some(AbortOnDropHandle::new(tokio::spawn(serve_health(listener))))
-        }
+        Some(addr) => Some(side_service(addr, "health service", serve_health).await?),
         None => None,
     };
     let damaged = if args.repair {
@@ -177,6 +180,14 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         Damaged::Refuse
     };
     let fleet = open(&args.data, damaged)?;
+    let _dashboard = match args.dashboard {
+        Some(addr) => {
+            let fleet = fleet.clone();
+            let serve = move |listener| dashboard::serve(listener, fleet);
+            Some(side_service(addr, "dashboard", serve).await?)
+        }
+        None => None,
+    };
     {
         let fleet = fleet.clone();
         crate::telemetry::metrics::observe_controller(Arc::new(move || fleet.connected()));
@@ -184,6 +195,25 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
     let result = serve_until_terminated(args.listen, tls, fleet).await;
     telemetry.shutdown();
     result
+}
+
+/// Binds `addr` and runs `serve` on it until the handle is dropped: the
+/// services beside the controller's own port.
+async fn side_service<F, Fut>(
+    addr: SocketAddr,
+    what: &'static str,
+    serve: F,
+) -> Result<AbortOnDropHandle<()>, String>
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    let address = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%address, "{what} listening");
+    Ok(AbortOnDropHandle::new(tokio::spawn(serve(listener))))
 }
 
 /// grpc.health.v1 only: SERVING while the process runs.

@@ -6,4 +6,5 @@ mod support;
 
 mod controller;
 mod controller_integrity;
+mod dashboard;
 mod fleet_health;
