@@ -50,8 +50,14 @@ pub fn check_address(addr: SocketAddr) -> Result<(), String> {
 pub async fn serve(listener: TcpListener, fleet: Arc<Fleet>) {
     let feed = Feed::start(&fleet);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, most likely: back off, don't spin.
+                tracing::warn!(%error, "dashboard: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (fleet, feed) = (fleet.clone(), feed.clone());
         tokio::spawn(async move {
