@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -32,6 +32,9 @@ use super::selector::Selector;
 
 /// Events kept for clients that reconnect.
 const KEPT: usize = 10_000;
+
+/// How long a client has to send its request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -65,7 +68,14 @@ pub async fn serve(listener: TcpListener, fleet: Arc<Fleet>) {
                 let answer = route(&request, &fleet, &feed);
                 async move { Ok::<_, Infallible>(answer) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            // HTTP/1.1 only (enough for JSON and SSE), so the request-head
+            // deadline holds from the first byte: a client that sends
+            // nothing in time is dropped.
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
