@@ -203,3 +203,20 @@ fn the_dashboard_refuses_an_address_off_loopback() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("loopback only"), "{stderr}");
 }
+
+/// A connection that never sends a request is closed once the request
+/// head is 10 s late, like the node's listeners do.
+#[tokio::test]
+async fn a_dashboard_connection_that_sends_nothing_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let data = tempfile::tempdir().unwrap();
+    let dashboard = free_addr();
+    let dashboard_arg = dashboard.to_string();
+    let _controller = Controller::start(data.path(), &["--dashboard", &dashboard_arg]);
+    let mut silent = tokio::net::TcpStream::connect(dashboard).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
+        .await
+        .expect("closed within 20 s");
+    assert_eq!(read.unwrap_or(0), 0, "closed without an answer");
+}
