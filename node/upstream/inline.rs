@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -78,7 +79,7 @@ pub struct InlinePool {
     idle_timeout: Duration,
     max_idle_per_server: usize,
     idle: Mutex<HashMap<Authority, Vec<Idle>>>,
-    reaper_started: std::sync::atomic::AtomicBool,
+    reaper_started: AtomicBool,
 }
 
 impl InlinePool {
@@ -197,11 +198,12 @@ impl InlinePool {
             since: Instant::now(),
         });
         drop(idle);
+        // Once per pool; the check-ins after the first pay one load.
+        if self.reaper_started.load(Ordering::Relaxed) {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            if !self
-                .reaper_started
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            if !self.reaper_started.swap(true, Ordering::Relaxed) {
                 runtime.spawn(reap(Arc::downgrade(self)));
             }
         }
