@@ -123,7 +123,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                 Ok(published) => {
                     print_published(&published, json);
                     if *wait {
-                        follow(&args, &published, *ack_timeout).await
+                        follow(&args, &published, selector, *ack_timeout).await
                     } else {
                         Ok(())
                     }
@@ -224,11 +224,13 @@ enum Failed {
 async fn follow(
     args: &FleetArgs,
     published: &pb::PublishConfigResponse,
+    selector: &str,
     timeout: Duration,
 ) -> Result<(), Failed> {
     let mut client = connect(args).await.map_err(Failed::Unreachable)?;
     let version = published.version;
-    match wait_for_answers(&mut client, version, &published.targets, timeout, args.json).await {
+    let targets = &published.targets;
+    match wait_for_answers(&mut client, version, selector, targets, timeout, args.json).await {
         Ok(()) => Ok(()),
         Err(NotApplied::Unreachable(status)) if broke_off(&status) => Err(Failed::Unreachable(
             NotApplied::Unreachable(status).message(version, timeout),

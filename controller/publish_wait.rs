@@ -60,11 +60,12 @@ fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {
     names.map(String::as_str).collect::<Vec<_>>().join(", ")
 }
 
-/// Follows `targets` until each runs `version` (or a newer one) or has
-/// NACKed it, for at most `timeout`.
+/// Follows `targets` (the nodes `selector` matched) until each runs
+/// `version` (or a newer one) or has NACKed it, for at most `timeout`.
 pub async fn wait_for_answers(
     client: &mut FleetServiceClient<Channel>,
     version: u64,
+    selector: &str,
     targets: &[String],
     timeout: Duration,
     json: bool,
@@ -76,7 +77,9 @@ pub async fn wait_for_answers(
     let mut progress = String::new();
     loop {
         let nodes = client
-            .list_nodes(pb::ListNodesRequest::default())
+            .list_nodes(pb::ListNodesRequest {
+                selector: selector.to_owned(),
+            })
             .await
             .map_err(NotApplied::Unreachable)?
             .into_inner()
