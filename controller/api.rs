@@ -175,13 +175,7 @@ impl FleetService for FleetApi {
         let stream = futures_util::stream::unfold(events, |mut events| async move {
             let event = match events.recv().await {
                 Ok(event) => event,
-                Err(broadcast::error::RecvError::Lagged(count)) => pb::FleetEvent {
-                    at: Some(std::time::SystemTime::now().into()),
-                    node_id: String::new(),
-                    event: Some(pb::fleet_event::Event::EventsMissed(pb::EventsMissed {
-                        count,
-                    })),
-                },
+                Err(broadcast::error::RecvError::Lagged(count)) => Fleet::events_missed(count),
                 Err(broadcast::error::RecvError::Closed) => return None,
             };
             Some((Ok(event), events))

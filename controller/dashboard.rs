@@ -130,7 +130,6 @@ struct Feed {
     live: broadcast::Sender<Message>,
 }
 
-#[derive(Default)]
 struct Kept {
     next: u64,
     recent: VecDeque<Message>,
@@ -158,16 +157,14 @@ impl Feed {
         tokio::spawn(async move {
             loop {
                 let event = match events.recv().await {
-                    Ok(event) => event_json(&event),
-                    Err(broadcast::error::RecvError::Lagged(count)) => {
-                        json!({ "event": "events_missed", "detail": { "count": count } })
-                    }
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(count)) => Fleet::events_missed(count),
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let Some(feed) = weak.upgrade() else {
                     return;
                 };
-                feed.add(&event.to_string());
+                feed.add(&event_json(&event).to_string());
             }
         });
         feed

@@ -197,6 +197,15 @@ impl Fleet {
         self.events.subscribe()
     }
 
+    /// What a watcher that fell behind gets in place of `count` events.
+    pub fn events_missed(count: u64) -> pb::FleetEvent {
+        pb::FleetEvent {
+            at: Some(SystemTime::now().into()),
+            node_id: String::new(),
+            event: Some(Event::EventsMissed(pb::EventsMissed { count })),
+        }
+    }
+
     fn emit(&self, node_id: &str, event: Event) {
         let _ = self.events.send(pb::FleetEvent {
             at: Some(SystemTime::now().into()),
