@@ -230,12 +230,15 @@ async fn follow(
     let mut client = connect(args).await.map_err(Failed::Unreachable)?;
     let version = published.version;
     let targets = &published.targets;
-    match wait_for_answers(&mut client, version, selector, targets, timeout, args.json).await {
-        Ok(()) => Ok(()),
-        Err(NotApplied::Unreachable(status)) if broke_off(&status) => Err(Failed::Unreachable(
-            NotApplied::Unreachable(status).message(version, timeout),
-        )),
-        Err(not_applied) => Err(Failed::NotApplied(not_applied.message(version, timeout))),
+    let Err(not_applied) =
+        wait_for_answers(&mut client, version, selector, targets, timeout, args.json).await
+    else {
+        return Ok(());
+    };
+    let message = not_applied.message(version, timeout);
+    match not_applied {
+        NotApplied::Unreachable(status) if broke_off(&status) => Err(Failed::Unreachable(message)),
+        _ => Err(Failed::NotApplied(message)),
     }
 }
 
