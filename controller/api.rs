@@ -138,19 +138,12 @@ impl FleetService for FleetApi {
             .fleet
             .version(request.version)
             .ok_or_else(|| Status::not_found(format!("no version {}", request.version)))?;
-        let comment = if request.comment.is_empty() {
-            format!("rollback to version {}", earlier.number)
-        } else {
-            request.comment
-        };
-        let publication = Publication {
-            config: earlier.text().to_owned(),
-            selector: earlier.selector.clone(),
-            comment,
-            author: certified.unwrap_or(request.author),
-            rollback_of: earlier.number,
-            idempotency_key: request.idempotency_key,
-        };
+        let publication = Publication::rollback(
+            &earlier,
+            request.comment,
+            certified.unwrap_or(request.author),
+            request.idempotency_key,
+        );
         self.publish(publication).await
     }
 

@@ -89,6 +89,31 @@ pub struct Publication {
     pub idempotency_key: String,
 }
 
+impl Publication {
+    /// `earlier` published again, for all the nodes it was for; the comment
+    /// says so unless the operator gave one.
+    pub fn rollback(
+        earlier: &Version,
+        comment: String,
+        author: String,
+        idempotency_key: String,
+    ) -> Publication {
+        let comment = if comment.is_empty() {
+            format!("rollback to version {}", earlier.number)
+        } else {
+            comment
+        };
+        Publication {
+            config: earlier.text().to_owned(),
+            selector: earlier.selector.clone(),
+            comment,
+            author,
+            rollback_of: earlier.number,
+            idempotency_key,
+        }
+    }
+}
+
 /// Why a publish stored nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -29,6 +29,7 @@ use tonic::transport::Server;
 use crate::config::ControlTls;
 use crate::proto::v1::controller_service_server::ControllerServiceServer;
 use crate::proto::v1::fleet_service_server::FleetServiceServer;
+use dashboard::Dashboard;
 use fleet::Fleet;
 use store::{Damaged, Store};
 
@@ -70,10 +71,16 @@ pub struct ControllerArgs {
     /// last good record, and serve what remains.
     #[arg(long)]
     pub repair: bool,
-    /// Serve the fleet over HTTP on this loopback address: a JSON snapshot
+    /// Serve the fleet's web page on this address, with its JSON snapshot
     /// (`/api/fleet`) and live events (`/api/events`, Server-Sent Events).
+    /// Off loopback it needs --dashboard-tokens, and TLS (--cert/--key)
+    /// or --insecure.
     #[arg(long)]
     pub dashboard: Option<SocketAddr>,
+    /// Operators who may sign in to the dashboard: `NAME TOKEN` per line.
+    /// Signed-in operators can roll back, and are recorded as the author.
+    #[arg(long, requires = "dashboard")]
+    pub dashboard_tokens: Option<PathBuf>,
 }
 
 impl ControllerArgs {
@@ -165,9 +172,19 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         service: "tether-controller",
         instance_id: &instance,
     };
-    if let Some(addr) = args.dashboard {
-        dashboard::check_address(addr)?;
-    }
+    let dashboard = match args.dashboard {
+        Some(addr) => {
+            let settings = dashboard::Settings {
+                addr,
+                tokens: args.dashboard_tokens.clone(),
+            };
+            Some((
+                addr,
+                Dashboard::new(&settings, tls.as_ref(), args.insecure)?,
+            ))
+        }
+        None => None,
+    };
     let mut telemetry = crate::telemetry::start(&settings, identity)?;
     telemetry.serve_prometheus(Arc::new(|| true)).await?;
     let _health = match args.health_listen {
@@ -180,10 +197,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         Damaged::Refuse
     };
     let fleet = open(&args.data, damaged)?;
-    let _dashboard = match args.dashboard {
-        Some(addr) => {
+    let _dashboard = match dashboard {
+        Some((addr, dashboard)) => {
             let fleet = fleet.clone();
-            let serve = move |listener| dashboard::serve(listener, fleet);
+            let serve = move |listener| dashboard.serve(listener, fleet);
             Some(side_service(addr, "dashboard", serve).await?)
         }
         None => None,

@@ -201,7 +201,10 @@ fn the_dashboard_refuses_an_address_off_loopback() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("loopback only"), "{stderr}");
+    assert!(
+        stderr.contains("is not loopback: give --dashboard-tokens"),
+        "{stderr}"
+    );
 }
 
 /// A connection that never sends a request is closed once the request
@@ -219,4 +222,238 @@ async fn a_dashboard_connection_that_sends_nothing_is_closed() {
         .await
         .expect("closed within 20 s");
     assert_eq!(read.unwrap_or(0), 0, "closed without an answer");
+}
+
+/// One request over `io`; the status, the headers and the JSON body.
+async fn request<I>(
+    io: I,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, http::HeaderMap, serde_json::Value)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Off loopback the dashboard is HTTPS with the controller's certificate,
+/// and shows the fleet only to operators who signed in with a token (or
+/// send it as a bearer token); actions need an operator, JSON, and the
+/// dashboard's own origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_the_dashboard_is_tls_and_for_signed_in_operators_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("fleet ca");
+    let server = ca.issue(&["127.0.0.1"]);
+    let token = "ops-token-0123456789";
+    write_files(
+        dir.path(),
+        &[
+            ("ca.pem", ca.pem().as_bytes()),
+            ("controller.pem", server.cert_pem.as_bytes()),
+            ("controller-key.pem", server.key_pem.as_bytes()),
+            ("tokens", format!("alice {token}\n").as_bytes()),
+        ],
+    );
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let port = free_addr().port();
+    let dashboard = format!("0.0.0.0:{port}");
+    let controller = Controller::start(
+        &dir.path().join("store"),
+        &[
+            "--cert",
+            &path("controller.pem"),
+            "--key",
+            &path("controller-key.pem"),
+            "--client-ca",
+            &path("ca.pem"),
+            "--dashboard",
+            &dashboard,
+            "--dashboard-tokens",
+            &path("tokens"),
+        ],
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ca_pem = ca.pem();
+    let call = |method: &'static str,
+                path: &'static str,
+                headers: Vec<(&'static str, String)>,
+                body: &'static str| {
+        let ca_pem = ca_pem.clone();
+        async move {
+            let tls = tls_connect(addr, "127.0.0.1", &ca_pem, &[b"http/1.1"]).await;
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            request(tls, method, path, &headers, body).await
+        }
+    };
+    let json = || ("content-type", "application/json".to_owned());
+
+    // Nothing about the fleet before signing in; the page itself loads.
+    assert_eq!(call("GET", "/api/fleet", vec![], "").await.0, 401);
+    assert_eq!(call("GET", "/api/events", vec![], "").await.0, 401);
+    let (status, _, session) = call("GET", "/api/session", vec![], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        session,
+        serde_json::json!({ "operator": null, "sign_in": true, "may_read": false })
+    );
+    let (status, headers, _) = call("GET", "/", vec![], "").await;
+    assert_eq!(status, 200);
+    assert!(headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+
+    // A wrong token is refused; the right one opens a session whose cookie
+    // only travels over TLS and never reaches scripts.
+    let (status, headers, _) = call(
+        "POST",
+        "/api/session",
+        vec![json()],
+        r#"{"token":"ops-token-wrong-0000"}"#,
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(headers.get("set-cookie").is_none());
+    let sign_in = format!(r#"{{"token":"{token}"}}"#);
+    let sign_in: &'static str = Box::leak(sign_in.into_boxed_str());
+    let (status, headers, answer) = call("POST", "/api/session", vec![json()], sign_in).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["operator"], "alice");
+    let cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let with_session = || ("cookie", session.clone());
+    let (status, _, fleet) = call("GET", "/api/fleet", vec![with_session()], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(fleet["versions"], serde_json::json!([]));
+    let bearer = ("authorization", format!("Bearer {token}"));
+    assert_eq!(call("GET", "/api/fleet", vec![bearer], "").await.0, 200);
+
+    // Actions: an operator, JSON, from the dashboard's own origin.
+    let rollback = r#"{"version":1}"#;
+    assert_eq!(
+        call("POST", "/api/rollback", vec![json()], rollback)
+            .await
+            .0,
+        401
+    );
+    let text = ("content-type", "text/plain".to_owned());
+    assert_eq!(
+        call(
+            "POST",
+            "/api/rollback",
+            vec![with_session(), text],
+            rollback
+        )
+        .await
+        .0,
+        415
+    );
+    let elsewhere = ("origin", "https://evil.example".to_owned());
+    assert_eq!(
+        call(
+            "POST",
+            "/api/rollback",
+            vec![with_session(), json(), elsewhere],
+            rollback
+        )
+        .await
+        .0,
+        403
+    );
+    let own = ("origin", "https://127.0.0.1".to_owned());
+    let (status, _, answer) = call(
+        "POST",
+        "/api/rollback",
+        vec![with_session(), json(), own],
+        rollback,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("no version 1"))
+    );
+
+    // Signed out, the session is gone.
+    assert_eq!(
+        call("DELETE", "/api/session", vec![with_session()], "")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call("GET", "/api/fleet", vec![with_session()], "").await.0,
+        401
+    );
+    drop(controller);
+}
+
+/// What the dashboard refuses to start with, each said clearly.
+#[test]
+fn the_dashboard_refuses_unsafe_or_broken_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "alice short\nbob\n").unwrap();
+    let good = dir.path().join("good");
+    std::fs::write(&good, "alice 0123456789abcdef\n").unwrap();
+    let refusal = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["controller", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join("store"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let good = good.to_str().unwrap();
+    let stderr = refusal(&["--dashboard", "0.0.0.0:0", "--dashboard-tokens", good]);
+    assert!(
+        stderr.contains("give --cert and --key so that tokens travel over TLS"),
+        "{stderr}"
+    );
+    let stderr = refusal(&[
+        "--dashboard",
+        "127.0.0.1:0",
+        "--dashboard-tokens",
+        tokens.to_str().unwrap(),
+    ]);
+    let at = tokens.display();
+    assert!(
+        stderr.contains(&format!(
+            "{at}:1: the token of \"alice\" is shorter than 16"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{at}:2: expected `OPERATOR TOKEN`")),
+        "{stderr}"
+    );
 }

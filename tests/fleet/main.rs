@@ -7,4 +7,5 @@ mod support;
 mod controller;
 mod controller_integrity;
 mod dashboard;
+mod dashboard_page;
 mod fleet_health;

@@ -2,6 +2,7 @@
 //! loopback with ephemeral ports; real upstream HTTP servers; real clients.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod certs;
 pub mod client;
 pub mod control;
