@@ -8,7 +8,8 @@
 //! Prints one JSON line per round.
 //!
 //!     cargo run --release --example fleet-load -- \
-//!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID
+//!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID \
+//!         [--delay SECONDS before the first round] [--hold SECONDS after the last]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +31,10 @@ struct Options {
     nodes: usize,
     rounds: usize,
     pid: Option<u32>,
+    /// Seconds to wait after connecting, before the first round.
+    delay: u64,
+    /// Seconds to stay connected after the last round.
+    hold: u64,
 }
 
 fn options() -> Options {
@@ -38,6 +43,8 @@ fn options() -> Options {
         nodes: 100,
         rounds: 3,
         pid: None,
+        delay: 0,
+        hold: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -47,6 +54,8 @@ fn options() -> Options {
             "--nodes" => options.nodes = value.parse().expect("--nodes N"),
             "--rounds" => options.rounds = value.parse().expect("--rounds N"),
             "--pid" => options.pid = Some(value.parse().expect("--pid PID")),
+            "--delay" => options.delay = value.parse().expect("--delay SECONDS"),
+            "--hold" => options.hold = value.parse().expect("--hold SECONDS"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -171,6 +180,7 @@ async fn main() {
         options.nodes,
         started.elapsed()
     );
+    tokio::time::sleep(Duration::from_secs(options.delay)).await;
     let mut fleet = FleetServiceClient::new(endpoint.connect().await.expect("fleet client"));
     let mut events = fleet
         .watch_fleet(pb::WatchFleetRequest {})
@@ -238,4 +248,5 @@ async fn main() {
             latencies.last().copied().unwrap_or(f64::NAN),
         );
     }
+    tokio::time::sleep(Duration::from_secs(options.hold)).await;
 }

@@ -216,7 +216,9 @@ impl Browser {
             if Instant::now() > deadline {
                 let text = self.eval("document.body ? document.body.innerText : ''");
                 panic!(
-                    "{what}: not within {within:?} (last: {value:?}); the page shows:\n{}",
+                    "{what}: not within {within:?} (last: {value:?}); script errors: {:?}; \
+                     the page shows:\n{}",
+                    self.page_errors(),
                     text.as_str().unwrap_or_default()
                 );
             }

@@ -7,6 +7,9 @@ const MAX_EVENTS = 500;
 const SHOWN_EVENTS = 200;
 const RECONNECT_MIN_MS = 500;
 const RECONNECT_MAX_MS = 5000;
+// Rows drawn until asked for all: the worst nodes come first, the headline
+// counts the whole fleet, and the filter finds any node.
+const ROW_LIMIT = 500;
 
 const state = {
   nodes: new Map(), // id -> node, as /api/fleet gives it
@@ -15,6 +18,7 @@ const state = {
   lastEventId: null,
   session: { operator: null, sign_in: false, may_read: true },
   sort: { key: "state", descending: true },
+  rowLimit: ROW_LIMIT,
   source: null,
   reconnectDelay: RECONNECT_MIN_MS,
 };
@@ -25,10 +29,11 @@ const $ = (id) => document.getElementById(id);
 
 function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
+  for (const name in attributes) {
+    const value = attributes[name];
     if (name === "class") node.className = value;
     else if (name === "title") node.title = value;
-    else node.dataset[name] = value;
+    else node.setAttribute(`data-${name}`, value);
   }
   for (const child of children) {
     if (child === null || child === undefined) continue;
@@ -97,16 +102,20 @@ const SORT_KEYS = {
 function sortedNodes(nodes) {
   const key = SORT_KEYS[state.sort.key] || SORT_KEYS.id;
   const direction = state.sort.descending ? -1 : 1;
-  return nodes.sort((a, b) => {
-    const [x, y] = [key(a), key(b)];
-    const order = x < y ? -1 : x > y ? 1 : 0;
-    return order * direction || a.id.localeCompare(b.id);
-  });
+  // Each key computed once, not once per comparison.
+  return nodes
+    .map((node) => ({ node, key: key(node) }))
+    .sort((a, b) => {
+      const order = a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
+      return order * direction || (a.node.id < b.node.id ? -1 : a.node.id > b.node.id ? 1 : 0);
+    })
+    .map((entry) => entry.node);
 }
 
 // --- Rendering ---------------------------------------------------------------
 
 let renderPending = false;
+let renders = 0;
 
 // At most one render per frame, however many events arrive.
 function render() {
@@ -119,8 +128,10 @@ function render() {
     renderNodes();
     renderVersions();
     renderEvents();
-    const ms = performance.now() - started;
-    document.body.dataset.renderMs = ms.toFixed(1);
+    // A User Timing entry per render, for DevTools and bench/dashboard.sh;
+    // the oldest are dropped so a page left open for days stays small.
+    performance.measure("render", { start: started });
+    if (++renders % 1000 === 0) performance.clearMeasures("render");
     document.body.dataset.rows = String($("nodes").tBodies[0].rows.length);
   });
 }
@@ -147,47 +158,81 @@ function renderHeadline() {
   headline.className = "headline " + (nacks || disconnected ? "bad" : degraded ? "warn" : "good");
 }
 
+// Rows are kept per node and rebuilt only when what they show changed:
+// with thousands of nodes, an ACK costs one row, not the table.
+const rowCache = new Map(); // id -> { key, tr }
+let shownOrder = [];
+
+function nodeRow(node) {
+  const status = nodeState(node);
+  const versionText =
+    node.desired_version && node.desired_version !== node.version
+      ? `v${node.version} → v${node.desired_version}`
+      : `v${node.version}`;
+  const total = node.servers_up + node.servers_down;
+  const health = total ? `${node.servers_up}/${total} up` : "–";
+  const stateText = node.connected
+    ? status
+    : `disconnected${node.last_seen ? ", last seen " + node.last_seen : ""}`;
+  const labels = labelsText(node.labels);
+  const down = downText(node.down);
+  const nackLines = [];
+  if (node.last_nack) {
+    nackLines.push(["nack-reason", `v${node.last_nack.version}: ${node.last_nack.reason}`]);
+    for (const error of node.last_nack.errors || []) {
+      const where = error.path ? `${error.path}: ` : "";
+      nackLines.push(["nack-error", `${where}${error.message}`]);
+    }
+  }
+  const key = JSON.stringify([status, versionText, stateText, labels, health, down, nackLines]);
+  const cached = rowCache.get(node.id);
+  if (cached && cached.key === key) return cached.tr;
+  const nack = el("td", { class: "nack" });
+  for (const [kind, text] of nackLines) nack.append(el("div", { class: kind }, text));
+  const tr = el(
+    "tr",
+    { class: `node ${status}`, node: node.id, state: status },
+    el("td", { class: "id" }, node.id),
+    el("td", { class: "labels" }, labels),
+    el("td", { class: "state" }, stateText),
+    el("td", { class: "version" }, versionText),
+    el("td", { class: "health", title: down }, health, node.servers_down ? el("div", { class: "down" }, down) : null),
+    nack,
+  );
+  rowCache.set(node.id, { key, tr });
+  return tr;
+}
+
 function renderNodes() {
   const filter = $("node-filter").value.trim();
   const all = [...state.nodes.values()];
   const shown = sortedNodes(all.filter((n) => matchesFilter(n, filter)));
   $("node-count").textContent =
     shown.length === all.length ? `(${all.length})` : `(${shown.length} of ${all.length})`;
-  const body = document.createElement("tbody");
-  for (const node of shown) {
-    const status = nodeState(node);
-    const versionText =
-      node.desired_version && node.desired_version !== node.version
-        ? `v${node.version} → v${node.desired_version}`
-        : `v${node.version}`;
-    const total = node.servers_up + node.servers_down;
-    const health = total ? `${node.servers_up}/${total} up` : "–";
-    const stateText = node.connected
-      ? status
-      : `disconnected${node.last_seen ? ", last seen " + node.last_seen : ""}`;
-    const nack = el("td", { class: "nack" });
-    if (node.last_nack) {
-      nack.append(el("div", { class: "nack-reason" }, `v${node.last_nack.version}: ${node.last_nack.reason}`));
-      for (const error of node.last_nack.errors || []) {
-        const where = error.path ? `${error.path}: ` : "";
-        nack.append(el("div", { class: "nack-error" }, `${where}${error.message}`));
-      }
-    }
-    body.append(
-      el(
-        "tr",
-        { class: `node ${status}`, node: node.id, state: status },
-        el("td", { class: "id" }, node.id),
-        el("td", { class: "labels" }, labelsText(node.labels)),
-        el("td", { class: "state" }, stateText),
-        el("td", { class: "version" }, versionText),
-        el("td", { class: "health", title: downText(node.down) }, health,
-          node.servers_down ? el("div", { class: "down" }, downText(node.down)) : null),
-        nack,
-      ),
-    );
+  for (const id of rowCache.keys()) if (!state.nodes.has(id)) rowCache.delete(id);
+  const body = $("nodes").tBodies[0];
+  const visible = shown.slice(0, state.rowLimit);
+  const rows = visible.map(nodeRow);
+  const order = visible.map((n) => n.id);
+  const sameOrder = order.length === shownOrder.length && order.every((id, i) => id === shownOrder[i]);
+  if (sameOrder) {
+    // Same rows in the same places: swap only those rebuilt.
+    // (An array, not body.rows: a live collection walks from the start
+    // again after every change.)
+    const current = Array.from(body.children);
+    rows.forEach((tr, i) => {
+      if (current[i] !== tr) current[i].replaceWith(tr);
+    });
+  } else {
+    const fragment = document.createDocumentFragment();
+    for (const tr of rows) fragment.append(tr);
+    body.replaceChildren(fragment);
+    shownOrder = order;
   }
-  $("nodes").tBodies[0].replaceWith(body);
+  const more = shown.length - visible.length;
+  $("more").hidden = more === 0;
+  $("more-text").textContent = `${visible.length} of ${shown.length} nodes shown, worst first; ${more} more.`;
+  document.body.dataset.matched = String(shown.length);
   for (const th of $("nodes").tHead.rows[0].cells) {
     th.className =
       th.dataset.sort === state.sort.key ? (state.sort.descending ? "sorted desc" : "sorted asc") : "";
@@ -484,6 +529,10 @@ function setUp() {
     });
   }
   $("node-filter").addEventListener("input", render);
+  $("show-all").addEventListener("click", () => {
+    state.rowLimit = Infinity;
+    render();
+  });
   $("event-filter").addEventListener("input", render);
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
