@@ -223,5 +223,16 @@ fn the_controller_keeps_its_store_on_a_volume() {
         for flag in ["--cert=", "--key=", "--client-ca="] {
             assert!(args.iter().any(|a| a.starts_with(flag)), "{dir}: {flag}");
         }
+        // The dashboard has no tokens here: it stays on the pod's loopback,
+        // where only `kubectl port-forward` reaches it.
+        let dashboard = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--dashboard="))
+            .unwrap_or_else(|| panic!("{dir}: --dashboard"));
+        assert!(dashboard.starts_with("127.0.0.1:"), "{dir}: {dashboard}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--dashboard-tokens")),
+            "{dir}"
+        );
     }
 }
