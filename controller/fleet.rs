@@ -560,11 +560,12 @@ impl Fleet {
                     .filter(|(_, state)| **state == pb::HealthState::Unhealthy as i32)
                     .map(|((upstream, server), _)| format!("{upstream}/{server}"))
                     .collect();
-                let up = node
+                let up: Vec<String> = node
                     .health
-                    .values()
-                    .filter(|state| **state == pb::HealthState::Healthy as i32)
-                    .count();
+                    .iter()
+                    .filter(|(_, state)| **state == pb::HealthState::Healthy as i32)
+                    .map(|((upstream, server), _)| format!("{upstream}/{server}"))
+                    .collect();
                 pb::NodeStatus {
                     id: stored.id.clone(),
                     labels: stored.labels.clone().into_iter().collect(),
@@ -588,7 +589,8 @@ impl Fleet {
                             .collect(),
                         at: Some(from_millis(nack.at).into()),
                     }),
-                    servers_up: up as u32,
+                    servers_up: up.len() as u32,
+                    up,
                     servers_down: down.len() as u32,
                     down,
                     build: stored.build.clone(),

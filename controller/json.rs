@@ -45,6 +45,7 @@ pub fn node_json(node: &pb::NodeStatus) -> Value {
         "servers_up": node.servers_up,
         "servers_down": node.servers_down,
         "down": node.down,
+        "up": node.up,
     })
 }
 

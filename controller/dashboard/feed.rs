@@ -104,6 +104,11 @@ impl Feed {
         self.newest.send_replace(number);
     }
 
+    /// The id of the newest event, as clients see ids.
+    pub fn newest_id(&self) -> String {
+        format!("{}-{}", self.run, *self.newest.borrow())
+    }
+
     /// An SSE stream from after `last_event_id`, or from now.
     pub fn subscribe(self: &Arc<Self>, last_event_id: Option<&str>) -> Response<Body> {
         let (cursor, first) = {

@@ -201,7 +201,7 @@ async fn route(request: Request<Incoming>, state: &State) -> Response<Body> {
         {
             error(StatusCode::UNAUTHORIZED, "sign in as an operator first")
         }
-        (Method::GET, "/api/fleet") => snapshot(&state.fleet),
+        (Method::GET, "/api/fleet") => snapshot(&state.fleet, &state.feed),
         (Method::GET, "/api/events") => {
             let last = last_event_id(&request);
             state.feed.subscribe(last.as_deref())
@@ -345,7 +345,12 @@ async fn action_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")))
 }
 
-fn snapshot(fleet: &Fleet) -> Response<Body> {
+/// The fleet now, with the id of the newest event it reflects for sure:
+/// read first, so any later event may or may not be in the snapshot, and
+/// a client applies those again (each event sets a state, so twice is
+/// once).
+fn snapshot(fleet: &Fleet, feed: &Feed) -> Response<Body> {
+    let events_through = feed.newest_id();
     let nodes: Vec<_> = fleet
         .nodes(&Selector::default())
         .iter()
@@ -354,7 +359,7 @@ fn snapshot(fleet: &Fleet) -> Response<Body> {
     let versions: Vec<_> = fleet.versions().iter().map(version_json).collect();
     json_response(
         StatusCode::OK,
-        &json!({ "nodes": nodes, "versions": versions }),
+        &json!({ "nodes": nodes, "versions": versions, "events_through": events_through }),
     )
 }
 

@@ -131,9 +131,11 @@ async fn the_snapshot_and_the_event_stream_show_the_fleet_and_resume_where_a_cli
     let published = until(&mut live, |e| e.data["event"] == "published").await;
     assert_eq!(published.data["detail"]["version"], 1);
     let mut acked = Vec::new();
+    let mut last_ack = String::new();
     while acked.len() < 2 {
         let ack = until(&mut live, |e| is(e, "ack", "a", 1) || is(e, "ack", "b", 1)).await;
         acked.push(ack.data["node"].as_str().unwrap().to_owned());
+        last_ack = ack.id.clone().unwrap();
     }
     acked.sort();
     assert_eq!(acked, ["a", "b"]);
@@ -154,6 +156,13 @@ async fn the_snapshot_and_the_event_stream_show_the_fleet_and_resume_where_a_cli
     ids.sort();
     assert_eq!(ids, ["a", "b"]);
     assert_eq!(fleet["versions"][0]["version"], 1);
+    // The snapshot names the newest event it surely reflects: here, at
+    // least the last ACK, in the stream's own ids.
+    let through = fleet["events_through"].as_str().unwrap();
+    let number = |id: &str| -> u64 { id.rsplit_once('-').unwrap().1.parse().unwrap() };
+    let run = |id: &str| id.rsplit_once('-').unwrap().0.to_owned();
+    assert_eq!(run(through), run(&last_ack));
+    assert!(number(through) >= number(&last_ack), "{through} {last_ack}");
 
     // A client that left after the publish event gets the ACKs it missed
     // at once, in order, without new activity.

@@ -281,3 +281,73 @@ async fn a_signed_in_operator_rolls_back_from_the_page_and_is_its_author() {
     assert_eq!(page.page_errors(), Vec::<String>::new());
     drop(node);
 }
+
+/// Upstream health reaches the row as it changes: a server down, then up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_health_shows_in_the_row_and_follows_each_transition() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let dashboard = free_addr();
+    let dashboard_arg = dashboard.to_string();
+    let controller = Controller::start(data.path(), &["--dashboard", &dashboard_arg]);
+    let url = controller.url();
+    let node = Node::start(&node_config("a", &url, r#"env = "prod""#));
+    wait_connected(&controller, &["a"]).await;
+    let mut page = Browser::launch(&chromium);
+    page.open(&format!("http://{dashboard}/"));
+    page.wait_for(
+        "live",
+        "document.getElementById('link').textContent === 'live'",
+        Duration::from_secs(10),
+    );
+
+    let live = Origin::start("live").await;
+    let later = free_addr();
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"app\"\n\
+         [upstream.app]\nservers = [{{ addr = \"{}\" }}, {{ addr = \"{later}\" }}]\n\
+         [upstream.app.health]\ntype = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n",
+        live.addr
+    );
+    controller.publish(&config, "").await.unwrap();
+    let health = format!("{}.querySelector('td.health').innerText", row("a"));
+    let shown = page.wait_for(
+        "one of two servers down",
+        &format!("{}.dataset.state === 'degraded' && {health}", row("a")),
+        Duration::from_secs(10),
+    );
+    assert_eq!(shown, format!("1/2 up\napp: {later} down"));
+    page.wait_for(
+        "the headline counts it",
+        "document.getElementById('headline').textContent === 'v1 on 1 of 1 nodes · 1 with upstreams down'",
+        Duration::from_secs(5),
+    );
+
+    // The server comes up: the row follows from the event alone.
+    let _later = Origin::start_on(later, "later").await;
+    page.wait_for(
+        "both up",
+        &format!(
+            "{}.dataset.state === 'ok' && {health} === '2/2 up'",
+            row("a")
+        ),
+        Duration::from_secs(10),
+    );
+
+    // The event feed's filter keeps only what matches.
+    page.eval(
+        "const f = document.getElementById('event-filter');
+         f.value = 'healthy'; f.dispatchEvent(new Event('input'))",
+    );
+    let kinds = page.wait_for(
+        "only health events",
+        "(() => { const k = [...document.querySelectorAll('#events li')].map(li => li.dataset.kind);
+                  return k.length > 0 && k.every(x => x === 'health') && k.length; })()",
+        Duration::from_secs(5),
+    );
+    assert!(kinds.as_u64().unwrap() >= 2, "{kinds}");
+    assert_eq!(page.page_errors(), Vec::<String>::new());
+    drop(node);
+}

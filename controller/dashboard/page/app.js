@@ -331,7 +331,20 @@ async function loadSnapshot() {
   const snapshot = await response.json();
   state.nodes = new Map(snapshot.nodes.map((n) => [n.id, n]));
   state.versions = snapshot.versions;
+  // Events that came in while the snapshot was on its way may be missing
+  // from it: apply them again, oldest first.
+  const [run, through] = splitId(snapshot.events_through);
+  for (const event of [...state.events].reverse()) {
+    const [eventRun, number] = splitId(event.id);
+    if (eventRun === run && number > through) applyToState(event, false);
+  }
   render();
+}
+
+// "RUN-N" → ["RUN", N]
+function splitId(id) {
+  const dash = (id || "").lastIndexOf("-");
+  return dash < 0 ? ["", 0] : [id.slice(0, dash), Number(id.slice(dash + 1))];
 }
 
 let snapshotTimer = null;
@@ -346,12 +359,22 @@ function refreshSoon() {
 }
 
 function applyEvent(event) {
+  applyToState(event, true);
+  state.events.unshift(event);
+  if (state.events.length > MAX_EVENTS) state.events.length = MAX_EVENTS;
+  render();
+}
+
+// Each event sets a state (connected, the version run, the last NACK, a
+// server's health), so applying one twice is applying it once. `live`:
+// an event as it arrives, which may ask for a new snapshot.
+function applyToState(event, live) {
   const node = state.nodes.get(event.node);
   const d = event.detail || {};
   switch (event.event) {
     case "connected":
       if (!node) {
-        refreshSoon();
+        if (live) refreshSoon();
         break;
       }
       node.connected = true;
@@ -380,21 +403,23 @@ function applyEvent(event) {
       break;
     default:
       // A publish changes what many nodes want: read it whole.
-      refreshSoon();
+      if (live) refreshSoon();
   }
-  state.events.unshift(event);
-  if (state.events.length > MAX_EVENTS) state.events.length = MAX_EVENTS;
-  render();
 }
 
+// The node's sets of servers up and down, so that a transition applied
+// twice (once in a snapshot, once as an event) counts once.
 function applyHealth(node, transition) {
   const key = `${transition.upstream}/${transition.server}`;
+  const up = new Set(node.up || []);
   const down = new Set(node.down || []);
-  if (transition.from === "healthy") node.servers_up = Math.max(0, node.servers_up - 1);
-  if (transition.from === "unhealthy") down.delete(key);
-  if (transition.to === "healthy") node.servers_up += 1;
+  up.delete(key);
+  down.delete(key);
+  if (transition.to === "healthy") up.add(key);
   if (transition.to === "unhealthy") down.add(key);
+  node.up = [...up].sort();
   node.down = [...down].sort();
+  node.servers_up = node.up.length;
   node.servers_down = node.down.length;
 }
 
@@ -416,7 +441,9 @@ function connect() {
   };
   source.onmessage = (message) => {
     state.lastEventId = message.lastEventId || state.lastEventId;
-    applyEvent(JSON.parse(message.data));
+    const event = JSON.parse(message.data);
+    event.id = message.lastEventId;
+    applyEvent(event);
   };
   source.addEventListener("reset", () => {
     // What was missed is gone (the controller restarted, or the page was
