@@ -2,13 +2,15 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use super::fleet::{Fleet, Publication, PublishError};
+use super::fleet::{Fleet, Plan, Publication, PublishError};
 use super::identity::Identity;
+use super::rollout::parse_waves;
 use super::selector::Selector;
 use crate::config::{check_pushed, Config};
 use crate::proto::v1::fleet_service_server::FleetService;
@@ -69,6 +71,31 @@ fn validate(text: &str) -> Result<(), Status> {
     ))
 }
 
+/// The longest bake or ACK timeout a rollout takes.
+const MAX_ROLLOUT_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The ACK timeout when a plan gives none.
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
+    let waves =
+        parse_waves(&plan.waves).map_err(|e| Status::invalid_argument(format!("rollout: {e}")))?;
+    let bake = Duration::from_millis(plan.bake_ms);
+    let ack_timeout = match plan.ack_timeout_ms {
+        0 => DEFAULT_ACK_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    if bake > MAX_ROLLOUT_WAIT || ack_timeout > MAX_ROLLOUT_WAIT {
+        return Err(Status::invalid_argument(
+            "rollout: bake and ACK timeout are at most 24h",
+        ));
+    }
+    Ok(Plan {
+        waves,
+        bake,
+        ack_timeout,
+    })
+}
+
 type FleetEvents = Pin<Box<dyn Stream<Item = Result<pb::FleetEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -87,6 +114,7 @@ impl FleetService for FleetApi {
             author: certified.unwrap_or(request.author),
             rollback_of: 0,
             idempotency_key: request.idempotency_key,
+            rollout: request.rollout.as_ref().map(plan).transpose()?,
         };
         self.publish(publication).await
     }
@@ -154,6 +182,26 @@ impl FleetService for FleetApi {
         operator(&request)?;
         Ok(Response::new(pb::FleetHealthResponse {
             servers: self.fleet.fleet_health(&request.get_ref().upstream),
+        }))
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::AbortRolloutRequest>,
+    ) -> Result<Response<pb::AbortRolloutResponse>, Status> {
+        let operator = operator(&request)?;
+        let request = request.into_inner();
+        let by = operator.map_or(String::new(), |name| format!(" by {name}"));
+        let reason = match request.reason.as_str() {
+            "" => format!("aborted{by}"),
+            given => format!("aborted{by}: {given}"),
+        };
+        let status = self
+            .fleet
+            .abort_rollout(request.version, reason)
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::AbortRolloutResponse {
+            status: Some(status),
         }))
     }
 

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::rollout::{self, NodeView, State as RolloutState, Step, StoredRollout, WaveSize};
 use super::selector::Selector;
 use super::store::{Record, Store, StoredConfigError, StoredNack, StoredNode, StoredVersion};
 use crate::proto::v1::{self as pb, fleet_event::Event};
@@ -73,6 +74,7 @@ impl Version {
             published_at: Some(self.published_at.into()),
             checksum: self.checksum.clone(),
             rollback_of: self.rollback_of,
+            rollout: None,
         }
     }
 }
@@ -87,6 +89,16 @@ pub struct Publication {
     /// Empty: none. A publication whose key a stored version has answers
     /// that version.
     pub idempotency_key: String,
+    /// Staged in waves; `None`: every matching node at once.
+    pub rollout: Option<Plan>,
+}
+
+/// How a version is staged (see `rollout`).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub waves: Vec<WaveSize>,
+    pub bake: Duration,
+    pub ack_timeout: Duration,
 }
 
 impl Publication {
@@ -110,6 +122,7 @@ impl Publication {
             author,
             rollback_of: earlier.number,
             idempotency_key,
+            rollout: None,
         }
     }
 }
@@ -158,6 +171,8 @@ struct Inner {
     /// Idempotency key → the version it stored.
     keys: std::collections::HashMap<String, u64>,
     nodes: BTreeMap<String, NodeEntry>,
+    /// Staged rollouts by version.
+    rollouts: BTreeMap<u64, StoredRollout>,
 }
 
 impl Inner {
@@ -169,12 +184,62 @@ impl Inner {
         self.versions.insert(version.number, version);
     }
 
-    /// The newest version whose selector matches `labels`.
-    fn desired_for(&self, labels: &BTreeMap<String, String>) -> Option<&Arc<Version>> {
-        self.versions
-            .values()
-            .rev()
-            .find(|version| version.selector.matches(labels))
+    /// The newest version for node `id` with `labels`: its selector
+    /// matches, and a rollout of it, if any, has released it to the node.
+    fn desired_for(&self, id: &str, labels: &BTreeMap<String, String>) -> Option<&Arc<Version>> {
+        self.versions.values().rev().find(|version| {
+            version.selector.matches(labels)
+                && self
+                    .rollouts
+                    .get(&version.number)
+                    .is_none_or(|rollout| rollout.releases_to(id))
+        })
+    }
+
+    /// Tells every connected node whose desired version changed.
+    fn push_desired(&self) {
+        for (id, node) in &self.nodes {
+            let Some(connection) = &node.connection else {
+                continue;
+            };
+            let desired = self.desired_for(id, &node.stored.labels);
+            let current = connection.desired.borrow().as_ref().map(|v| v.number);
+            let wanted = desired.map(|v| v.number);
+            let runs = Some(node.stored.version);
+            if wanted != current && !(wanted == runs && current.is_none()) {
+                connection.desired.send_replace(desired.cloned());
+            }
+        }
+    }
+
+    /// A rollout's status, with its waves counted over the known nodes.
+    fn rollout_status(&self, rollout: &StoredRollout) -> pb::RolloutStatus {
+        let waves = rollout.cutoffs.len();
+        let mut wave_nodes = vec![0u32; waves];
+        let mut wave_running = vec![0u32; waves];
+        if let Some(version) = self.versions.get(&rollout.version) {
+            for (id, node) in &self.nodes {
+                if !version.selector.matches(&node.stored.labels) {
+                    continue;
+                }
+                let wave = rollout.wave_of(id);
+                wave_nodes[wave] += 1;
+                if node.connection.is_some() && node.stored.version == rollout.version {
+                    wave_running[wave] += 1;
+                }
+            }
+        }
+        pb::RolloutStatus {
+            state: rollout.state.name().to_owned(),
+            released: rollout.released as u32,
+            waves: waves as u32,
+            wave_nodes,
+            wave_running,
+            baking_since: (rollout.baking_since != 0)
+                .then(|| from_millis(rollout.baking_since).into()),
+            bake_ms: rollout.bake_ms,
+            reason: rollout.reason.clone(),
+        }
     }
 }
 
@@ -195,6 +260,14 @@ impl Fleet {
         for stored in loaded.versions {
             let version = Version::from_stored(stored)?;
             inner.add_version(Arc::new(version));
+        }
+        let now = millis(SystemTime::now());
+        for (version, mut rollout) in loaded.rollouts {
+            // Nodes reconnect after a restart: their ACK clock starts anew.
+            if rollout.state == RolloutState::Running {
+                rollout.wave_started = rollout.wave_started.max(now);
+            }
+            inner.rollouts.insert(version, rollout);
         }
         for (id, stored) in loaded.nodes {
             let entry = NodeEntry {
@@ -280,18 +353,13 @@ impl Fleet {
         version.traceparent = spans::traceparent(span.as_ref());
         let version = Arc::new(version);
         metrics::controller().publishes.add(1, &[]);
+        let targets = self.targets(&version);
+        if let Some(plan) = &publication.rollout {
+            self.start_rollout(&version, plan, &targets).await?;
+        }
         let mut inner = self.lock();
         inner.add_version(version.clone());
-        let mut targets = Vec::new();
-        for (id, node) in &inner.nodes {
-            if !version.selector.matches(&node.stored.labels) {
-                continue;
-            }
-            targets.push(id.clone());
-            if let Some(connection) = &node.connection {
-                connection.desired.send_replace(Some(version.clone()));
-            }
-        }
+        inner.push_desired();
         drop(inner);
         tracing::info!(version = number, selector = %version.selector, targets = targets.len(), "version published");
         if let Some(span) = &span {
@@ -342,14 +410,202 @@ impl Fleet {
         self.lock().versions.get(&number).cloned()
     }
 
-    /// Newest first.
+    /// Newest first, each with its rollout's status.
     pub fn versions(&self) -> Vec<pb::VersionInfo> {
-        self.lock()
+        let inner = self.lock();
+        inner
             .versions
             .values()
             .rev()
-            .map(|v| v.info())
+            .map(|v| pb::VersionInfo {
+                rollout: inner
+                    .rollouts
+                    .get(&v.number)
+                    .map(|r| inner.rollout_status(r)),
+                ..v.info()
+            })
             .collect()
+    }
+
+    /// Stores `version`'s rollout, its first wave released, and stops the
+    /// running rollouts it overlaps (they keep the waves they reached).
+    async fn start_rollout(
+        &self,
+        version: &Version,
+        plan: &Plan,
+        targets: &[String],
+    ) -> std::io::Result<()> {
+        let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
+        let now = millis(SystemTime::now());
+        let rollout = StoredRollout::start(
+            version.number,
+            &plan.waves,
+            plan.bake,
+            plan.ack_timeout,
+            &ids,
+            now,
+        );
+        let superseded: Vec<StoredRollout> = {
+            let inner = self.lock();
+            inner
+                .rollouts
+                .values()
+                .filter(|r| r.state == RolloutState::Running)
+                .filter(|r| {
+                    inner.versions.get(&r.version).is_some_and(|older| {
+                        inner.nodes.iter().any(|(id, n)| {
+                            older.selector.matches(&n.stored.labels) && targets.contains(id)
+                        })
+                    })
+                })
+                .map(|r| StoredRollout {
+                    state: RolloutState::Superseded,
+                    reason: format!("superseded by v{}", version.number),
+                    ..r.clone()
+                })
+                .collect()
+        };
+        for stopped in superseded.iter().chain(std::iter::once(&rollout)) {
+            self.store
+                .append_durable(Record::Rollout(stopped.clone()))
+                .await?;
+        }
+        let mut inner = self.lock();
+        for stopped in superseded {
+            tracing::info!(
+                version = stopped.version,
+                by = version.number,
+                "rollout superseded"
+            );
+            inner.rollouts.insert(stopped.version, stopped);
+        }
+        tracing::info!(
+            version = version.number,
+            waves = rollout.cutoffs.len(),
+            "rollout started"
+        );
+        inner.rollouts.insert(version.number, rollout);
+        Ok(())
+    }
+
+    /// Runs the gates of every running rollout, for as long as the fleet
+    /// lives.
+    pub async fn drive_rollouts(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(rollout::STEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.step_rollouts(millis(SystemTime::now()));
+        }
+    }
+
+    fn step_rollouts(&self, now: u64) {
+        let mut inner = self.lock();
+        let running: Vec<u64> = inner
+            .rollouts
+            .values()
+            .filter(|r| r.state == RolloutState::Running)
+            .map(|r| r.version)
+            .collect();
+        for number in running {
+            let (Some(rollout), Some(version)) =
+                (inner.rollouts.get(&number), inner.versions.get(&number))
+            else {
+                continue;
+            };
+            let views: Vec<NodeView> = inner
+                .nodes
+                .iter()
+                .filter(|(_, n)| version.selector.matches(&n.stored.labels))
+                .map(|(id, n)| NodeView {
+                    id,
+                    connected: n.connection.is_some(),
+                    version: n.stored.version,
+                    nacked: n
+                        .stored
+                        .last_nack
+                        .as_ref()
+                        .map(|nack| (nack.version, nack.reason.as_str())),
+                    down: &[],
+                })
+                .collect();
+            // Each node's down servers, owned: the views borrow them.
+            let downs: BTreeMap<&str, Vec<String>> = inner
+                .nodes
+                .iter()
+                .map(|(id, n)| {
+                    let down = n
+                        .health
+                        .iter()
+                        .filter(|(_, state)| **state == pb::HealthState::Unhealthy as i32)
+                        .map(|((upstream, server), _)| format!("{upstream}/{server}"))
+                        .collect();
+                    (id.as_str(), down)
+                })
+                .collect();
+            let views: Vec<NodeView> = views
+                .into_iter()
+                .map(|view| NodeView {
+                    down: downs.get(view.id).map_or(&[], |d| d.as_slice()),
+                    ..view
+                })
+                .collect();
+            let step = rollout::evaluate(rollout, &views, now);
+            let mut next = rollout.clone();
+            match step {
+                Step::Wait => continue,
+                Step::StartBake => next.baking_since = now,
+                Step::Release => {
+                    next.released += 1;
+                    next.wave_started = now;
+                    next.baking_since = 0;
+                    tracing::info!(
+                        version = number,
+                        wave = next.released,
+                        "rollout: next wave released"
+                    );
+                }
+                Step::Complete => {
+                    next.state = RolloutState::Completed;
+                    tracing::info!(version = number, "rollout completed");
+                }
+                Step::Fail(reason) => {
+                    tracing::warn!(version = number, %reason, "rollout failed; withdrawing the version");
+                    next.state = RolloutState::Failed;
+                    next.reason = reason;
+                }
+            }
+            drop(views);
+            drop(downs);
+            self.store.append(Record::Rollout(next.clone()));
+            inner.rollouts.insert(number, next);
+            inner.push_desired();
+        }
+    }
+
+    /// Stops a running rollout and withdraws its version from the waves it
+    /// reached.
+    pub fn abort_rollout(&self, number: u64, reason: String) -> Result<pb::RolloutStatus, String> {
+        let mut inner = self.lock();
+        let Some(rollout) = inner.rollouts.get(&number) else {
+            return Err(format!("version {number} has no rollout"));
+        };
+        if rollout.state != RolloutState::Running {
+            return Err(format!(
+                "the rollout of version {number} is {}, not running",
+                rollout.state.name()
+            ));
+        }
+        let next = StoredRollout {
+            state: RolloutState::Aborted,
+            reason,
+            ..rollout.clone()
+        };
+        tracing::warn!(version = number, reason = %next.reason, "rollout aborted; withdrawing the version");
+        self.store.append(Record::Rollout(next.clone()));
+        inner.rollouts.insert(number, next.clone());
+        inner.push_desired();
+        Ok(inner.rollout_status(&next))
     }
 
     /// A node opened a Sync stream and said Hello. A stream the node had
@@ -371,7 +627,7 @@ impl Fleet {
             tracing::warn!(node = %hello.node_id, claimed = hello.version, store = %hello.store_id, checksum = %hello.checksum, "the node runs a version this store did not give it; counting it as none");
         }
         let desired = inner
-            .desired_for(&labels)
+            .desired_for(&hello.node_id, &labels)
             .filter(|version| version.number != runs)
             .cloned();
         let (desired_sender, desired_receiver) = watch::channel(desired);
@@ -571,7 +827,9 @@ impl Fleet {
                     labels: stored.labels.clone().into_iter().collect(),
                     connected: node.connection.is_some(),
                     last_seen: Some(from_millis(stored.last_seen).into()),
-                    desired_version: inner.desired_for(&stored.labels).map_or(0, |v| v.number),
+                    desired_version: inner
+                        .desired_for(&stored.id, &stored.labels)
+                        .map_or(0, |v| v.number),
                     version: stored.version,
                     generation: stored.generation,
                     last_nack: stored.last_nack.as_ref().map(|nack| pb::NackRecord {

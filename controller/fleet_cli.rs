@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 
 use super::json::{event_json, health_name, node_json, time, version_json};
 use super::publish_wait::{wait_for_answers, NotApplied};
+use super::rollout_cli;
 use crate::grpc::ClientTlsArgs;
 use crate::proto::v1::fleet_event::Event;
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
@@ -54,9 +55,25 @@ enum FleetCommand {
         /// a target has not answered within --ack-timeout.
         #[arg(long)]
         wait: bool,
-        /// With --wait: how long the targets have to answer.
+        /// With --wait, or for each wave of a rollout: how long the
+        /// targets have to run the version.
         #[arg(long, default_value = "60s", value_parser = crate::config::parse_duration)]
         ack_timeout: Duration,
+        /// Stage the version: the cumulative share of the targets by the
+        /// end of each wave, e.g. 1,10%,50%,100%. Each wave must ACK and
+        /// bake with its health green before the next; a failed gate
+        /// withdraws the version from every wave reached.
+        #[arg(long)]
+        waves: Option<String>,
+        /// With --waves: how long each wave runs the version, gates
+        /// green, before the next.
+        #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration, requires = "waves")]
+        bake: Duration,
+    },
+    /// Staged rollouts: their progress, and stopping one.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
     },
     /// Every node: connected, the version it runs and should run, its last NACK, health.
     Nodes {
@@ -85,6 +102,26 @@ enum FleetCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// The rollout of VERSION (default: the newest one): its state, each
+    /// wave's nodes running it, the bake, why it stopped.
+    Status {
+        version: Option<u64>,
+        /// Follow it until it ends: exit 0 when it completes, 1 when it
+        /// failed or was stopped.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stop a running rollout and withdraw its version from the waves it
+    /// reached: their nodes go back to the version they ran before.
+    Abort {
+        version: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
 pub async fn run(args: FleetArgs) -> ExitCode {
     let json = args.json;
     // Publishing changes the fleet: it is retried, with one idempotency key,
@@ -98,6 +135,8 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             author,
             wait,
             ack_timeout,
+            waves,
+            bake,
         } => {
             let config = match std::fs::read_to_string(file) {
                 Ok(config) => config,
@@ -112,6 +151,11 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                 comment: comment.clone(),
                 author: author.clone().unwrap_or_else(default_author),
                 idempotency_key: key,
+                rollout: waves.as_ref().map(|waves| pb::RolloutPlan {
+                    waves: vec![waves.clone()],
+                    bake_ms: bake.as_millis() as u64,
+                    ack_timeout_ms: ack_timeout.as_millis() as u64,
+                }),
             };
             let published = with_retries(&args, |mut client| {
                 let request = request.clone();
@@ -122,7 +166,9 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             match published {
                 Ok(published) => {
                     print_published(&published, json);
-                    if *wait {
+                    if *wait && waves.is_some() {
+                        follow_rollout(&args, published.version).await
+                    } else if *wait {
                         follow(&args, &published, selector, *ack_timeout).await
                     } else {
                         Ok(())
@@ -149,6 +195,25 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             .await
             .map(|r| print_published(&r.into_inner(), json))
         }
+        FleetCommand::Rollout {
+            command:
+                RolloutCommand::Status {
+                    version,
+                    watch: true,
+                },
+        } => {
+            let version = match connect(&args).await {
+                Ok(mut client) => rollout_cli::status(&mut client, *version)
+                    .await
+                    .map(|(version, _)| version)
+                    .map_err(Failed::Refused),
+                Err(message) => Err(Failed::Unreachable(message)),
+            };
+            match version {
+                Ok(version) => follow_rollout(&args, version).await,
+                Err(failed) => Err(failed),
+            }
+        }
         _ => match connect(&args).await {
             Ok(mut client) => read(&mut client, &args.command, json)
                 .await
@@ -172,6 +237,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                 Code::InvalidArgument
                 | Code::NotFound
                 | Code::PermissionDenied
+                | Code::FailedPrecondition
                 | Code::AlreadyExists => ExitCode::from(1),
                 _ => ExitCode::from(2),
             }
@@ -207,6 +273,36 @@ async fn read(
             })
             .await
             .map(|r| print_fleet_health(&r.into_inner().servers, json)),
+        FleetCommand::Rollout {
+            command: RolloutCommand::Status { version, .. },
+        } => {
+            let (version, status) = rollout_cli::status(client, *version).await?;
+            if json {
+                println!("{}", rollout_cli::status_json(version, &status));
+            } else {
+                println!("{}", rollout_cli::status_line(version, &status));
+            }
+            Ok(())
+        }
+        FleetCommand::Rollout {
+            command: RolloutCommand::Abort { version, reason },
+        } => {
+            let status = client
+                .abort_rollout(pb::AbortRolloutRequest {
+                    version: *version,
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner()
+                .status
+                .unwrap_or_default();
+            if json {
+                println!("{}", rollout_cli::status_json(*version, &status));
+            } else {
+                println!("{}", rollout_cli::status_line(*version, &status));
+            }
+            Ok(())
+        }
         FleetCommand::Publish { .. } | FleetCommand::Rollback { .. } => {
             unreachable!("publishing is retried by run")
         }
@@ -239,6 +335,18 @@ async fn follow(
     match not_applied {
         NotApplied::Unreachable(status) if broke_off(&status) => Err(Failed::Unreachable(message)),
         _ => Err(Failed::NotApplied(message)),
+    }
+}
+
+/// `publish --waves --wait`, `rollout status --watch`: follows the
+/// rollout until it ends.
+async fn follow_rollout(args: &FleetArgs, version: u64) -> Result<(), Failed> {
+    let mut client = connect(args).await.map_err(Failed::Unreachable)?;
+    match rollout_cli::follow(&mut client, version, args.json).await {
+        Ok(rollout_cli::Ended::Completed) => Ok(()),
+        Ok(rollout_cli::Ended::Stopped(reason)) => Err(Failed::NotApplied(reason)),
+        Err(status) if broke_off(&status) => Err(Failed::Unreachable(status.message().to_owned())),
+        Err(status) => Err(Failed::Refused(status)),
     }
 }
 

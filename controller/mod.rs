@@ -10,6 +10,8 @@ pub mod fleet_cli;
 pub mod identity;
 mod json;
 mod publish_wait;
+pub mod rollout;
+mod rollout_cli;
 pub mod selector;
 pub mod store;
 pub mod sync;
@@ -205,6 +207,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         }
         None => None,
     };
+    let _rollouts = AbortOnDropHandle::new(tokio::spawn(fleet.clone().drive_rollouts()));
     {
         let fleet = fleet.clone();
         crate::telemetry::metrics::observe_controller(Arc::new(move || fleet.connected()));

@@ -26,6 +26,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use super::rollout::StoredRollout;
 use tokio::sync::{mpsc, oneshot};
 
 const LOG_FILE: &str = "fleet.log";
@@ -88,6 +90,8 @@ pub enum Record {
     },
     Version(StoredVersion),
     Node(StoredNode),
+    /// A staged rollout's state; a version's last one holds.
+    Rollout(StoredRollout),
 }
 
 /// One line of the log: a record, its place, and a sum of its bytes.
@@ -130,6 +134,7 @@ pub struct Loaded {
     pub store_id: String,
     pub versions: Vec<StoredVersion>,
     pub nodes: BTreeMap<String, StoredNode>,
+    pub rollouts: BTreeMap<u64, StoredRollout>,
 }
 
 /// One record for the writer, and who waits for it to be on disk.
@@ -163,7 +168,7 @@ impl Store {
         let path = dir.join(LOG_FILE);
         let replayed = replay(&path, damaged)?;
         let mut loaded = replayed.loaded;
-        let live = loaded.versions.len() + loaded.nodes.len() + 1;
+        let live = loaded.versions.len() + loaded.nodes.len() + loaded.rollouts.len() + 1;
         let fresh = loaded.store_id.is_empty();
         if fresh {
             loaded.store_id = format!("{:032x}", rand::random::<u128>());
@@ -362,6 +367,15 @@ fn replay_line(line: &[u8], replayed: &mut Replayed) -> Result<(), String> {
         Record::Node(node) => {
             loaded.nodes.insert(node.id.clone(), node);
         }
+        Record::Rollout(rollout) => {
+            if !loaded.versions.iter().any(|v| v.version == rollout.version) {
+                return Err(format!(
+                    "a rollout of version {}, which is not stored",
+                    rollout.version
+                ));
+            }
+            loaded.rollouts.insert(rollout.version, rollout);
+        }
     }
     if !replayed.legacy && loaded.store_id.is_empty() {
         return Err("the first record is not the store's identity".to_owned());
@@ -380,15 +394,16 @@ fn truncate(path: &Path, length: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot repair {}: {e}", path.display()))
 }
 
-/// Rewrites the log with its identity, then one record per version and
-/// per node. Answers the last sequence number written.
+/// Rewrites the log with its identity, then one record per version, per
+/// node and per rollout. Answers the last sequence number written.
 fn compact(path: &Path, loaded: &Loaded) -> std::io::Result<u64> {
     let mut buffer = Vec::new();
     let records = std::iter::once(Record::Store {
         id: loaded.store_id.clone(),
     })
     .chain(loaded.versions.iter().cloned().map(Record::Version))
-    .chain(loaded.nodes.values().cloned().map(Record::Node));
+    .chain(loaded.nodes.values().cloned().map(Record::Node))
+    .chain(loaded.rollouts.values().cloned().map(Record::Rollout));
     let mut seq = 0;
     for record in records {
         seq += 1;

@@ -9,3 +9,4 @@ mod controller_integrity;
 mod dashboard;
 mod dashboard_page;
 mod fleet_health;
+mod rollout;

@@ -1,0 +1,330 @@
+//! Staged rollouts with real nodes: waves released one after another, a
+//! health gate and a NACK that withdraw the version, abort, and a
+//! controller killed mid-bake that carries on.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use tether::controller::rollout::{parse_waves, StoredRollout};
+use tether::proto::v1::fleet_event::Event;
+
+use crate::support::*;
+
+/// `count` nodes n0…, connected and running v1 (`config`).
+async fn fleet_on_v1(controller: &Controller, count: usize, config: &str) -> Vec<Node> {
+    let url = controller.url();
+    let nodes: Vec<Node> = (0..count)
+        .map(|i| Node::start(&node_config(&format!("n{i}"), &url, r#"env = "prod""#)))
+        .collect();
+    let ids = ids(count);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    wait_connected(controller, &ids).await;
+    controller.publish(config, "").await.unwrap();
+    wait_acked(controller, &ids, 1).await;
+    nodes
+}
+
+fn ids(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("n{i}")).collect()
+}
+
+/// The wave (from 0) of each node, as the controller cuts them.
+fn waves_of(count: usize, waves: &str) -> BTreeMap<String, usize> {
+    let ids = ids(count);
+    let targets: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let plan = parse_waves(&[waves.to_owned()]).unwrap();
+    let rollout = StoredRollout::start(2, &plan, Duration::ZERO, Duration::ZERO, &targets, 0);
+    ids.iter()
+        .map(|id| (id.clone(), rollout.wave_of(id)))
+        .collect()
+}
+
+/// Runs `tether fleet ARGS…` against the controller; exit code and output.
+async fn fleet(controller: &Controller, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    command
+        .args(["fleet", "--controller", &controller.url()])
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The ACKs of `version` seen on a WatchFleet stream until `count` came
+/// or `within` passed: node id → when the controller received it.
+async fn acks(
+    watch: &mut tonic::Streaming<tether::proto::v1::FleetEvent>,
+    version: u64,
+    count: usize,
+    within: Duration,
+) -> BTreeMap<String, SystemTime> {
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + within;
+    while seen.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Ok(Some(event))) = tokio::time::timeout(left, watch.message()).await else {
+            break;
+        };
+        if let Some(Event::Acked(ack)) = &event.event {
+            if ack.version == version {
+                let at = SystemTime::try_from(event.at.unwrap()).unwrap();
+                seen.entry(event.node_id.clone()).or_insert(at);
+            }
+        }
+    }
+    seen
+}
+
+/// A traffic config whose upstream has TCP health checks on `servers`.
+fn checked(servers: &[String]) -> String {
+    let servers: Vec<String> = servers
+        .iter()
+        .map(|s| format!("{{ addr = \"{s}\" }}"))
+        .collect();
+    format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\npath = \"/\"\nupstream = \"app\"\n\
+         [upstream.app]\nservers = [{}]\n\
+         [upstream.app.health]\ntype = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n",
+        servers.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_config_reaches_the_nodes_wave_by_wave() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let v1 = checked(&[origin.addr.to_string()]);
+    let _nodes = fleet_on_v1(&controller, 10, &v1).await;
+    let mut watch = controller.watch().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &format!("# v2\n{v1}"));
+    let started = Instant::now();
+    let (code, out, err) = fleet(
+        &controller,
+        &[
+            "publish",
+            &file,
+            "--waves",
+            "1,30%,100%",
+            "--bake",
+            "2s",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("v2 rollout completed: wave 3 of 3 released; wave 1 1/1, wave 2 2/2, wave 3 7/7 running"), "{out}");
+    // Two bakes of 2 s at least.
+    assert!(started.elapsed() >= Duration::from_secs(4), "{out}");
+
+    let acked = acks(&mut watch, 2, 10, Duration::from_secs(5)).await;
+    assert_eq!(acked.len(), 10, "{acked:?}");
+    let waves = waves_of(10, "1,30%,100%");
+    for later in 1..3 {
+        let last_before = waves
+            .iter()
+            .filter(|(_, w)| **w == later - 1)
+            .map(|(id, _)| acked[id])
+            .max()
+            .unwrap();
+        for (id, _) in waves.iter().filter(|(_, w)| **w == later) {
+            let gap = acked[id].duration_since(last_before).unwrap_or_default();
+            assert!(
+                gap >= Duration::from_millis(1900),
+                "{id} (wave {}) ACKed {gap:?} after wave {} finished",
+                later + 1,
+                later
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let nodes = fleet_on_v1(&controller, 10, &checked(&[origin.addr.to_string()])).await;
+    let mut watch = controller.watch().await;
+
+    // Valid, so no NACK: only the health checks can tell.
+    let dead = free_addr().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &checked(std::slice::from_ref(&dead)));
+    let (code, out, err) = fleet(
+        &controller,
+        &[
+            "publish",
+            &file,
+            "--waves",
+            "1,30%,100%",
+            "--bake",
+            "5s",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    let gate = format!("health gate: app/{dead} down on 1 of 1 nodes running v2");
+    assert!(
+        err.contains("v2 rollout failed") && err.contains(&gate),
+        "{err}"
+    );
+
+    // The first wave's node is back on v1, serving it; no other node ever
+    // ran v2.
+    let waves = waves_of(10, "1,30%,100%");
+    let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    wait_acked(&controller, &[&first], 1).await;
+    let index: usize = first[1..].parse().unwrap();
+    origin_answers(&nodes[index], &origin).await;
+    let acked = acks(&mut watch, 2, 10, Duration::from_secs(1)).await;
+    assert_eq!(
+        acked.keys().collect::<Vec<_>>(),
+        [&first],
+        "only the first wave ran v2"
+    );
+    for node in controller.nodes().await {
+        assert_eq!(node.version, 1, "{node:?}");
+        assert_eq!(node.desired_version, 1, "{node:?}");
+    }
+    let (code, out, _) = fleet(&controller, &["rollout", "status"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("v2 rollout failed: wave 1 of 3 released"),
+        "{out}"
+    );
+    assert!(out.contains(&gate), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_in_the_second_wave_withdraws_the_version_from_both_waves() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let nodes = fleet_on_v1(&controller, 4, &traffic("127.0.0.1:0", &origin)).await;
+    let waves = waves_of(4, "1,50%,100%");
+    let in_wave = |wave: usize| -> Vec<String> {
+        waves
+            .iter()
+            .filter(|(_, w)| **w == wave)
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let (first, second, third) = (in_wave(0), in_wave(1), in_wave(2));
+    assert_eq!((first.len(), second.len(), third.len()), (1, 1, 2));
+    // v2 listens on a Unix socket beside each node's config; on the second
+    // wave's node something already listens there.
+    let index: usize = second[0][1..].parse().unwrap();
+    let _held = std::os::unix::net::UnixListener::bind(nodes[index].path("web.sock")).unwrap();
+    let mut watch = controller.watch().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &traffic("unix:web.sock", &origin));
+    let (code, out, err) = fleet(
+        &controller,
+        &[
+            "publish",
+            &file,
+            "--waves",
+            "1,50%,100%",
+            "--bake",
+            "500ms",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "NACK gate: v2 NACKed by {} (cannot bind",
+            second[0]
+        )),
+        "{err}"
+    );
+    let acked = acks(&mut watch, 2, 4, Duration::from_secs(1)).await;
+    assert_eq!(
+        acked.keys().cloned().collect::<Vec<_>>(),
+        first,
+        "{acked:?}"
+    );
+    let all = ids(4);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_acked(&controller, &all, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted() {
+    let data = tempfile::tempdir().unwrap();
+    let mut controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let _nodes = fleet_on_v1(&controller, 4, &traffic("127.0.0.1:0", &origin)).await;
+    let waves = waves_of(4, "1,100%");
+    let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let (code, out, err) = fleet(
+        &controller,
+        &["publish", &file, "--waves", "1,100%", "--bake", "3s"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_acked(&controller, &[&first], 2).await;
+    let generation = controller.node(&first).await.unwrap().generation;
+
+    // Killed mid-bake: the restarted controller resumes the rollout, and
+    // the node that ran v2 is not pushed it again.
+    controller.kill();
+    controller.restart();
+    let (code, out, err) = fleet(&controller, &["rollout", "status", "2", "--watch"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("v2 rollout completed"), "{out}");
+    let all = ids(4);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_acked(&controller, &all, 2).await;
+    assert_eq!(
+        controller.node(&first).await.unwrap().generation,
+        generation
+    );
+
+    // Abort: the first wave goes back to v2, the rest never sees v3.
+    let file = write(&dir, "v3.toml", &traffic("127.0.0.3:0", &origin));
+    let (code, _, err) = fleet(
+        &controller,
+        &["publish", &file, "--waves", "1,100%", "--bake", "1h"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    wait_acked(&controller, &[&first], 3).await;
+    let (code, out, err) = fleet(
+        &controller,
+        &["rollout", "abort", "3", "--reason", "looks wrong"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("v3 rollout aborted") && out.contains("aborted: looks wrong"),
+        "{out}"
+    );
+    wait_acked(&controller, &all, 2).await;
+    let (code, _, err) = fleet(&controller, &["rollout", "abort", "3"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("the rollout of version 3 is aborted, not running"),
+        "{err}"
+    );
+}
