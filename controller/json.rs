@@ -58,6 +58,20 @@ pub fn version_json(info: &pb::VersionInfo) -> Value {
         "published_at": time(info.published_at.as_ref()),
         "checksum": info.checksum,
         "rollback_of": info.rollback_of,
+        "rollout": info.rollout.as_ref().map(rollout_json),
+    })
+}
+
+pub fn rollout_json(status: &pb::RolloutStatus) -> Value {
+    json!({
+        "state": status.state,
+        "released": status.released,
+        "waves": status.waves,
+        "wave_nodes": status.wave_nodes,
+        "wave_running": status.wave_running,
+        "baking_since": time(status.baking_since.as_ref()),
+        "bake_ms": status.bake_ms,
+        "reason": status.reason,
     })
 }
 

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use super::json::time;
+use super::json::{rollout_json, time};
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
 use crate::proto::v1::{self as pb};
 
@@ -51,17 +51,9 @@ pub fn status_line(version: u64, status: &pb::RolloutStatus) -> String {
 }
 
 pub fn status_json(version: u64, status: &pb::RolloutStatus) -> Value {
-    json!({
-        "version": version,
-        "state": status.state,
-        "released": status.released,
-        "waves": status.waves,
-        "wave_nodes": status.wave_nodes,
-        "wave_running": status.wave_running,
-        "baking_since": time(status.baking_since.as_ref()),
-        "bake_ms": status.bake_ms,
-        "reason": status.reason,
-    })
+    let mut value = rollout_json(status);
+    value["version"] = json!(version);
+    value
 }
 
 /// The rollout of `version`, or of the newest version that has one.

@@ -10,6 +10,8 @@
 //!   operator token; sign out (`access`).
 //! - `POST /api/rollback`: publish an earlier version again, as the
 //!   signed-in operator.
+//! - `POST /api/rollout/abort`: stop a running rollout and withdraw its
+//!   version, as the signed-in operator.
 
 mod access;
 mod feed;
@@ -33,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::fleet::{Fleet, Publication, PublishError};
-use super::json::{node_json, version_json};
+use super::json::{node_json, rollout_json, version_json};
 use super::selector::Selector;
 use crate::config::ControlTls;
 pub use access::Access;
@@ -207,9 +209,11 @@ async fn route(request: Request<Incoming>, state: &State) -> Response<Body> {
             state.feed.subscribe(last.as_deref())
         }
         (Method::POST, "/api/rollback") => rollback(state, request).await,
-        (_, "/api/session" | "/api/fleet" | "/api/events" | "/api/rollback") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (Method::POST, "/api/rollout/abort") => abort_rollout(state, request).await,
+        (
+            _,
+            "/api/session" | "/api/fleet" | "/api/events" | "/api/rollback" | "/api/rollout/abort",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -300,6 +304,34 @@ async fn rollback(state: &State, request: Request<Incoming>) -> Response<Body> {
         ),
         Err(e @ PublishError::KeyReused { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ PublishError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AbortRollout {
+    version: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn abort_rollout(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let Some(operator) = state.access.operator(request.headers()) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "sign in as an operator to abort a rollout",
+        );
+    };
+    let body: AbortRollout = match action_body(request).await {
+        Ok(body) => body,
+        Err(answer) => return answer,
+    };
+    let reason = match body.reason.as_str() {
+        "" => format!("aborted by {operator}"),
+        given => format!("aborted by {operator}: {given}"),
+    };
+    match state.fleet.abort_rollout(body.version, reason) {
+        Ok(status) => json_response(StatusCode::OK, &rollout_json(&status)),
+        Err(message) => error(StatusCode::CONFLICT, &message),
     }
 }
 

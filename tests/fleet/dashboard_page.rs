@@ -267,6 +267,44 @@ async fn a_signed_in_operator_rolls_back_from_the_page_and_is_its_author() {
         Duration::from_secs(10),
     );
 
+    // A rollout in progress shows wave by wave, and the operator can
+    // abort it: the node goes back to what it ran.
+    let mut fleet = controller.fleet().await;
+    fleet
+        .publish_config(tether::proto::v1::PublishConfigRequest {
+            config: traffic("127.0.0.3:0", &origin),
+            rollout: Some(tether::proto::v1::RolloutPlan {
+                waves: vec!["1,100%".to_owned()],
+                bake_ms: 3_600_000,
+                ack_timeout_ms: 60_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    page.wait_for(
+        "the rollout baking",
+        "document.querySelector('#versions tbody tr td.rollout').textContent === 'wave 1 of 2 · 1/1, 0/0 running · baking'",
+        Duration::from_secs(10),
+    );
+    let headline = page.eval("document.getElementById('headline').textContent");
+    assert_eq!(
+        headline,
+        "v4 on 1 of 1 nodes · rollout of v4: wave 1 of 2 · 1/1, 0/0 running · baking"
+    );
+    page.eval("document.querySelector('button.abort').click()");
+    page.wait_for(
+        "the rollout aborted",
+        "document.getElementById('action-result').textContent === 'rollout of v4 aborted: aborted by alice'",
+        Duration::from_secs(5),
+    );
+    wait_acked(&controller, &["a"], 3).await;
+    page.wait_for(
+        "aborted in the history",
+        "document.querySelector('#versions tbody tr td.rollout').textContent === 'aborted: aborted by alice'",
+        Duration::from_secs(5),
+    );
+
     // Signed out, the buttons are gone again.
     page.eval("document.getElementById('sign-out').click()");
     page.wait_for(

@@ -147,6 +147,8 @@ function renderHeadline() {
   } else {
     parts.push(`no version published · ${nodes.length} nodes`);
   }
+  const rolling = state.versions.find((v) => v.rollout && v.rollout.state === "running");
+  if (rolling) parts.push(`rollout of v${rolling.version}: ${rolloutText(rolling.rollout)}`);
   const nacks = nodes.filter((n) => n.last_nack).length;
   const disconnected = nodes.filter((n) => !n.connected).length;
   const degraded = nodes.filter((n) => n.connected && n.servers_down > 0).length;
@@ -239,20 +241,38 @@ function renderNodes() {
   }
 }
 
+// "wave 2 of 3 · 1/1, 2/2, 0/7 running · baking" or "failed: the reason".
+function rolloutText(rollout) {
+  if (rollout.state !== "running") {
+    return rollout.reason ? `${rollout.state}: ${rollout.reason}` : rollout.state;
+  }
+  const waves = rollout.wave_nodes.map((nodes, i) => `${rollout.wave_running[i]}/${nodes}`);
+  const baking = rollout.baking_since ? " · baking" : "";
+  return `wave ${rollout.released} of ${rollout.waves} · ${waves.join(", ")} running${baking}`;
+}
+
 function renderVersions() {
-  const running = new Map();
+  const runningOn = new Map();
   for (const node of state.nodes.values()) {
-    if (node.connected) running.set(node.version, (running.get(node.version) || 0) + 1);
+    if (node.connected) runningOn.set(node.version, (runningOn.get(node.version) || 0) + 1);
   }
   const body = document.createElement("tbody");
   const latest = state.versions[0] ? state.versions[0].version : 0;
   for (const version of state.versions) {
     let action = null;
-    if (state.session.operator && version.version !== latest) {
+    const running = version.rollout && version.rollout.state === "running";
+    if (state.session.operator && running) {
+      action = el("button", { class: "abort", version: String(version.version) }, "Abort rollout");
+      action.type = "button";
+      action.addEventListener("click", () => abortRollout(version.version));
+    } else if (state.session.operator && version.version !== latest) {
       action = el("button", { class: "rollback", version: String(version.version) }, `Roll back to v${version.version}`);
       action.type = "button";
       action.addEventListener("click", () => rollback(version.version));
     }
+    const rollout = version.rollout
+      ? el("td", { class: `rollout ${version.rollout.state}` }, rolloutText(version.rollout))
+      : el("td", { class: "rollout" }, "all at once");
     const comment = version.rollback_of && !version.comment
       ? `rollback to v${version.rollback_of}`
       : version.comment;
@@ -261,7 +281,8 @@ function renderVersions() {
         "tr",
         { version: String(version.version) },
         el("td", {}, `v${version.version}`),
-        el("td", { class: "running" }, String(running.get(version.version) || 0)),
+        el("td", { class: "running" }, String(runningOn.get(version.version) || 0)),
+        rollout,
         el("td", {}, version.published_at),
         el("td", { class: "author" }, version.author),
         el("td", { class: "comment" }, comment),
@@ -542,6 +563,31 @@ async function rollback(version) {
   }
 }
 
+async function abortRollout(version) {
+  const result = $("action-result");
+  result.textContent = `aborting the rollout of v${version}…`;
+  try {
+    const answer = await post("/api/rollout/abort", { version });
+    result.textContent = `rollout of v${version} ${answer.state}: ${answer.reason}`;
+    result.className = "action-result good";
+    refreshSoon();
+  } catch (error) {
+    result.textContent = `abort failed: ${error.message}`;
+    result.className = "action-result bad";
+  }
+}
+
+// A rollout moves without events of its own (waves, bake): while one
+// runs, the snapshot is read again now and then.
+const ROLLOUT_REFRESH_MS = 2000;
+
+function watchRollouts() {
+  setInterval(() => {
+    const running = state.versions.some((v) => v.rollout && v.rollout.state === "running");
+    if (running && state.source) refreshSoon();
+  }, ROLLOUT_REFRESH_MS);
+}
+
 // --- Wiring --------------------------------------------------------------------
 
 function setUp() {
@@ -563,6 +609,7 @@ function setUp() {
   $("event-filter").addEventListener("input", render);
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
+  watchRollouts();
   start();
 }
 
