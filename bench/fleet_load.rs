@@ -9,7 +9,8 @@
 //!
 //!     cargo run --release --example fleet-load -- \
 //!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID \
-//!         [--delay SECONDS before the first round] [--hold SECONDS after the last]
+//!         [--delay SECONDS before the first round] [--hold SECONDS after the last] \
+//!         [--waves 1,10%,50%,100%: each round a staged rollout, bake 0]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +36,8 @@ struct Options {
     delay: u64,
     /// Seconds to stay connected after the last round.
     hold: u64,
+    /// Publish as a staged rollout with these waves, bake 0.
+    waves: Option<String>,
 }
 
 fn options() -> Options {
@@ -45,6 +48,7 @@ fn options() -> Options {
         pid: None,
         delay: 0,
         hold: 0,
+        waves: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -56,6 +60,7 @@ fn options() -> Options {
             "--pid" => options.pid = Some(value.parse().expect("--pid PID")),
             "--delay" => options.delay = value.parse().expect("--delay SECONDS"),
             "--hold" => options.hold = value.parse().expect("--hold SECONDS"),
+            "--waves" => options.waves = Some(value),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -198,12 +203,18 @@ async fn main() {
         // ACKs can arrive before the publish is answered: read both at once.
         let publish = tokio::spawn({
             let mut fleet = fleet.clone();
+            let waves = options.waves.clone();
             async move {
                 let request = pb::PublishConfigRequest {
                     config,
                     selector: "env=bench".into(),
                     comment: format!("fleet-load round {round}"),
                     author: "fleet-load".into(),
+                    rollout: waves.map(|waves| pb::RolloutPlan {
+                        waves: vec![waves],
+                        bake_ms: 0,
+                        ack_timeout_ms: 60_000,
+                    }),
                     ..Default::default()
                 };
                 let version = fleet.publish_config(request).await.expect("publish");

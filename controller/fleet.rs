@@ -251,6 +251,10 @@ pub struct Fleet {
     events: broadcast::Sender<pb::FleetEvent>,
     /// Publishes are numbered and stored one at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// Woken by what can move a rollout (ACKs, NACKs, health, streams
+    /// coming and going), so a wave that is done does not wait for the
+    /// next tick.
+    rollout_nudge: tokio::sync::Notify,
     next_session: AtomicU64,
 }
 
@@ -283,6 +287,7 @@ impl Fleet {
             store_id: loaded.store_id,
             events: broadcast::channel(EVENT_BUFFER).0,
             publishing: tokio::sync::Mutex::new(()),
+            rollout_nudge: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),
         })
     }
@@ -494,7 +499,11 @@ impl Fleet {
         let mut tick = tokio::time::interval(rollout::STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            // A burst of answers wakes it once (Notify keeps one permit).
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.rollout_nudge.notified() => {}
+            }
             self.step_rollouts(millis(SystemTime::now()));
         }
     }
@@ -513,11 +522,26 @@ impl Fleet {
             else {
                 continue;
             };
-            let views: Vec<NodeView> = inner
+            let targets: Vec<(&String, &NodeEntry)> = inner
                 .nodes
                 .iter()
                 .filter(|(_, n)| version.selector.matches(&n.stored.labels))
-                .map(|(id, n)| NodeView {
+                .collect();
+            // Only nodes with a server down allocate anything here.
+            let downs: Vec<Vec<String>> = targets
+                .iter()
+                .map(|(_, n)| {
+                    n.health
+                        .iter()
+                        .filter(|(_, state)| **state == pb::HealthState::Unhealthy as i32)
+                        .map(|((upstream, server), _)| format!("{upstream}/{server}"))
+                        .collect()
+                })
+                .collect();
+            let views: Vec<NodeView> = targets
+                .iter()
+                .zip(&downs)
+                .map(|((id, n), down)| NodeView {
                     id,
                     connected: n.connection.is_some(),
                     version: n.stored.version,
@@ -526,58 +550,50 @@ impl Fleet {
                         .last_nack
                         .as_ref()
                         .map(|nack| (nack.version, nack.reason.as_str())),
-                    down: &[],
+                    down,
                 })
                 .collect();
-            // Each node's down servers, owned: the views borrow them.
-            let downs: BTreeMap<&str, Vec<String>> = inner
-                .nodes
-                .iter()
-                .map(|(id, n)| {
-                    let down = n
-                        .health
-                        .iter()
-                        .filter(|(_, state)| **state == pb::HealthState::Unhealthy as i32)
-                        .map(|((upstream, server), _)| format!("{upstream}/{server}"))
-                        .collect();
-                    (id.as_str(), down)
-                })
-                .collect();
-            let views: Vec<NodeView> = views
-                .into_iter()
-                .map(|view| NodeView {
-                    down: downs.get(view.id).map_or(&[], |d| d.as_slice()),
-                    ..view
-                })
-                .collect();
-            let step = rollout::evaluate(rollout, &views, now);
+            // Steps that need no wait follow each other at once (with no
+            // bake, a wave that is done releases the next right away).
             let mut next = rollout.clone();
-            match step {
-                Step::Wait => continue,
-                Step::StartBake => next.baking_since = now,
-                Step::Release => {
-                    next.released += 1;
-                    next.wave_started = now;
-                    next.baking_since = 0;
-                    tracing::info!(
-                        version = number,
-                        wave = next.released,
-                        "rollout: next wave released"
-                    );
+            let mut changes = Vec::new();
+            loop {
+                match rollout::evaluate(&next, &views, now) {
+                    Step::Wait => break,
+                    Step::StartBake => next.baking_since = now,
+                    Step::Release => {
+                        next.released += 1;
+                        next.wave_started = now;
+                        next.baking_since = 0;
+                        tracing::info!(
+                            version = number,
+                            wave = next.released,
+                            "rollout: next wave released"
+                        );
+                    }
+                    Step::Complete => {
+                        next.state = RolloutState::Completed;
+                        tracing::info!(version = number, "rollout completed");
+                    }
+                    Step::Fail(reason) => {
+                        tracing::warn!(version = number, %reason, "rollout failed; withdrawing the version");
+                        next.state = RolloutState::Failed;
+                        next.reason = reason;
+                    }
                 }
-                Step::Complete => {
-                    next.state = RolloutState::Completed;
-                    tracing::info!(version = number, "rollout completed");
-                }
-                Step::Fail(reason) => {
-                    tracing::warn!(version = number, %reason, "rollout failed; withdrawing the version");
-                    next.state = RolloutState::Failed;
-                    next.reason = reason;
+                changes.push(next.clone());
+                if next.state != RolloutState::Running {
+                    break;
                 }
             }
             drop(views);
-            drop(downs);
-            self.store.append(Record::Rollout(next.clone()));
+            drop(targets);
+            if changes.is_empty() {
+                continue;
+            }
+            for change in changes {
+                self.store.append(Record::Rollout(change));
+            }
             inner.rollouts.insert(number, next);
             inner.push_desired();
         }
@@ -715,6 +731,7 @@ impl Fleet {
             tracing::info!(node = %session.node_id, version = ack.version, generation = ack.generation, "ACK");
             self.emit(&session.node_id, Event::Acked(ack));
         }
+        self.rollout_nudge.notify_one();
     }
 
     pub fn nack(&self, session: &Session, nack: pb::Nack) {
@@ -738,6 +755,7 @@ impl Fleet {
             tracing::warn!(node = %session.node_id, version = nack.version, reason = %nack.reason, errors = nack.errors.len(), "NACK");
             self.emit(&session.node_id, Event::Nacked(nack));
         }
+        self.rollout_nudge.notify_one();
     }
 
     /// Counts an ACK or NACK and adds it to the publish's trace.
@@ -779,6 +797,7 @@ impl Fleet {
         for transition in report.transitions {
             self.emit(&session.node_id, Event::Health(transition));
         }
+        self.rollout_nudge.notify_one();
     }
 
     /// The stream ended. A stream already replaced by a newer one changes
@@ -800,6 +819,7 @@ impl Fleet {
             &session.node_id,
             Event::Disconnected(pb::NodeDisconnected { reason }),
         );
+        self.rollout_nudge.notify_one();
     }
 
     pub fn nodes(&self, selector: &Selector) -> Vec<pb::NodeStatus> {
