@@ -791,7 +791,12 @@ impl Fleet {
         };
         for transition in &report.transitions {
             let key = (transition.upstream.clone(), transition.server.clone());
-            entry.health.insert(key, transition.to);
+            // Unknown: the node no longer checks it (its config dropped it).
+            if transition.to == pb::HealthState::Unknown as i32 {
+                entry.health.remove(&key);
+            } else {
+                entry.health.insert(key, transition.to);
+            }
         }
         drop(inner);
         for transition in report.transitions {

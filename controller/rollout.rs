@@ -263,8 +263,19 @@ pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> St
         }
         return Step::Wait;
     }
-    if rollout.baking_since == 0 {
+    // A wave with no nodes (a small fleet, a selector matching few) has
+    // nothing to bake.
+    let newest = rollout.released - 1;
+    let newest_is_empty = newest > 0 && !nodes.iter().any(|n| rollout.wave_of(n.id) == newest);
+    if rollout.baking_since == 0 && !newest_is_empty {
         return Step::StartBake;
+    }
+    if newest_is_empty {
+        return if rollout.released < rollout.cutoffs.len() {
+            Step::Release
+        } else {
+            Step::Complete
+        };
     }
     if now.saturating_sub(rollout.baking_since) < rollout.bake_ms {
         return Step::Wait;
@@ -327,6 +338,29 @@ mod tests {
             nacked: None,
             down,
         }
+    }
+
+    #[test]
+    fn a_wave_without_nodes_is_not_baked() {
+        let ids = ["only"];
+        let mut rollout = StoredRollout::start(
+            2,
+            &waves("1,50%,100%"),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            &ids,
+            0,
+        );
+        let nodes = [view("only", 2, &[])];
+        assert_eq!(evaluate(&rollout, &nodes, 1), Step::StartBake);
+        rollout.baking_since = 1;
+        assert_eq!(evaluate(&rollout, &nodes, 2), Step::Wait);
+        assert_eq!(evaluate(&rollout, &nodes, 60_001), Step::Release);
+        rollout.released = 2;
+        rollout.baking_since = 0;
+        assert_eq!(evaluate(&rollout, &nodes, 60_002), Step::Release);
+        rollout.released = 3;
+        assert_eq!(evaluate(&rollout, &nodes, 60_003), Step::Complete);
     }
 
     #[test]

@@ -8,14 +8,15 @@
 
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::config::{content_version, ConfigError, ControllerSettings};
-use crate::events::{ConfigSource, ControllerVersion, NodeEvent};
+use crate::config::{content_version, ConfigError, ControllerSettings, ServerAddr};
+use crate::events::{ConfigSource, ControllerVersion, Health, NodeEvent};
 use crate::grpc::{self, ClientTls};
 use crate::proto::v1::controller_message::Message as Down;
 use crate::proto::v1::controller_service_client::ControllerServiceClient;
@@ -226,13 +227,57 @@ async fn apply_pushes(
         let Some(push) = waiting.borrow_and_update().clone() else {
             continue;
         };
+        let before = checked_servers(&node);
         let answer = apply_push(&node, &state_dir, push).await;
+        // Servers the new config dropped are no longer checked: said
+        // before the ACK, so the controller's view of this node's health
+        // (and a rollout's health gate) never holds a server it lost.
+        if matches!(answer, Up::Ack(_)) {
+            let after = checked_servers(&node);
+            let transitions: Vec<pb::HealthTransition> = before
+                .into_iter()
+                .filter(|(key, _)| !after.contains_key(key))
+                .map(|((upstream, server), health)| {
+                    wire::health_transition(
+                        upstream,
+                        server,
+                        health,
+                        Health::Unknown,
+                        "no longer in the config".to_owned(),
+                    )
+                })
+                .collect();
+            if !transitions.is_empty()
+                && up
+                    .send(message(Up::Health(pb::HealthReport { transitions })))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
         // A full queue means the stream is stuck: waiting here is right,
         // the answer must not be lost while the stream lives.
         if up.send(message(answer)).await.is_err() {
             return;
         }
     }
+}
+
+/// Every (upstream, server) of the generation in force, with its health.
+fn checked_servers(node: &NodeHandle) -> BTreeMap<(String, ServerAddr), Health> {
+    node.current()
+        .iter()
+        .flat_map(|generation| generation.upstreams.values())
+        .flat_map(|upstream| {
+            upstream.servers.iter().map(|server| {
+                (
+                    (upstream.config.name.clone(), server.addr.clone()),
+                    server.health(),
+                )
+            })
+        })
+        .collect()
 }
 
 async fn apply_push(node: &NodeHandle, state_dir: &std::path::Path, push: pb::Push) -> Up {

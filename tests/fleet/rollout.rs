@@ -208,6 +208,27 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
         "{out}"
     );
     assert!(out.contains(&gate), "{out}");
+
+    // Back on v1, the node no longer checks the dead server, and the
+    // controller forgets it: the next rollout is not failed by it.
+    let status = controller.node(&first).await.unwrap();
+    assert!(status.down.is_empty(), "{status:?}");
+    let v3 = format!("# v3\n{}", checked(&[origin.addr.to_string()]));
+    let file = write(&dir, "v3.toml", &v3);
+    let (code, out, err) = fleet(
+        &controller,
+        &[
+            "publish",
+            &file,
+            "--waves",
+            "1,30%,100%",
+            "--bake",
+            "200ms",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
