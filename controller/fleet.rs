@@ -505,6 +505,9 @@ impl Fleet {
                 () = self.rollout_nudge.notified() => {}
             }
             self.step_rollouts(millis(SystemTime::now()));
+            // A step looks at every target node: during a burst of ACKs
+            // it runs at most this often, the rest coalesce.
+            tokio::time::sleep(rollout::MIN_STEP_GAP).await;
         }
     }
 

@@ -536,8 +536,8 @@ fn print_versions(versions: &[pb::VersionInfo], json: bool) {
         return;
     }
     println!(
-        "{:<8} {:<30} {:<16} {:<20} COMMENT",
-        "VERSION", "PUBLISHED", "AUTHOR", "SELECTOR"
+        "{:<8} {:<30} {:<16} {:<20} {:<12} COMMENT",
+        "VERSION", "PUBLISHED", "AUTHOR", "SELECTOR", "ROLLOUT"
     );
     for info in versions {
         let comment = if info.rollback_of > 0 && info.comment.is_empty() {
@@ -545,8 +545,9 @@ fn print_versions(versions: &[pb::VersionInfo], json: bool) {
         } else {
             info.comment.clone()
         };
+        let rollout = info.rollout.as_ref().map_or("-", |r| r.state.as_str());
         println!(
-            "{:<8} {:<30} {:<16} {:<20} {}",
+            "{:<8} {:<30} {:<16} {:<20} {:<12} {}",
             format!("v{}", info.version),
             time(info.published_at.as_ref()),
             info.author,
@@ -555,6 +556,7 @@ fn print_versions(versions: &[pb::VersionInfo], json: bool) {
             } else {
                 &info.selector
             },
+            rollout,
             comment
         );
     }

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// How often running rollouts are looked at.
+/// How often running rollouts are looked at, when nothing wakes them.
 pub const STEP: Duration = Duration::from_millis(200);
+/// The least time between two looks (ACKs wake them in between).
+pub const MIN_STEP_GAP: Duration = Duration::from_millis(20);
 
 /// A wave's size: the share of the targets reached by its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
