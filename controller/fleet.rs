@@ -331,6 +331,12 @@ impl Fleet {
             return Ok((earlier.number, targets));
         }
         let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
+        let targets = self.targets_for(&publication.selector);
+        let now = millis(SystemTime::now());
+        let rollout = publication.rollout.as_ref().map(|plan| {
+            let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
+            StoredRollout::start(number, &plan.waves, plan.bake, plan.ack_timeout, &ids, now)
+        });
         let stored = StoredVersion {
             version: number,
             checksum: crate::config::content_version(&publication.config),
@@ -338,9 +344,10 @@ impl Fleet {
             selector: publication.selector.to_string(),
             comment: publication.comment,
             author: publication.author,
-            published_at: millis(SystemTime::now()),
+            published_at: now,
             rollback_of: publication.rollback_of,
             idempotency_key: publication.idempotency_key,
+            rollout: rollout.clone(),
         };
         self.store
             .append_durable(Record::Version(stored.clone()))
@@ -358,9 +365,8 @@ impl Fleet {
         version.traceparent = spans::traceparent(span.as_ref());
         let version = Arc::new(version);
         metrics::controller().publishes.add(1, &[]);
-        let targets = self.targets(&version);
-        if let Some(plan) = &publication.rollout {
-            self.start_rollout(&version, plan, &targets).await?;
+        if let Some(rollout) = rollout {
+            self.start_rollout(rollout, &targets);
         }
         let mut inner = self.lock();
         inner.add_version(version.clone());
@@ -403,10 +409,15 @@ impl Fleet {
 
     /// Every known node `version` targets.
     fn targets(&self, version: &Version) -> Vec<String> {
+        self.targets_for(&version.selector)
+    }
+
+    /// Every known node `selector` matches.
+    fn targets_for(&self, selector: &Selector) -> Vec<String> {
         self.lock()
             .nodes
             .iter()
-            .filter(|(_, node)| version.selector.matches(&node.stored.labels))
+            .filter(|(_, node)| selector.matches(&node.stored.labels))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -432,24 +443,10 @@ impl Fleet {
             .collect()
     }
 
-    /// Stores `version`'s rollout, its first wave released, and stops the
-    /// running rollouts it overlaps (they keep the waves they reached).
-    async fn start_rollout(
-        &self,
-        version: &Version,
-        plan: &Plan,
-        targets: &[String],
-    ) -> std::io::Result<()> {
-        let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
-        let now = millis(SystemTime::now());
-        let rollout = StoredRollout::start(
-            version.number,
-            &plan.waves,
-            plan.bake,
-            plan.ack_timeout,
-            &ids,
-            now,
-        );
+    /// Starts `rollout` (stored with its version), and stops the running
+    /// rollouts it overlaps: they keep the waves they reached.
+    fn start_rollout(&self, rollout: StoredRollout, targets: &[String]) {
+        let number = rollout.version;
         let superseded: Vec<StoredRollout> = {
             let inner = self.lock();
             inner
@@ -465,32 +462,23 @@ impl Fleet {
                 })
                 .map(|r| StoredRollout {
                     state: RolloutState::Superseded,
-                    reason: format!("superseded by v{}", version.number),
+                    reason: format!("superseded by v{number}"),
                     ..r.clone()
                 })
                 .collect()
         };
-        for stopped in superseded.iter().chain(std::iter::once(&rollout)) {
-            self.store
-                .append_durable(Record::Rollout(stopped.clone()))
-                .await?;
-        }
         let mut inner = self.lock();
         for stopped in superseded {
-            tracing::info!(
-                version = stopped.version,
-                by = version.number,
-                "rollout superseded"
-            );
+            tracing::info!(version = stopped.version, by = number, "rollout superseded");
+            self.store.append(Record::Rollout(stopped.clone()));
             inner.rollouts.insert(stopped.version, stopped);
         }
         tracing::info!(
-            version = version.number,
+            version = number,
             waves = rollout.cutoffs.len(),
             "rollout started"
         );
-        inner.rollouts.insert(version.number, rollout);
-        Ok(())
+        inner.rollouts.insert(number, rollout);
     }
 
     /// Runs the gates of every running rollout, for as long as the fleet

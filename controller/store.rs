@@ -49,6 +49,11 @@ pub struct StoredVersion {
     /// The publish request's idempotency key (empty: none given).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub idempotency_key: String,
+    /// A staged version's rollout as it started, in the same record: no
+    /// crash can leave the version stored without it (and so released to
+    /// every node at once). Later states follow as `Rollout` records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<StoredRollout>,
 }
 
 /// What the controller last knew about a node.
@@ -361,6 +366,9 @@ fn replay_line(line: &[u8], replayed: &mut Replayed) -> Result<(), String> {
                     "version {}'s text does not match its checksum",
                     version.version
                 ));
+            }
+            if let Some(rollout) = &version.rollout {
+                loaded.rollouts.insert(version.version, rollout.clone());
             }
             loaded.versions.push(version);
         }

@@ -349,3 +349,26 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
         "{err}"
     );
 }
+
+/// A staged version and its rollout are one record: reopened from a log
+/// that ends right after it, the version is still staged, never released
+/// to every node at once.
+#[tokio::test]
+async fn a_staged_version_is_stored_with_its_rollout_in_one_record() {
+    use tether::controller::store::{Damaged, Record, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Damaged::Refuse).unwrap();
+    let Record::Version(mut version) = stored_version(1, "# staged\n") else {
+        unreachable!()
+    };
+    let plan = parse_waves(&["1,100%".to_owned()]).unwrap();
+    let rollout = StoredRollout::start(1, &plan, Duration::ZERO, Duration::ZERO, &["a", "b"], 0);
+    version.rollout = Some(rollout.clone());
+    store
+        .append_durable(Record::Version(version))
+        .await
+        .unwrap();
+    drop(store);
+    let (_, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
+    assert_eq!(loaded.rollouts.get(&1), Some(&rollout));
+}

@@ -249,5 +249,6 @@ pub fn stored_version(number: u64, config: &str) -> tether::controller::store::R
         published_at: 0,
         rollback_of: 0,
         idempotency_key: String::new(),
+        rollout: None,
     })
 }
