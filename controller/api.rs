@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::fleet::{Fleet, Plan, Publication, PublishError};
 use super::identity::Identity;
-use super::rollout::parse_waves;
+use super::rollout::{parse_waves, Action};
 use super::selector::Selector;
 use crate::config::{check_pushed, Config};
 use crate::proto::v1::fleet_service_server::FleetService;
@@ -185,12 +185,23 @@ impl FleetService for FleetApi {
         }))
     }
 
-    async fn abort_rollout(
+    async fn control_rollout(
         &self,
-        request: Request<pb::AbortRolloutRequest>,
-    ) -> Result<Response<pb::AbortRolloutResponse>, Status> {
+        request: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::ControlRolloutResponse>, Status> {
         let operator = operator(&request)?;
         let request = request.into_inner();
+        let action = match pb::RolloutAction::try_from(request.action) {
+            Ok(pb::RolloutAction::Abort) => Action::Abort,
+            Ok(pb::RolloutAction::Pause) => Action::Pause,
+            Ok(pb::RolloutAction::Resume) => Action::Resume,
+            Ok(pb::RolloutAction::Promote) => Action::Promote,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "action: abort, pause, resume or promote",
+                ))
+            }
+        };
         let by = operator.map_or(String::new(), |name| format!(" by {name}"));
         let reason = match request.reason.as_str() {
             "" => format!("aborted{by}"),
@@ -198,9 +209,9 @@ impl FleetService for FleetApi {
         };
         let status = self
             .fleet
-            .abort_rollout(request.version, reason)
+            .control_rollout(request.version, action, reason)
             .map_err(Status::failed_precondition)?;
-        Ok(Response::new(pb::AbortRolloutResponse {
+        Ok(Response::new(pb::ControlRolloutResponse {
             status: Some(status),
         }))
     }

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::rollout::{self, NodeView, State as RolloutState, Step, StoredRollout, WaveSize};
+use super::rollout::{
+    self, Action, NodeView, State as RolloutState, Step, StoredRollout, WaveSize,
+};
 use super::selector::Selector;
 use super::store::{Record, Store, StoredConfigError, StoredNack, StoredNode, StoredVersion};
 use crate::proto::v1::{self as pb, fleet_event::Event};
@@ -590,29 +592,26 @@ impl Fleet {
         }
     }
 
-    /// Stops a running rollout and withdraws its version from the waves it
-    /// reached.
-    pub fn abort_rollout(&self, number: u64, reason: String) -> Result<pb::RolloutStatus, String> {
+    /// Aborts (withdrawing the version from the waves it reached), pauses,
+    /// resumes or promotes a rollout.
+    pub fn control_rollout(
+        &self,
+        number: u64,
+        action: Action,
+        reason: String,
+    ) -> Result<pb::RolloutStatus, String> {
         let mut inner = self.lock();
         let Some(rollout) = inner.rollouts.get(&number) else {
             return Err(format!("version {number} has no rollout"));
         };
-        if rollout.state != RolloutState::Running {
-            return Err(format!(
-                "the rollout of version {number} is {}, not running",
-                rollout.state.name()
-            ));
-        }
-        let next = StoredRollout {
-            state: RolloutState::Aborted,
-            reason,
-            ..rollout.clone()
-        };
-        tracing::warn!(version = number, reason = %next.reason, "rollout aborted; withdrawing the version");
+        let next = rollout.after(action, reason, millis(SystemTime::now()))?;
+        tracing::warn!(version = number, ?action, reason = %next.reason, state = next.state.name(), "rollout changed by an operator");
         self.store.append(Record::Rollout(next.clone()));
         inner.rollouts.insert(number, next.clone());
         inner.push_desired();
-        Ok(inner.rollout_status(&next))
+        drop(inner);
+        self.rollout_nudge.notify_one();
+        Ok(self.lock().rollout_status(&next))
     }
 
     /// A node opened a Sync stream and said Hello. A stream the node had

@@ -113,13 +113,20 @@ enum RolloutCommand {
         #[arg(long)]
         watch: bool,
     },
-    /// Stop a running rollout and withdraw its version from the waves it
-    /// reached: their nodes go back to the version they ran before.
+    /// Stop a rollout and withdraw its version from the waves it reached:
+    /// their nodes go back to the version they ran before.
     Abort {
         version: u64,
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Hold a running rollout where it is: no gate runs, no wave starts.
+    Pause { version: u64 },
+    /// Carry on with a paused rollout; the current wave's ACK clock and
+    /// bake start again.
+    Resume { version: u64 },
+    /// Skip the rest of the current wave's bake.
+    Promote { version: u64 },
 }
 
 pub async fn run(args: FleetArgs) -> ExitCode {
@@ -284,22 +291,36 @@ async fn read(
             }
             Ok(())
         }
-        FleetCommand::Rollout {
-            command: RolloutCommand::Abort { version, reason },
-        } => {
+        FleetCommand::Rollout { command } => {
+            let (version, action, reason) = match command {
+                RolloutCommand::Abort { version, reason } => {
+                    (*version, pb::RolloutAction::Abort, reason.clone())
+                }
+                RolloutCommand::Pause { version } => {
+                    (*version, pb::RolloutAction::Pause, String::new())
+                }
+                RolloutCommand::Resume { version } => {
+                    (*version, pb::RolloutAction::Resume, String::new())
+                }
+                RolloutCommand::Promote { version } => {
+                    (*version, pb::RolloutAction::Promote, String::new())
+                }
+                RolloutCommand::Status { .. } => unreachable!("matched above"),
+            };
             let status = client
-                .abort_rollout(pb::AbortRolloutRequest {
-                    version: *version,
-                    reason: reason.clone(),
+                .control_rollout(pb::ControlRolloutRequest {
+                    version,
+                    action: action as i32,
+                    reason,
                 })
                 .await?
                 .into_inner()
                 .status
                 .unwrap_or_default();
             if json {
-                println!("{}", rollout_cli::status_json(*version, &status));
+                println!("{}", rollout_cli::status_json(version, &status));
             } else {
-                println!("{}", rollout_cli::status_line(*version, &status));
+                println!("{}", rollout_cli::status_line(version, &status));
             }
             Ok(())
         }

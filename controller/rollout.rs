@@ -64,6 +64,8 @@ pub fn node_hash(id: &str) -> u64 {
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Running,
+    /// Held by an operator: no gate runs, no wave is released.
+    Paused,
     Completed,
     Failed,
     Aborted,
@@ -76,6 +78,7 @@ impl State {
     pub fn name(self) -> &'static str {
         match self {
             State::Running => "running",
+            State::Paused => "paused",
             State::Completed => "completed",
             State::Failed => "failed",
             State::Aborted => "aborted",
@@ -164,8 +167,58 @@ impl StoredRollout {
         match self.state {
             State::Completed => true,
             State::Failed | State::Aborted => false,
-            State::Running | State::Superseded => self.wave_of(id) < self.released,
+            State::Running | State::Paused | State::Superseded => self.wave_of(id) < self.released,
         }
+    }
+}
+
+/// What an operator asks of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Abort,
+    Pause,
+    Resume,
+    Promote,
+}
+
+impl StoredRollout {
+    /// The rollout after `action` at `now`, or why it cannot be done.
+    pub fn after(&self, action: Action, reason: String, now: u64) -> Result<StoredRollout, String> {
+        let version = self.version;
+        let mut next = self.clone();
+        match (action, self.state) {
+            (Action::Abort, State::Running | State::Paused) => {
+                next.state = State::Aborted;
+                next.reason = reason;
+            }
+            (Action::Pause, State::Running) => next.state = State::Paused,
+            (Action::Resume, State::Paused) => {
+                next.state = State::Running;
+                next.wave_started = now;
+                next.baking_since = 0;
+            }
+            (Action::Promote, State::Running) if self.baking_since != 0 => {
+                next.baking_since = now.saturating_sub(self.bake_ms);
+            }
+            (Action::Promote, State::Running) => {
+                return Err(format!(
+                    "wave {} of v{version} is not baking yet: its nodes do not all run it",
+                    self.released
+                ))
+            }
+            (_, state) => {
+                return Err(format!(
+                    "the rollout of version {version} is {}; {action:?} needs it {}",
+                    state.name(),
+                    if action == Action::Resume {
+                        "paused"
+                    } else {
+                        "running"
+                    }
+                ))
+            }
+        }
+        Ok(next)
     }
 }
 

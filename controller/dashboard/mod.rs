@@ -10,8 +10,8 @@
 //!   operator token; sign out (`access`).
 //! - `POST /api/rollback`: publish an earlier version again, as the
 //!   signed-in operator.
-//! - `POST /api/rollout/abort`: stop a running rollout and withdraw its
-//!   version, as the signed-in operator.
+//! - `POST /api/rollout`: abort, pause, resume or promote a rollout, as
+//!   the signed-in operator.
 
 mod access;
 mod feed;
@@ -36,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::fleet::{Fleet, Publication, PublishError};
 use super::json::{node_json, rollout_json, version_json};
+use super::rollout::Action;
 use super::selector::Selector;
 use crate::config::ControlTls;
 pub use access::Access;
@@ -209,11 +210,10 @@ async fn route(request: Request<Incoming>, state: &State) -> Response<Body> {
             state.feed.subscribe(last.as_deref())
         }
         (Method::POST, "/api/rollback") => rollback(state, request).await,
-        (Method::POST, "/api/rollout/abort") => abort_rollout(state, request).await,
-        (
-            _,
-            "/api/session" | "/api/fleet" | "/api/events" | "/api/rollback" | "/api/rollout/abort",
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (Method::POST, "/api/rollout") => control_rollout(state, request).await,
+        (_, "/api/session" | "/api/fleet" | "/api/events" | "/api/rollback" | "/api/rollout") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -308,28 +308,43 @@ async fn rollback(state: &State, request: Request<Incoming>) -> Response<Body> {
 }
 
 #[derive(Deserialize)]
-struct AbortRollout {
+struct ControlRollout {
     version: u64,
+    /// "abort", "pause", "resume" or "promote".
+    action: String,
     #[serde(default)]
     reason: String,
 }
 
-async fn abort_rollout(state: &State, request: Request<Incoming>) -> Response<Body> {
+async fn control_rollout(state: &State, request: Request<Incoming>) -> Response<Body> {
     let Some(operator) = state.access.operator(request.headers()) else {
         return error(
             StatusCode::UNAUTHORIZED,
-            "sign in as an operator to abort a rollout",
+            "sign in as an operator to change a rollout",
         );
     };
-    let body: AbortRollout = match action_body(request).await {
+    let body: ControlRollout = match action_body(request).await {
         Ok(body) => body,
         Err(answer) => return answer,
+    };
+    let action = match body.action.as_str() {
+        "abort" => Action::Abort,
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "promote" => Action::Promote,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "action: abort, pause, resume or promote",
+            )
+        }
     };
     let reason = match body.reason.as_str() {
         "" => format!("aborted by {operator}"),
         given => format!("aborted by {operator}: {given}"),
     };
-    match state.fleet.abort_rollout(body.version, reason) {
+    tracing::info!(%operator, version = body.version, action = %body.action, "dashboard: rollout action");
+    match state.fleet.control_rollout(body.version, action, reason) {
         Ok(status) => json_response(StatusCode::OK, &rollout_json(&status)),
         Err(message) => error(StatusCode::CONFLICT, &message),
     }

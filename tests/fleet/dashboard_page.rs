@@ -292,6 +292,18 @@ async fn a_signed_in_operator_rolls_back_from_the_page_and_is_its_author() {
         headline,
         "v4 on 1 of 1 nodes · rollout of v4: wave 1 of 2 · 1/1, 0/0 running · baking"
     );
+    page.eval("document.querySelector('button.pause').click()");
+    page.wait_for(
+        "the rollout paused",
+        "document.querySelector('#versions tbody tr td.rollout').textContent === 'wave 1 of 2 · 1/1, 0/0 running · paused'",
+        Duration::from_secs(5),
+    );
+    page.eval("document.querySelector('button.resume').click()");
+    page.wait_for(
+        "the rollout running again",
+        "document.querySelector('#versions tbody tr td.rollout').textContent.endsWith('running · baking')",
+        Duration::from_secs(5),
+    );
     page.eval("document.querySelector('button.abort').click()");
     page.wait_for(
         "the rollout aborted",

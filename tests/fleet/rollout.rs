@@ -331,6 +331,19 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
     .await;
     assert_eq!(code, Some(0), "{err}");
     wait_acked(&controller, &[&first], 3).await;
+    // Paused, nothing moves, not even a promote; resumed, it waits again.
+    let (code, out, err) = fleet(&controller, &["rollout", "pause", "3"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("v3 rollout paused: wave 1 of 2"), "{out}");
+    let (code, _, err) = fleet(&controller, &["rollout", "promote", "3"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("the rollout of version 3 is paused; Promote needs it running"),
+        "{err}"
+    );
+    let (code, out, err) = fleet(&controller, &["rollout", "resume", "3"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("v3 rollout running: wave 1 of 2"), "{out}");
     let (code, out, err) = fleet(
         &controller,
         &["rollout", "abort", "3", "--reason", "looks wrong"],
@@ -345,9 +358,33 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
     let (code, _, err) = fleet(&controller, &["rollout", "abort", "3"]).await;
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("the rollout of version 3 is aborted, not running"),
+        err.contains("the rollout of version 3 is aborted; Abort needs it running"),
         "{err}"
     );
+
+    // Promote: each wave's long bake skipped, the rollout completes.
+    let file = write(&dir, "v4.toml", &traffic("127.0.0.4:0", &origin));
+    let (code, _, err) = fleet(
+        &controller,
+        &["publish", &file, "--waves", "1,100%", "--bake", "1h"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = Instant::now() + WAIT;
+    let mut promoted = 0;
+    loop {
+        let (_, status, _) = fleet(&controller, &["rollout", "status", "4"]).await;
+        if status.starts_with("v4 rollout completed") {
+            break;
+        }
+        // Refused until the wave's nodes all run it and its bake started.
+        let (code, _, _) = fleet(&controller, &["rollout", "promote", "4"]).await;
+        promoted += usize::from(code == Some(0));
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(promoted >= 2, "a promote per wave: {promoted}");
+    wait_acked(&controller, &all, 4).await;
 }
 
 /// A staged version and its rollout are one record: reopened from a log

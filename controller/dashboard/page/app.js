@@ -147,7 +147,7 @@ function renderHeadline() {
   } else {
     parts.push(`no version published · ${nodes.length} nodes`);
   }
-  const rolling = state.versions.find((v) => v.rollout && v.rollout.state === "running");
+  const rolling = state.versions.find((v) => v.rollout && ["running", "paused"].includes(v.rollout.state));
   if (rolling) parts.push(`rollout of v${rolling.version}: ${rolloutText(rolling.rollout)}`);
   const nacks = nodes.filter((n) => n.last_nack).length;
   const disconnected = nodes.filter((n) => !n.connected).length;
@@ -243,11 +243,11 @@ function renderNodes() {
 
 // "wave 2 of 3 · 1/1, 2/2, 0/7 running · baking" or "failed: the reason".
 function rolloutText(rollout) {
-  if (rollout.state !== "running") {
+  if (rollout.state !== "running" && rollout.state !== "paused") {
     return rollout.reason ? `${rollout.state}: ${rollout.reason}` : rollout.state;
   }
   const waves = rollout.wave_nodes.map((nodes, i) => `${rollout.wave_running[i]}/${nodes}`);
-  const baking = rollout.baking_since ? " · baking" : "";
+  const baking = rollout.state === "paused" ? " · paused" : rollout.baking_since ? " · baking" : "";
   return `wave ${rollout.released} of ${rollout.waves} · ${waves.join(", ")} running${baking}`;
 }
 
@@ -260,11 +260,16 @@ function renderVersions() {
   const latest = state.versions[0] ? state.versions[0].version : 0;
   for (const version of state.versions) {
     let action = null;
-    const running = version.rollout && version.rollout.state === "running";
-    if (state.session.operator && running) {
-      action = el("button", { class: "abort", version: String(version.version) }, "Abort rollout");
-      action.type = "button";
-      action.addEventListener("click", () => abortRollout(version.version));
+    const rolloutState = version.rollout ? version.rollout.state : "";
+    const controls = { running: ["pause", "promote", "abort"], paused: ["resume", "abort"] }[rolloutState];
+    if (state.session.operator && controls) {
+      action = el("span", { class: "controls" });
+      for (const name of controls) {
+        const button = el("button", { class: name, version: String(version.version) }, name[0].toUpperCase() + name.slice(1));
+        button.type = "button";
+        button.addEventListener("click", () => controlRollout(version.version, name));
+        action.append(button);
+      }
     } else if (state.session.operator && version.version !== latest) {
       action = el("button", { class: "rollback", version: String(version.version) }, `Roll back to v${version.version}`);
       action.type = "button";
@@ -563,16 +568,16 @@ async function rollback(version) {
   }
 }
 
-async function abortRollout(version) {
+async function controlRollout(version, action) {
   const result = $("action-result");
-  result.textContent = `aborting the rollout of v${version}…`;
+  result.textContent = `${action}: rollout of v${version}…`;
   try {
-    const answer = await post("/api/rollout/abort", { version });
-    result.textContent = `rollout of v${version} ${answer.state}: ${answer.reason}`;
+    const answer = await post("/api/rollout", { version, action });
+    result.textContent = `rollout of v${version} ${answer.state}${action === "abort" ? ": " + answer.reason : ""}`;
     result.className = "action-result good";
     refreshSoon();
   } catch (error) {
-    result.textContent = `abort failed: ${error.message}`;
+    result.textContent = `${action} failed: ${error.message}`;
     result.className = "action-result bad";
   }
 }
