@@ -214,6 +214,7 @@ async fn main() {
                         waves: vec![waves],
                         bake_ms: 0,
                         ack_timeout_ms: 60_000,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 };

@@ -77,8 +77,20 @@ const MAX_ROLLOUT_WAIT: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
-    let waves =
-        parse_waves(&plan.waves).map_err(|e| Status::invalid_argument(format!("rollout: {e}")))?;
+    let (waves, by_label) = match (plan.waves.is_empty(), plan.waves_by.as_str()) {
+        (true, "") => return Err(Status::invalid_argument("rollout: give waves or waves_by")),
+        (false, "") => (
+            parse_waves(&plan.waves)
+                .map_err(|e| Status::invalid_argument(format!("rollout: {e}")))?,
+            None,
+        ),
+        (true, label) => (Vec::new(), Some(label.to_owned())),
+        (false, _) => {
+            return Err(Status::invalid_argument(
+                "rollout: waves or waves_by, not both",
+            ))
+        }
+    };
     let bake = Duration::from_millis(plan.bake_ms);
     let ack_timeout = match plan.ack_timeout_ms {
         0 => DEFAULT_ACK_TIMEOUT,
@@ -91,6 +103,7 @@ fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
     }
     Ok(Plan {
         waves,
+        by_label,
         bake,
         ack_timeout,
     })

@@ -99,6 +99,8 @@ pub struct Publication {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub waves: Vec<WaveSize>,
+    /// One wave per value of this label instead (`waves` is then empty).
+    pub by_label: Option<String>,
     pub bake: Duration,
     pub ack_timeout: Duration,
 }
@@ -194,7 +196,7 @@ impl Inner {
                 && self
                     .rollouts
                     .get(&version.number)
-                    .is_none_or(|rollout| rollout.releases_to(id))
+                    .is_none_or(|rollout| rollout.releases_to(id, labels))
         })
     }
 
@@ -216,7 +218,7 @@ impl Inner {
 
     /// A rollout's status, with its waves counted over the known nodes.
     fn rollout_status(&self, rollout: &StoredRollout) -> pb::RolloutStatus {
-        let waves = rollout.cutoffs.len();
+        let waves = rollout.waves();
         let mut wave_nodes = vec![0u32; waves];
         let mut wave_running = vec![0u32; waves];
         if let Some(version) = self.versions.get(&rollout.version) {
@@ -224,7 +226,7 @@ impl Inner {
                 if !version.selector.matches(&node.stored.labels) {
                     continue;
                 }
-                let wave = rollout.wave_of(id);
+                let wave = rollout.wave_of(id, &node.stored.labels);
                 wave_nodes[wave] += 1;
                 if node.connection.is_some() && node.stored.version == rollout.version {
                     wave_running[wave] += 1;
@@ -335,10 +337,37 @@ impl Fleet {
         let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
         let targets = self.targets_for(&publication.selector);
         let now = millis(SystemTime::now());
-        let rollout = publication.rollout.as_ref().map(|plan| {
-            let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
-            StoredRollout::start(number, &plan.waves, plan.bake, plan.ack_timeout, &ids, now)
-        });
+        let rollout = publication
+            .rollout
+            .as_ref()
+            .map(|plan| match &plan.by_label {
+                Some(label) => {
+                    let inner = self.lock();
+                    let labels: Vec<&BTreeMap<String, String>> = targets
+                        .iter()
+                        .filter_map(|id| inner.nodes.get(id).map(|n| &n.stored.labels))
+                        .collect();
+                    StoredRollout::start_by_label(
+                        number,
+                        label,
+                        plan.bake,
+                        plan.ack_timeout,
+                        &labels,
+                        now,
+                    )
+                }
+                None => {
+                    let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
+                    StoredRollout::start(
+                        number,
+                        &plan.waves,
+                        plan.bake,
+                        plan.ack_timeout,
+                        &ids,
+                        now,
+                    )
+                }
+            });
         let stored = StoredVersion {
             version: number,
             checksum: crate::config::content_version(&publication.config),
@@ -475,11 +504,7 @@ impl Fleet {
             self.store.append(Record::Rollout(stopped.clone()));
             inner.rollouts.insert(stopped.version, stopped);
         }
-        tracing::info!(
-            version = number,
-            waves = rollout.cutoffs.len(),
-            "rollout started"
-        );
+        tracing::info!(version = number, waves = rollout.waves(), "rollout started");
         inner.rollouts.insert(number, rollout);
     }
 
@@ -536,6 +561,7 @@ impl Fleet {
                 .zip(&downs)
                 .map(|((id, n), down)| NodeView {
                     id,
+                    labels: &n.stored.labels,
                     connected: n.connection.is_some(),
                     version: n.stored.version,
                     nacked: n

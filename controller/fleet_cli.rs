@@ -63,11 +63,15 @@ enum FleetCommand {
         /// end of each wave, e.g. 1,10%,50%,100%. Each wave must ACK and
         /// bake with its health green before the next; a failed gate
         /// withdraws the version from every wave reached.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "waves_by")]
         waves: Option<String>,
-        /// With --waves: how long each wave runs the version, gates
-        /// green, before the next.
-        #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration, requires = "waves")]
+        /// Stage the version one value of this node label after another
+        /// (sorted), then the nodes without it: e.g. region.
+        #[arg(long)]
+        waves_by: Option<String>,
+        /// With --waves or --waves-by: how long each wave runs the
+        /// version, gates green, before the next.
+        #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
         bake: Duration,
     },
     /// Staged rollouts: their progress, and stopping one.
@@ -143,6 +147,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             wait,
             ack_timeout,
             waves,
+            waves_by,
             bake,
         } => {
             let config = match std::fs::read_to_string(file) {
@@ -158,8 +163,9 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                 comment: comment.clone(),
                 author: author.clone().unwrap_or_else(default_author),
                 idempotency_key: key,
-                rollout: waves.as_ref().map(|waves| pb::RolloutPlan {
-                    waves: vec![waves.clone()],
+                rollout: (waves.is_some() || waves_by.is_some()).then(|| pb::RolloutPlan {
+                    waves: waves.iter().cloned().collect(),
+                    waves_by: waves_by.clone().unwrap_or_default(),
                     bake_ms: bake.as_millis() as u64,
                     ack_timeout_ms: ack_timeout.as_millis() as u64,
                 }),
@@ -173,7 +179,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             match published {
                 Ok(published) => {
                     print_published(&published, json);
-                    if *wait && waves.is_some() {
+                    if *wait && (waves.is_some() || waves_by.is_some()) {
                         follow_rollout(&args, published.version).await
                     } else if *wait {
                         follow(&args, &published, selector, *ack_timeout).await

@@ -106,7 +106,21 @@ pub struct StoredRollout {
     pub state: State,
     #[serde(default)]
     pub reason: String,
+    /// Waves by a label's values instead of by hash (`cutoffs` is then
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_label: Option<ByLabel>,
 }
+
+/// One wave per value of `label`, in this order, then a last wave for the
+/// nodes with none of them (no such label, or a value that came later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByLabel {
+    pub label: String,
+    pub values: Vec<String>,
+}
+
+pub type Labels = BTreeMap<String, String>;
 
 impl StoredRollout {
     /// The first wave released now; `targets` are the ids of the nodes the
@@ -149,11 +163,56 @@ impl StoredRollout {
             baking_since: 0,
             state: State::Running,
             reason: String::new(),
+            by_label: None,
         }
     }
 
-    /// The wave (from 0) node `id` belongs to.
-    pub fn wave_of(&self, id: &str) -> usize {
+    /// The first wave released now, one wave per value of `label` among
+    /// the targets' labels (sorted), then the nodes without one.
+    pub fn start_by_label(
+        version: u64,
+        label: &str,
+        bake: Duration,
+        ack_timeout: Duration,
+        targets: &[&Labels],
+        now: u64,
+    ) -> StoredRollout {
+        let values: BTreeSet<&String> = targets.iter().filter_map(|l| l.get(label)).collect();
+        StoredRollout {
+            cutoffs: Vec::new(),
+            by_label: Some(ByLabel {
+                label: label.to_owned(),
+                values: values.into_iter().cloned().collect(),
+            }),
+            ..StoredRollout::start(
+                version,
+                &[WaveSize::Percent(100)],
+                bake,
+                ack_timeout,
+                &[],
+                now,
+            )
+        }
+    }
+
+    /// How many waves there are.
+    pub fn waves(&self) -> usize {
+        match &self.by_label {
+            Some(by) => by.values.len() + 1,
+            None => self.cutoffs.len(),
+        }
+    }
+
+    /// The wave (from 0) node `id` with `labels` belongs to.
+    pub fn wave_of(&self, id: &str, labels: &Labels) -> usize {
+        if let Some(by) = &self.by_label {
+            let value = labels.get(&by.label);
+            return by
+                .values
+                .iter()
+                .position(|v| Some(v) == value)
+                .unwrap_or(by.values.len());
+        }
         let hash = node_hash(id);
         self.cutoffs
             .iter()
@@ -161,13 +220,15 @@ impl StoredRollout {
             .unwrap_or(self.cutoffs.len() - 1)
     }
 
-    /// Whether node `id` should run the version (when its selector
-    /// matches).
-    pub fn releases_to(&self, id: &str) -> bool {
+    /// Whether node `id` with `labels` should run the version (when its
+    /// selector matches).
+    pub fn releases_to(&self, id: &str, labels: &Labels) -> bool {
         match self.state {
             State::Completed => true,
             State::Failed | State::Aborted => false,
-            State::Running | State::Paused | State::Superseded => self.wave_of(id) < self.released,
+            State::Running | State::Paused | State::Superseded => {
+                self.wave_of(id, labels) < self.released
+            }
         }
     }
 }
@@ -225,6 +286,7 @@ impl StoredRollout {
 /// What the rollout's gates see of one target node.
 pub struct NodeView<'a> {
     pub id: &'a str,
+    pub labels: &'a Labels,
     pub connected: bool,
     pub version: u64,
     /// The version of its last NACK, if any.
@@ -248,8 +310,9 @@ pub enum Step {
 /// The gates, evaluated at `now` over the version's target nodes.
 pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> Step {
     let version = rollout.version;
-    let (reached, others): (Vec<&NodeView>, Vec<&NodeView>) =
-        nodes.iter().partition(|n| rollout.releases_to(n.id));
+    let (reached, others): (Vec<&NodeView>, Vec<&NodeView>) = nodes
+        .iter()
+        .partition(|n| rollout.releases_to(n.id, n.labels));
 
     // A NACK of this version in a released wave.
     let nacked: Vec<String> = reached
@@ -321,12 +384,15 @@ pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> St
     // A wave with no nodes (a small fleet, a selector matching few) has
     // nothing to bake.
     let newest = rollout.released - 1;
-    let newest_is_empty = newest > 0 && !nodes.iter().any(|n| rollout.wave_of(n.id) == newest);
+    let newest_is_empty = newest > 0
+        && !nodes
+            .iter()
+            .any(|n| rollout.wave_of(n.id, n.labels) == newest);
     if rollout.baking_since == 0 && !newest_is_empty {
         return Step::StartBake;
     }
     if newest_is_empty {
-        return if rollout.released < rollout.cutoffs.len() {
+        return if rollout.released < rollout.waves() {
             Step::Release
         } else {
             Step::Complete
@@ -335,7 +401,7 @@ pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> St
     if now.saturating_sub(rollout.baking_since) < rollout.bake_ms {
         return Step::Wait;
     }
-    if rollout.released < rollout.cutoffs.len() {
+    if rollout.released < rollout.waves() {
         Step::Release
     } else {
         Step::Complete
@@ -373,7 +439,7 @@ mod tests {
         let rollout = StoredRollout::start(7, &plan, Duration::ZERO, Duration::ZERO, &targets, 0);
         let mut sizes = [0; 3];
         for id in &targets {
-            sizes[rollout.wave_of(id)] += 1;
+            sizes[rollout.wave_of(id, &Labels::new())] += 1;
         }
         assert_eq!(sizes, [1, 2, 7]);
         // The same targets in another order: the same waves.
@@ -382,17 +448,39 @@ mod tests {
         let again = StoredRollout::start(8, &plan, Duration::ZERO, Duration::ZERO, &reversed, 0);
         assert_eq!(again.cutoffs, rollout.cutoffs);
         // A node that joins later lands in a wave by its hash.
-        assert!(rollout.wave_of("newcomer") < 3);
+        assert!(rollout.wave_of("newcomer", &Labels::new()) < 3);
     }
 
     fn view<'a>(id: &'a str, version: u64, down: &'a [String]) -> NodeView<'a> {
+        static NO_LABELS: Labels = Labels::new();
         NodeView {
             id,
+            labels: &NO_LABELS,
             connected: true,
             version,
             nacked: None,
             down,
         }
+    }
+
+    #[test]
+    fn waves_by_label_go_value_by_value_then_the_rest() {
+        let label = |region: &str| Labels::from([("region".to_owned(), region.to_owned())]);
+        let (eu, us) = (label("eu"), label("us"));
+        let rollout = StoredRollout::start_by_label(
+            2,
+            "region",
+            Duration::ZERO,
+            Duration::ZERO,
+            &[&us, &eu, &us],
+            0,
+        );
+        assert_eq!(rollout.waves(), 3);
+        assert_eq!(rollout.wave_of("a", &eu), 0);
+        assert_eq!(rollout.wave_of("b", &us), 1);
+        assert_eq!(rollout.wave_of("c", &label("ap")), 2);
+        assert_eq!(rollout.wave_of("d", &Labels::new()), 2);
+        assert!(rollout.releases_to("a", &eu) && !rollout.releases_to("b", &us));
     }
 
     #[test]
@@ -429,7 +517,10 @@ mod tests {
             &ids,
             1_000,
         );
-        let first = *ids.iter().find(|id| rollout.wave_of(id) == 0).unwrap();
+        let first = *ids
+            .iter()
+            .find(|id| rollout.wave_of(id, &Labels::new()) == 0)
+            .unwrap();
         let nodes = |first_runs: u64, first_down: &'static [String]| -> Vec<NodeView<'static>> {
             ["a", "b", "c", "d"]
                 .into_iter()

@@ -277,6 +277,7 @@ async fn a_signed_in_operator_rolls_back_from_the_page_and_is_its_author() {
                 waves: vec!["1,100%".to_owned()],
                 bake_ms: 3_600_000,
                 ack_timeout_ms: 60_000,
+                ..Default::default()
             }),
             ..Default::default()
         })

@@ -35,7 +35,7 @@ fn waves_of(count: usize, waves: &str) -> BTreeMap<String, usize> {
     let plan = parse_waves(&[waves.to_owned()]).unwrap();
     let rollout = StoredRollout::start(2, &plan, Duration::ZERO, Duration::ZERO, &targets, 0);
     ids.iter()
-        .map(|id| (id.clone(), rollout.wave_of(id)))
+        .map(|id| (id.clone(), rollout.wave_of(id, &BTreeMap::new())))
         .collect()
 }
 
@@ -408,4 +408,70 @@ async fn a_staged_version_is_stored_with_its_rollout_in_one_record() {
     drop(store);
     let (_, loaded) = Store::open(dir.path(), Damaged::Refuse).unwrap();
     assert_eq!(loaded.rollouts.get(&1), Some(&rollout));
+}
+
+/// `--waves-by region`: one region after another, each baked before the
+/// next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_by_a_label_go_one_value_after_another() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let url = controller.url();
+    let origin = Origin::start("app").await;
+    let regions = [
+        ("eu-1", "eu"),
+        ("eu-2", "eu"),
+        ("us-1", "us"),
+        ("us-2", "us"),
+    ];
+    let _nodes: Vec<Node> = regions
+        .iter()
+        .map(|(id, region)| Node::start(&node_config(id, &url, &format!(r#"region = "{region}""#))))
+        .collect();
+    let ids: Vec<&str> = regions.iter().map(|(id, _)| *id).collect();
+    wait_connected(&controller, &ids).await;
+    controller
+        .publish(&traffic("127.0.0.1:0", &origin), "")
+        .await
+        .unwrap();
+    wait_acked(&controller, &ids, 1).await;
+    let mut watch = controller.watch().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let (code, out, err) = fleet(
+        &controller,
+        &[
+            "publish",
+            &file,
+            "--waves-by",
+            "region",
+            "--bake",
+            "1s",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    // eu, us, then the nodes without a region (none here).
+    assert!(
+        out.contains("v2 rollout completed: wave 3 of 3 released; wave 1 2/2, wave 2 2/2, wave 3 0/0 running"),
+        "{out}"
+    );
+    let acked = acks(&mut watch, 2, 4, Duration::from_secs(5)).await;
+    let last_eu = acked["eu-1"].max(acked["eu-2"]);
+    for us in ["us-1", "us-2"] {
+        let gap = acked[us].duration_since(last_eu).unwrap_or_default();
+        assert!(
+            gap >= Duration::from_millis(900),
+            "{us} ACKed {gap:?} after eu"
+        );
+    }
+    let (code, _, err) = fleet(
+        &controller,
+        &["publish", &file, "--waves", "1", "--waves-by", "region"],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
 }
