@@ -74,7 +74,7 @@ enum FleetCommand {
         #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
         bake: Duration,
     },
-    /// Staged rollouts: their progress, and stopping one.
+    /// Staged rollouts: their progress; pause, resume, promote, abort.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,

@@ -39,7 +39,7 @@ use super::json::{node_json, rollout_json, version_json};
 use super::rollout::Action;
 use super::selector::Selector;
 use crate::config::ControlTls;
-pub use access::Access;
+use access::Access;
 use feed::Feed;
 
 /// How long a client has to send its request head.
