@@ -502,6 +502,7 @@ impl Fleet {
         for stopped in superseded {
             tracing::info!(version = stopped.version, by = number, "rollout superseded");
             self.store.append(Record::Rollout(stopped.clone()));
+            self.emit_rollout(stopped.version, inner.rollout_status(&stopped));
             inner.rollouts.insert(stopped.version, stopped);
         }
         tracing::info!(version = number, waves = rollout.waves(), "rollout started");
@@ -613,9 +614,21 @@ impl Fleet {
             for change in changes {
                 self.store.append(Record::Rollout(change));
             }
+            let status = inner.rollout_status(&next);
             inner.rollouts.insert(number, next);
             inner.push_desired();
+            self.emit_rollout(number, status);
         }
+    }
+
+    fn emit_rollout(&self, version: u64, status: pb::RolloutStatus) {
+        self.emit(
+            "",
+            Event::Rollout(pb::RolloutChanged {
+                version,
+                status: Some(status),
+            }),
+        );
     }
 
     /// Aborts (withdrawing the version from the waves it reached), pauses,
@@ -635,9 +648,11 @@ impl Fleet {
         self.store.append(Record::Rollout(next.clone()));
         inner.rollouts.insert(number, next.clone());
         inner.push_desired();
+        let status = inner.rollout_status(&next);
         drop(inner);
         self.rollout_nudge.notify_one();
-        Ok(self.lock().rollout_status(&next))
+        self.emit_rollout(number, status.clone());
+        Ok(status)
     }
 
     /// A node opened a Sync stream and said Hello. A stream the node had

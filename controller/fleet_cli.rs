@@ -643,6 +643,10 @@ fn event_line(event: &pb::FleetEvent) -> String {
             t.reason
         ),
         Some(Event::EventsMissed(m)) => format!("{at}  ({} events missed)", m.count),
+        Some(Event::Rollout(r)) => format!(
+            "{at}  {}",
+            rollout_cli::status_line(r.version, &r.status.clone().unwrap_or_default())
+        ),
         None => format!("{at}  {node}: (unknown event)"),
     }
 }

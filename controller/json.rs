@@ -96,6 +96,10 @@ pub fn event_json(event: &pb::FleetEvent) -> Value {
             json!({ "upstream": t.upstream, "server": t.server, "from": health_name(t.from), "to": health_name(t.to), "reason": t.reason }),
         ),
         Some(Event::EventsMissed(m)) => ("events_missed", json!({ "count": m.count })),
+        Some(Event::Rollout(r)) => (
+            "rollout",
+            json!({ "version": r.version, "status": r.status.as_ref().map(rollout_json) }),
+        ),
         None => ("unknown", Value::Null),
     };
     json!({ "at": time(event.at.as_ref()), "node": event.node_id, "event": kind, "detail": detail })

@@ -108,6 +108,7 @@ async fn a_good_config_reaches_the_nodes_wave_by_wave() {
     let v1 = checked(&[origin.addr.to_string()]);
     let _nodes = fleet_on_v1(&controller, 10, &v1).await;
     let mut watch = controller.watch().await;
+    let mut rollout_events = controller.watch().await;
 
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &format!("# v2\n{v1}"));
@@ -132,6 +133,32 @@ async fn a_good_config_reaches_the_nodes_wave_by_wave() {
 
     let acked = acks(&mut watch, 2, 10, Duration::from_secs(5)).await;
     assert_eq!(acked.len(), 10, "{acked:?}");
+    // WatchFleet told each move: a wave baking, the next released, done.
+    let mut moves = Vec::new();
+    while moves.last().map(|(_, state, _)| state) != Some(&"completed".to_owned()) {
+        let event = tokio::time::timeout(Duration::from_secs(5), rollout_events.message())
+            .await
+            .expect("rollout events")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::Rollout(changed)) = event.event {
+            let status = changed.status.unwrap();
+            moves.push((status.released, status.state, status.baking_since.is_some()));
+        }
+    }
+    let moves: Vec<(u32, &str, bool)> =
+        moves.iter().map(|(w, s, b)| (*w, s.as_str(), *b)).collect();
+    assert_eq!(
+        moves,
+        [
+            (1, "running", true),
+            (2, "running", false),
+            (2, "running", true),
+            (3, "running", false),
+            (3, "running", true),
+            (3, "completed", true)
+        ]
+    );
     let waves = waves_of(10, "1,30%,100%");
     for later in 1..3 {
         let last_before = waves

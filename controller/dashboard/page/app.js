@@ -316,6 +316,8 @@ function eventText(event) {
       return `${d.upstream}/${d.server} ${d.from} → ${d.to}${d.reason ? ": " + d.reason : ""}`;
     case "events_missed":
       return `${d.count} events missed`;
+    case "rollout":
+      return `v${d.version} rollout ${d.status.state}: ${rolloutText(d.status)}`;
     default:
       return event.event;
   }
