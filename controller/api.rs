@@ -215,14 +215,14 @@ impl FleetService for FleetApi {
                 ))
             }
         };
-        let by = operator.map_or(String::new(), |name| format!(" by {name}"));
-        let reason = match request.reason.as_str() {
-            "" => format!("aborted{by}"),
-            given => format!("aborted{by}: {given}"),
-        };
         let status = self
             .fleet
-            .control_rollout(request.version, action, reason)
+            .control_rollout(
+                request.version,
+                action,
+                operator.as_deref(),
+                &request.reason,
+            )
             .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::ControlRolloutResponse {
             status: Some(status),

@@ -632,13 +632,20 @@ impl Fleet {
     }
 
     /// Aborts (withdrawing the version from the waves it reached), pauses,
-    /// resumes or promotes a rollout.
+    /// resumes or promotes a rollout, for `operator` (when known); an
+    /// abort records them and their `reason`.
     pub fn control_rollout(
         &self,
         number: u64,
         action: Action,
-        reason: String,
+        operator: Option<&str>,
+        reason: &str,
     ) -> Result<pb::RolloutStatus, String> {
+        let by = operator.map_or(String::new(), |name| format!(" by {name}"));
+        let reason = match reason {
+            "" => format!("aborted{by}"),
+            given => format!("aborted{by}: {given}"),
+        };
         let mut inner = self.lock();
         let Some(rollout) = inner.rollouts.get(&number) else {
             return Err(format!("version {number} has no rollout"));

@@ -339,12 +339,11 @@ async fn control_rollout(state: &State, request: Request<Incoming>) -> Response<
             )
         }
     };
-    let reason = match body.reason.as_str() {
-        "" => format!("aborted by {operator}"),
-        given => format!("aborted by {operator}: {given}"),
-    };
     tracing::info!(%operator, version = body.version, action = %body.action, "dashboard: rollout action");
-    match state.fleet.control_rollout(body.version, action, reason) {
+    match state
+        .fleet
+        .control_rollout(body.version, action, Some(&operator), &body.reason)
+    {
         Ok(status) => json_response(StatusCode::OK, &rollout_json(&status)),
         Err(message) => error(StatusCode::CONFLICT, &message),
     }

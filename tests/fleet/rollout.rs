@@ -12,16 +12,30 @@ use crate::support::*;
 
 /// `count` nodes n0…, connected and running v1 (`config`).
 async fn fleet_on_v1(controller: &Controller, count: usize, config: &str) -> Vec<Node> {
-    let url = controller.url();
-    let nodes: Vec<Node> = (0..count)
-        .map(|i| Node::start(&node_config(&format!("n{i}"), &url, r#"env = "prod""#)))
-        .collect();
     let ids = ids(count);
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let nodes: Vec<(&str, &str)> = ids
+        .iter()
+        .map(|id| (id.as_str(), r#"env = "prod""#))
+        .collect();
+    labelled_fleet_on_v1(controller, &nodes, config).await
+}
+
+/// Nodes (id, labels), connected and running v1 (`config`).
+async fn labelled_fleet_on_v1(
+    controller: &Controller,
+    nodes: &[(&str, &str)],
+    config: &str,
+) -> Vec<Node> {
+    let url = controller.url();
+    let started: Vec<Node> = nodes
+        .iter()
+        .map(|(id, labels)| Node::start(&node_config(id, &url, labels)))
+        .collect();
+    let ids: Vec<&str> = nodes.iter().map(|(id, _)| *id).collect();
     wait_connected(controller, &ids).await;
     controller.publish(config, "").await.unwrap();
     wait_acked(controller, &ids, 1).await;
-    nodes
+    started
 }
 
 fn ids(count: usize) -> Vec<String> {
@@ -443,25 +457,11 @@ async fn a_staged_version_is_stored_with_its_rollout_in_one_record() {
 async fn waves_by_a_label_go_one_value_after_another() {
     let data = tempfile::tempdir().unwrap();
     let controller = Controller::start(data.path(), &[]);
-    let url = controller.url();
     let origin = Origin::start("app").await;
-    let regions = [
-        ("eu-1", "eu"),
-        ("eu-2", "eu"),
-        ("us-1", "us"),
-        ("us-2", "us"),
-    ];
-    let _nodes: Vec<Node> = regions
-        .iter()
-        .map(|(id, region)| Node::start(&node_config(id, &url, &format!(r#"region = "{region}""#))))
-        .collect();
-    let ids: Vec<&str> = regions.iter().map(|(id, _)| *id).collect();
-    wait_connected(&controller, &ids).await;
-    controller
-        .publish(&traffic("127.0.0.1:0", &origin), "")
-        .await
-        .unwrap();
-    wait_acked(&controller, &ids, 1).await;
+    let (eu, us) = (r#"region = "eu""#, r#"region = "us""#);
+    let regions = [("eu-1", eu), ("eu-2", eu), ("us-1", us), ("us-2", us)];
+    let v1 = traffic("127.0.0.1:0", &origin);
+    let _nodes = labelled_fleet_on_v1(&controller, &regions, &v1).await;
     let mut watch = controller.watch().await;
 
     let dir = tempfile::tempdir().unwrap();
