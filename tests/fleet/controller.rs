@@ -598,20 +598,13 @@ async fn publish_wait_follows_every_target_to_its_answer() {
     let publish = |name: &str, config: String, extra: &[&str]| {
         let file = dir.path().join(name);
         std::fs::write(&file, config).unwrap();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
-        command
-            .args(["fleet", "--controller", &url, "publish", "--wait"])
-            .arg(&file)
-            .args(extra);
+        let mut args = vec!["publish".to_owned(), "--wait".to_owned()];
+        args.push(file.display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let controller = &controller;
         async move {
-            let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-                .await
-                .unwrap();
-            (
-                output.status.code(),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-                String::from_utf8_lossy(&output.stderr).into_owned(),
-            )
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            controller.cli(&args).await
         }
     };
 

@@ -53,22 +53,6 @@ fn waves_of(count: usize, waves: &str) -> BTreeMap<String, usize> {
         .collect()
 }
 
-/// Runs `tether fleet ARGS…` against the controller; exit code and output.
-async fn fleet(controller: &Controller, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
-    command
-        .args(["fleet", "--controller", &controller.url()])
-        .args(args);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
@@ -127,9 +111,8 @@ async fn a_good_config_reaches_the_nodes_wave_by_wave() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &format!("# v2\n{v1}"));
     let started = Instant::now();
-    let (code, out, err) = fleet(
-        &controller,
-        &[
+    let (code, out, err) = controller
+        .cli(&[
             "publish",
             &file,
             "--waves",
@@ -137,9 +120,8 @@ async fn a_good_config_reaches_the_nodes_wave_by_wave() {
             "--bake",
             "2s",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("v2 rollout completed: wave 3 of 3 released; wave 1 1/1, wave 2 2/2, wave 3 7/7 running"), "{out}");
     // Two bakes of 2 s at least.
@@ -205,9 +187,8 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
     let dead = free_addr().to_string();
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &checked(std::slice::from_ref(&dead)));
-    let (code, out, err) = fleet(
-        &controller,
-        &[
+    let (code, out, err) = controller
+        .cli(&[
             "publish",
             &file,
             "--waves",
@@ -215,9 +196,8 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
             "--bake",
             "5s",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, Some(1), "{out}{err}");
     let gate = format!("health gate: app/{dead} down on 1 of 1 nodes running v2");
     assert!(
@@ -242,7 +222,7 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
         assert_eq!(node.version, 1, "{node:?}");
         assert_eq!(node.desired_version, 1, "{node:?}");
     }
-    let (code, out, _) = fleet(&controller, &["rollout", "status"]).await;
+    let (code, out, _) = controller.cli(&["rollout", "status"]).await;
     assert_eq!(code, Some(0));
     assert!(
         out.starts_with("v2 rollout failed: wave 1 of 3 released"),
@@ -256,9 +236,8 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
     assert!(status.down.is_empty(), "{status:?}");
     let v3 = format!("# v3\n{}", checked(&[origin.addr.to_string()]));
     let file = write(&dir, "v3.toml", &v3);
-    let (code, out, err) = fleet(
-        &controller,
-        &[
+    let (code, out, err) = controller
+        .cli(&[
             "publish",
             &file,
             "--waves",
@@ -266,9 +245,8 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
             "--bake",
             "200ms",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
@@ -296,9 +274,8 @@ async fn a_nack_in_the_second_wave_withdraws_the_version_from_both_waves() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &traffic("unix:web.sock", &origin));
-    let (code, out, err) = fleet(
-        &controller,
-        &[
+    let (code, out, err) = controller
+        .cli(&[
             "publish",
             &file,
             "--waves",
@@ -306,9 +283,8 @@ async fn a_nack_in_the_second_wave_withdraws_the_version_from_both_waves() {
             "--bake",
             "500ms",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains(&format!(
@@ -339,11 +315,9 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
 
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
-    let (code, out, err) = fleet(
-        &controller,
-        &["publish", &file, "--waves", "1,100%", "--bake", "3s"],
-    )
-    .await;
+    let (code, out, err) = controller
+        .cli(&["publish", &file, "--waves", "1,100%", "--bake", "3s"])
+        .await;
     assert_eq!(code, Some(0), "{out}{err}");
     wait_acked(&controller, &[&first], 2).await;
     let generation = controller.node(&first).await.unwrap().generation;
@@ -352,7 +326,7 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
     // the node that ran v2 is not pushed it again.
     controller.kill();
     controller.restart();
-    let (code, out, err) = fleet(&controller, &["rollout", "status", "2", "--watch"]).await;
+    let (code, out, err) = controller.cli(&["rollout", "status", "2", "--watch"]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("v2 rollout completed"), "{out}");
     let all = ids(4);
@@ -365,38 +339,34 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
 
     // Abort: the first wave goes back to v2, the rest never sees v3.
     let file = write(&dir, "v3.toml", &traffic("127.0.0.3:0", &origin));
-    let (code, _, err) = fleet(
-        &controller,
-        &["publish", &file, "--waves", "1,100%", "--bake", "1h"],
-    )
-    .await;
+    let (code, _, err) = controller
+        .cli(&["publish", &file, "--waves", "1,100%", "--bake", "1h"])
+        .await;
     assert_eq!(code, Some(0), "{err}");
     wait_acked(&controller, &[&first], 3).await;
     // Paused, nothing moves, not even a promote; resumed, it waits again.
-    let (code, out, err) = fleet(&controller, &["rollout", "pause", "3"]).await;
+    let (code, out, err) = controller.cli(&["rollout", "pause", "3"]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.starts_with("v3 rollout paused: wave 1 of 2"), "{out}");
-    let (code, _, err) = fleet(&controller, &["rollout", "promote", "3"]).await;
+    let (code, _, err) = controller.cli(&["rollout", "promote", "3"]).await;
     assert_eq!(code, Some(1));
     assert!(
         err.contains("the rollout of version 3 is paused; Promote needs it running"),
         "{err}"
     );
-    let (code, out, err) = fleet(&controller, &["rollout", "resume", "3"]).await;
+    let (code, out, err) = controller.cli(&["rollout", "resume", "3"]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.starts_with("v3 rollout running: wave 1 of 2"), "{out}");
-    let (code, out, err) = fleet(
-        &controller,
-        &["rollout", "abort", "3", "--reason", "looks wrong"],
-    )
-    .await;
+    let (code, out, err) = controller
+        .cli(&["rollout", "abort", "3", "--reason", "looks wrong"])
+        .await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.contains("v3 rollout aborted") && out.contains("aborted: looks wrong"),
         "{out}"
     );
     wait_acked(&controller, &all, 2).await;
-    let (code, _, err) = fleet(&controller, &["rollout", "abort", "3"]).await;
+    let (code, _, err) = controller.cli(&["rollout", "abort", "3"]).await;
     assert_eq!(code, Some(1));
     assert!(
         err.contains("the rollout of version 3 is aborted; Abort needs it running"),
@@ -405,21 +375,19 @@ async fn a_rollout_carries_on_after_a_controller_restart_and_stops_when_aborted(
 
     // Promote: each wave's long bake skipped, the rollout completes.
     let file = write(&dir, "v4.toml", &traffic("127.0.0.4:0", &origin));
-    let (code, _, err) = fleet(
-        &controller,
-        &["publish", &file, "--waves", "1,100%", "--bake", "1h"],
-    )
-    .await;
+    let (code, _, err) = controller
+        .cli(&["publish", &file, "--waves", "1,100%", "--bake", "1h"])
+        .await;
     assert_eq!(code, Some(0), "{err}");
     let deadline = Instant::now() + WAIT;
     let mut promoted = 0;
     loop {
-        let (_, status, _) = fleet(&controller, &["rollout", "status", "4"]).await;
+        let (_, status, _) = controller.cli(&["rollout", "status", "4"]).await;
         if status.starts_with("v4 rollout completed") {
             break;
         }
         // Refused until the wave's nodes all run it and its bake started.
-        let (code, _, _) = fleet(&controller, &["rollout", "promote", "4"]).await;
+        let (code, _, _) = controller.cli(&["rollout", "promote", "4"]).await;
         promoted += usize::from(code == Some(0));
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -466,9 +434,8 @@ async fn waves_by_a_label_go_one_value_after_another() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
-    let (code, out, err) = fleet(
-        &controller,
-        &[
+    let (code, out, err) = controller
+        .cli(&[
             "publish",
             &file,
             "--waves-by",
@@ -476,9 +443,8 @@ async fn waves_by_a_label_go_one_value_after_another() {
             "--bake",
             "1s",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, Some(0), "{out}{err}");
     // eu, us, then the nodes without a region (none here).
     assert!(
@@ -494,11 +460,9 @@ async fn waves_by_a_label_go_one_value_after_another() {
             "{us} ACKed {gap:?} after eu"
         );
     }
-    let (code, _, err) = fleet(
-        &controller,
-        &["publish", &file, "--waves", "1", "--waves-by", "region"],
-    )
-    .await;
+    let (code, _, err) = controller
+        .cli(&["publish", &file, "--waves", "1", "--waves-by", "region"])
+        .await;
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
 }

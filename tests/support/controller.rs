@@ -82,6 +82,23 @@ impl Controller {
         *self = Controller::start_at(&self.data, self.addr, &extra);
     }
 
+    /// Runs `tether fleet ARGS…` against this controller: exit code,
+    /// stdout, stderr.
+    pub async fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
+            .args(["fleet", "--controller", &self.url()])
+            .args(args);
+        let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     pub async fn fleet(&self) -> FleetServiceClient<Channel> {
         FleetServiceClient::connect(self.url())
             .await
