@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
+use super::error_rate::{parse_max_increase, DEFAULT_MAX_INCREASE_BP};
 use super::fleet::{Fleet, Plan, Publication, PublishError};
 use super::identity::Identity;
 use super::rollout::{parse_waves, Action};
@@ -101,11 +102,17 @@ fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
             "rollout: bake and ACK timeout are at most 24h",
         ));
     }
+    let max_5xx_increase_bp = match plan.max_5xx_increase.as_str() {
+        "" => DEFAULT_MAX_INCREASE_BP,
+        text => parse_max_increase(text)
+            .map_err(|e| Status::invalid_argument(format!("rollout: {e}")))?,
+    };
     Ok(Plan {
         waves,
         by_label,
         bake,
         ack_timeout,
+        max_5xx_increase_bp,
     })
 }
 

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::error_rate::{Counts, Tally};
 use super::rollout::{
     self, Action, NodeView, State as RolloutState, Step, StoredRollout, WaveSize,
 };
@@ -103,6 +104,8 @@ pub struct Plan {
     pub by_label: Option<String>,
     pub bake: Duration,
     pub ack_timeout: Duration,
+    /// The error-rate gate's margin, in hundredths of a point.
+    pub max_5xx_increase_bp: u32,
 }
 
 impl Publication {
@@ -167,6 +170,18 @@ struct NodeEntry {
     connection: Option<Connection>,
     /// (upstream, server) → pb::HealthState, as the node last reported.
     health: BTreeMap<(String, String), i32>,
+    answers: AnswerReports,
+}
+
+/// A node's answer counts, as its current stream reported them.
+#[derive(Default)]
+struct AnswerReports {
+    /// How often it reports (0: it does not).
+    every_ms: u64,
+    /// When it last reported (or connected), ms since the Unix epoch.
+    last_ms: u64,
+    /// Its counters in that report.
+    last: Option<Counts>,
 }
 
 #[derive(Default)]
@@ -177,6 +192,8 @@ struct Inner {
     nodes: BTreeMap<String, NodeEntry>,
     /// Staged rollouts by version.
     rollouts: BTreeMap<u64, StoredRollout>,
+    /// Answers counted for each live rollout's error-rate gate.
+    answers: BTreeMap<u64, Tally>,
 }
 
 impl Inner {
@@ -233,7 +250,15 @@ impl Inner {
                 }
             }
         }
+        let answers = self.answers.get(&rollout.version);
+        let reached = answers.map(Tally::reached_total).unwrap_or_default();
+        let not_reached = answers.map(Tally::not_reached_total).unwrap_or_default();
         pb::RolloutStatus {
+            wave_answered: reached.answered,
+            wave_server_errors: reached.server_errors,
+            baseline_answered: not_reached.answered,
+            baseline_server_errors: not_reached.server_errors,
+            max_5xx_increase: f64::from(rollout.max_5xx_increase_bp) / 100.0,
             state: rollout.state.name().to_owned(),
             released: rollout.released as u32,
             waves: waves as u32,
@@ -282,6 +307,7 @@ impl Fleet {
                 stored,
                 connection: None,
                 health: BTreeMap::new(),
+                answers: AnswerReports::default(),
             };
             inner.nodes.insert(id, entry);
         }
@@ -367,6 +393,11 @@ impl Fleet {
                         now,
                     )
                 }
+            })
+            .zip(publication.rollout.as_ref())
+            .map(|(rollout, plan)| StoredRollout {
+                max_5xx_increase_bp: plan.max_5xx_increase_bp,
+                ..rollout
             });
         let stored = StoredVersion {
             version: number,
@@ -571,14 +602,18 @@ impl Fleet {
                         .as_ref()
                         .map(|nack| (nack.version, nack.reason.as_str())),
                     down,
+                    reports_every_ms: n.answers.every_ms,
+                    silent_ms: now.saturating_sub(n.answers.last_ms),
                 })
                 .collect();
+            let no_answers = Tally::default();
+            let answers = inner.answers.get(&number).unwrap_or(&no_answers);
             // Steps that need no wait follow each other at once (with no
             // bake, a wave that is done releases the next right away).
             let mut next = rollout.clone();
             let mut changes = Vec::new();
             loop {
-                match rollout::evaluate(&next, &views, now) {
+                match rollout::evaluate(&next, &views, answers, now) {
                     Step::Wait => break,
                     Step::StartBake => next.baking_since = now,
                     Step::Release => {
@@ -619,6 +654,14 @@ impl Fleet {
             inner.push_desired();
             self.emit_rollout(number, status);
         }
+        let Inner {
+            rollouts, answers, ..
+        } = &mut *inner;
+        answers.retain(|number, _| {
+            rollouts
+                .get(number)
+                .is_some_and(|r| matches!(r.state, RolloutState::Running | RolloutState::Paused))
+        });
     }
 
     fn emit_rollout(&self, version: u64, status: pb::RolloutStatus) {
@@ -695,6 +738,7 @@ impl Fleet {
                 },
                 connection: None,
                 health: BTreeMap::new(),
+                answers: AnswerReports::default(),
             });
         if let Some(previous) = entry.connection.take() {
             previous.replaced.cancel();
@@ -710,6 +754,11 @@ impl Fleet {
         entry.stored.generation = hello.generation;
         entry.stored.build = hello.build;
         entry.stored.last_seen = millis(SystemTime::now());
+        entry.answers = AnswerReports {
+            every_ms: hello.traffic_report_ms,
+            last_ms: entry.stored.last_seen,
+            last: None,
+        };
         entry.health = hello
             .health
             .into_iter()
@@ -841,6 +890,57 @@ impl Fleet {
             self.emit(&session.node_id, Event::Health(transition));
         }
         self.rollout_nudge.notify_one();
+    }
+
+    /// A node's answer counters: what changed since its last report goes
+    /// to the tally of each live rollout it is a target of, on the side of
+    /// the new version when the rollout reached it and it ran that version,
+    /// on the old side when neither.
+    pub fn traffic(&self, session: &Session, report: pb::TrafficReport) {
+        let now = millis(SystemTime::now());
+        let mut inner = self.lock();
+        let Inner {
+            nodes,
+            versions,
+            rollouts,
+            answers,
+            ..
+        } = &mut *inner;
+        let Some(entry) = nodes.get_mut(&session.node_id) else {
+            return;
+        };
+        if entry.connection.as_ref().map(|c| c.session) != Some(session.id) {
+            return;
+        }
+        let counted = Counts {
+            answered: report.answered,
+            server_errors: report.server_errors,
+        };
+        entry.answers.last_ms = now;
+        let Some(earlier) = entry.answers.last.replace(counted) else {
+            return;
+        };
+        let new = counted.since(earlier);
+        if new.answered == 0 {
+            return;
+        }
+        let (id, labels) = (&session.node_id, &entry.stored.labels);
+        for rollout in rollouts.values() {
+            if !matches!(rollout.state, RolloutState::Running | RolloutState::Paused)
+                || !versions
+                    .get(&rollout.version)
+                    .is_some_and(|v| v.selector.matches(labels))
+            {
+                continue;
+            }
+            let reached = rollout.releases_to(id, labels);
+            if reached == (report.version == rollout.version) {
+                answers
+                    .entry(rollout.version)
+                    .or_default()
+                    .add(id, reached, new);
+            }
+        }
     }
 
     /// The stream ended. A stream already replaced by a newer one changes

@@ -73,6 +73,11 @@ enum FleetCommand {
         /// version, gates green, before the next.
         #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
         bake: Duration,
+        /// With --waves or --waves-by: how far the 5xx share of the nodes
+        /// on the new version may rise above that of the nodes not reached
+        /// yet before the version is withdrawn.
+        #[arg(long, default_value = "1%")]
+        max_5xx_increase: String,
     },
     /// Staged rollouts: their progress; pause, resume, promote, abort.
     Rollout {
@@ -149,6 +154,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             waves,
             waves_by,
             bake,
+            max_5xx_increase,
         } => {
             let config = match std::fs::read_to_string(file) {
                 Ok(config) => config,
@@ -168,6 +174,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                     waves_by: waves_by.clone().unwrap_or_default(),
                     bake_ms: bake.as_millis() as u64,
                     ack_timeout_ms: ack_timeout.as_millis() as u64,
+                    max_5xx_increase: max_5xx_increase.clone(),
                 }),
             };
             let published = with_retries(&args, |mut client| {

@@ -72,6 +72,11 @@ pub fn rollout_json(status: &pb::RolloutStatus) -> Value {
         "baking_since": time(status.baking_since.as_ref()),
         "bake_ms": status.bake_ms,
         "reason": status.reason,
+        "answers": {
+            "new_version": { "answered": status.wave_answered, "server_errors": status.wave_server_errors },
+            "previous_version": { "answered": status.baseline_answered, "server_errors": status.baseline_server_errors },
+            "max_5xx_increase_percent": status.max_5xx_increase,
+        },
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod api;
 mod dashboard;
+pub mod error_rate;
 pub mod fleet;
 pub mod fleet_cli;
 pub mod identity;

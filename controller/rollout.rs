@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::error_rate::{Tally, DEFAULT_MAX_INCREASE_BP};
+
 /// How often running rollouts are looked at, when nothing wakes them.
 pub const STEP: Duration = Duration::from_millis(200);
 /// The least time between two looks (ACKs wake them in between).
@@ -110,6 +112,13 @@ pub struct StoredRollout {
     /// empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_label: Option<ByLabel>,
+    /// The error-rate gate's margin, in hundredths of a point.
+    #[serde(default = "default_max_increase")]
+    pub max_5xx_increase_bp: u32,
+}
+
+fn default_max_increase() -> u32 {
+    DEFAULT_MAX_INCREASE_BP
 }
 
 /// One wave per value of `label`, in this order, then a last wave for the
@@ -164,6 +173,7 @@ impl StoredRollout {
             state: State::Running,
             reason: String::new(),
             by_label: None,
+            max_5xx_increase_bp: DEFAULT_MAX_INCREASE_BP,
         }
     }
 
@@ -293,6 +303,16 @@ pub struct NodeView<'a> {
     pub nacked: Option<(u64, &'a str)>,
     /// "upstream/server" it sees down.
     pub down: &'a [String],
+    /// How often it reports its answer counts (0: it does not), and how
+    /// long it has been silent.
+    pub reports_every_ms: u64,
+    pub silent_ms: u64,
+}
+
+/// How long a node may go without reporting its answers before the
+/// error-rate gate counts the missing data as a failure.
+pub fn report_deadline_ms(every_ms: u64) -> u64 {
+    every_ms * 3 + 2_000
 }
 
 /// What to do with a running rollout.
@@ -307,8 +327,14 @@ pub enum Step {
     Fail(String),
 }
 
-/// The gates, evaluated at `now` over the version's target nodes.
-pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> Step {
+/// The gates, evaluated at `now` over the version's target nodes and the
+/// answers they reported.
+pub fn evaluate(
+    rollout: &StoredRollout,
+    nodes: &[NodeView<'_>],
+    answers: &Tally,
+    now: u64,
+) -> Step {
     let version = rollout.version;
     let (reached, others): (Vec<&NodeView>, Vec<&NodeView>) = nodes
         .iter()
@@ -361,6 +387,34 @@ pub fn evaluate(rollout: &StoredRollout, nodes: &[NodeView<'_>], now: u64) -> St
                 .collect();
             return Step::Fail(format!("health gate: {}", list.join("; ")));
         }
+    }
+
+    // Answers: a node of the wave gone quiet is a failure (no data is not
+    // good news), and so is a 5xx share above the old version's.
+    let silent: Vec<String> = reached
+        .iter()
+        .filter(|n| n.connected && n.version == version && n.reports_every_ms > 0)
+        .filter(|n| n.silent_ms > report_deadline_ms(n.reports_every_ms))
+        .map(|n| {
+            format!(
+                "{} ({} ms, reports every {} ms)",
+                n.id, n.silent_ms, n.reports_every_ms
+            )
+        })
+        .collect();
+    if !silent.is_empty() {
+        return Step::Fail(format!(
+            "error-rate gate: no answer counts from {} running v{version}: {}",
+            if silent.len() == 1 {
+                "1 node".to_owned()
+            } else {
+                format!("{} nodes", silent.len())
+            },
+            silent.join(", ")
+        ));
+    }
+    if let Some(reason) = answers.judge(version, rollout.max_5xx_increase_bp) {
+        return Step::Fail(reason);
     }
 
     let missing: Vec<&str> = reached
@@ -460,6 +514,8 @@ mod tests {
             version,
             nacked: None,
             down,
+            reports_every_ms: 0,
+            silent_ms: 0,
         }
     }
 
@@ -495,15 +551,75 @@ mod tests {
             0,
         );
         let nodes = [view("only", 2, &[])];
-        assert_eq!(evaluate(&rollout, &nodes, 1), Step::StartBake);
+        assert_eq!(
+            evaluate(&rollout, &nodes, &Tally::default(), 1),
+            Step::StartBake
+        );
         rollout.baking_since = 1;
-        assert_eq!(evaluate(&rollout, &nodes, 2), Step::Wait);
-        assert_eq!(evaluate(&rollout, &nodes, 60_001), Step::Release);
+        assert_eq!(evaluate(&rollout, &nodes, &Tally::default(), 2), Step::Wait);
+        assert_eq!(
+            evaluate(&rollout, &nodes, &Tally::default(), 60_001),
+            Step::Release
+        );
         rollout.released = 2;
         rollout.baking_since = 0;
-        assert_eq!(evaluate(&rollout, &nodes, 60_002), Step::Release);
+        assert_eq!(
+            evaluate(&rollout, &nodes, &Tally::default(), 60_002),
+            Step::Release
+        );
         rollout.released = 3;
-        assert_eq!(evaluate(&rollout, &nodes, 60_003), Step::Complete);
+        assert_eq!(
+            evaluate(&rollout, &nodes, &Tally::default(), 60_003),
+            Step::Complete
+        );
+    }
+
+    #[test]
+    fn a_quiet_node_or_more_5xx_on_the_new_version_fails_the_error_rate_gate() {
+        let ids = ["only"];
+        let rollout = StoredRollout::start(
+            2,
+            &waves("100%"),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            &ids,
+            0,
+        );
+        let reporting = |silent_ms| NodeView {
+            reports_every_ms: 200,
+            silent_ms,
+            ..view("only", 2, &[])
+        };
+        let quiet = Tally::default();
+        assert_eq!(
+            evaluate(&rollout, &[reporting(2_600)], &quiet, 1),
+            Step::StartBake
+        );
+        assert_eq!(
+            evaluate(&rollout, &[reporting(2_601)], &quiet, 1),
+            Step::Fail(
+                "error-rate gate: no answer counts from 1 node running v2: only (2601 ms, reports every 200 ms)"
+                    .to_owned()
+            )
+        );
+        // A node that never reports (an older build) is left out.
+        assert_eq!(
+            evaluate(&rollout, &[view("only", 2, &[])], &quiet, 1),
+            Step::StartBake
+        );
+        let mut failing = Tally::default();
+        failing.add(
+            "only",
+            true,
+            crate::controller::error_rate::Counts {
+                answered: 40,
+                server_errors: 40,
+            },
+        );
+        assert!(matches!(
+            evaluate(&rollout, &[reporting(0)], &failing, 1),
+            Step::Fail(reason) if reason.starts_with("error-rate gate: 5xx on 100.0% of 40 answers")
+        ));
     }
 
     #[test]
@@ -533,19 +649,31 @@ mod tests {
                 })
                 .collect()
         };
-        assert_eq!(evaluate(&rollout, &nodes(1, &[]), 1_500), Step::Wait);
+        assert_eq!(
+            evaluate(&rollout, &nodes(1, &[]), &Tally::default(), 1_500),
+            Step::Wait
+        );
         assert!(matches!(
-            evaluate(&rollout, &nodes(1, &[]), 2_000),
+            evaluate(&rollout, &nodes(1, &[]), &Tally::default(), 2_000),
             Step::Fail(reason) if reason.starts_with("ACK gate: 1 of 1 nodes did not run v2 within 1000 ms")
         ));
-        assert_eq!(evaluate(&rollout, &nodes(2, &[]), 1_500), Step::StartBake);
+        assert_eq!(
+            evaluate(&rollout, &nodes(2, &[]), &Tally::default(), 1_500),
+            Step::StartBake
+        );
         rollout.baking_since = 1_500;
-        assert_eq!(evaluate(&rollout, &nodes(2, &[]), 1_550), Step::Wait);
-        assert_eq!(evaluate(&rollout, &nodes(2, &[]), 1_600), Step::Release);
+        assert_eq!(
+            evaluate(&rollout, &nodes(2, &[]), &Tally::default(), 1_550),
+            Step::Wait
+        );
+        assert_eq!(
+            evaluate(&rollout, &nodes(2, &[]), &Tally::default(), 1_600),
+            Step::Release
+        );
         let down: &'static [String] =
             Box::leak(vec!["app/10.0.0.9:80".to_owned()].into_boxed_slice());
         assert!(matches!(
-            evaluate(&rollout, &nodes(2, down), 1_550),
+            evaluate(&rollout, &nodes(2, down), &Tally::default(), 1_550),
             Step::Fail(reason) if reason.starts_with("health gate: app/10.0.0.9:80 down on 1 of 1 nodes running v2")
         ));
         let mut nacking = nodes(1, &[]);
@@ -555,7 +683,7 @@ mod tests {
             }
         }
         assert_eq!(
-            evaluate(&rollout, &nacking, 1_100),
+            evaluate(&rollout, &nacking, &Tally::default(), 1_100),
             Step::Fail(format!("NACK gate: v2 NACKed by {first} (cannot bind)"))
         );
     }

@@ -95,6 +95,7 @@ async fn receive(
                 Up::Ack(ack) => fleet.ack(&session, ack),
                 Up::Nack(nack) => fleet.nack(&session, nack),
                 Up::Health(report) => fleet.health(&session, report),
+                Up::Traffic(report) => fleet.traffic(&session, report),
                 Up::Hello(_) => tracing::debug!(node = %session.node_id, "ignoring a second Hello"),
             },
             Ok(Some(_)) => {}

@@ -331,6 +331,15 @@ fn a_plaintext_controller_url_off_loopback_needs_insecure() {
     }
     let (code, _, stderr) = controller("http://192.0.2.99:8840", "insecure = true");
     assert_eq!(code, 0, "{stderr}");
+    // Answer counts go to the controller at most ten times a second.
+    let (code, _, stderr) = controller("http://127.0.0.1:8840", "report_interval = \"50ms\"");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("controller.report_interval: at least 100ms"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = controller("http://127.0.0.1:8840", "report_interval = \"1s\"");
+    assert_eq!(code, 0, "{stderr}");
 }
 
 /// `tether check good.toml | head -0`: the reader is gone before the

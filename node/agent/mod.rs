@@ -1,7 +1,8 @@
 //! The controller agent: keeps one `Sync` stream open to the controller,
 //! applies each push through the supervisor (the same apply path as a
 //! SIGHUP), answers ACK or NACK naming the push's version and nonce,
-//! persists what it acknowledged, and sends health transitions up.
+//! persists what it acknowledged, and sends health transitions and answer
+//! counts up.
 //!
 //! The node keeps serving whatever it runs while the controller is away;
 //! the agent reconnects with jittered exponential backoff.
@@ -132,8 +133,15 @@ async fn session(
         waiting,
         up.clone(),
     ));
+    let mut report_due = tokio::time::interval(settings.report_interval);
+    report_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ended = loop {
         tokio::select! {
+            _ = report_due.tick() => {
+                if up.try_send(traffic_report(node)).is_err() {
+                    tracing::debug!("controller stream backed up; traffic report dropped");
+                }
+            }
             message = pushes.message() => match message {
                 Ok(Some(pb::ControllerMessage { message: Some(Down::Push(push)) })) => {
                     tracing::info!(version = push.version, nonce = %push.nonce, "push received");
@@ -205,6 +213,20 @@ fn hello(node: &NodeHandle, settings: &ControllerSettings, node_id: &str) -> pb:
         health,
         checksum: version.checksum,
         store_id: version.store_id,
+        traffic_report_ms: settings.report_interval.as_millis() as u64,
+    }))
+}
+
+/// The answers counted so far, under the version in force.
+fn traffic_report(node: &NodeHandle) -> pb::NodeMessage {
+    let version = node.current().map_or(0, |generation| {
+        controller_version(&generation.info.source).number
+    });
+    let counted = crate::telemetry::answers::counted();
+    message(Up::Traffic(pb::TrafficReport {
+        answered: counted.answered,
+        server_errors: counted.server_errors,
+        version,
     }))
 }
 
@@ -228,11 +250,17 @@ async fn apply_pushes(
             continue;
         };
         let before = checked_servers(&node);
+        // What the version in force served up to now is counted under it;
+        // what follows an ACK, under the new one.
+        let served_before = traffic_report(&node);
         let answer = apply_push(&node, &state_dir, push).await;
         // Servers the new config dropped are no longer checked: said
         // before the ACK, so the controller's view of this node's health
         // (and a rollout's health gate) never holds a server it lost.
         if matches!(answer, Up::Ack(_)) {
+            if up.send(served_before).await.is_err() {
+                return;
+            }
             let after = checked_servers(&node);
             let transitions: Vec<pb::HealthTransition> = before
                 .into_iter()

@@ -86,6 +86,8 @@ pub struct ControllerSettings {
     pub labels: BTreeMap<String, String>,
     /// Where the last acknowledged config is kept across restarts.
     pub state_dir: PathBuf,
+    /// How often the node's answer counts go to the controller.
+    pub report_interval: Duration,
     pub tls: Option<ControllerTls>,
 }
 

@@ -37,6 +37,7 @@ pub struct RawController {
     pub labels: std::collections::BTreeMap<String, String>,
     pub labels_file: Option<String>,
     pub state_dir: Option<String>,
+    pub report_interval: Option<ConfigDuration>,
     pub tls: Option<RawControllerTls>,
     /// Allows a plaintext `http://` url off loopback.
     pub insecure: Option<bool>,

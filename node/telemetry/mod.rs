@@ -13,6 +13,7 @@
 //! dropped telemetry, never a slower request.
 
 pub mod access_log;
+pub mod answers;
 pub mod metrics;
 pub mod prometheus;
 pub mod request;

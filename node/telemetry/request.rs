@@ -214,6 +214,7 @@ impl Observation {
         let duration = self.started.elapsed();
         let status = response.status();
         let route = self.route.as_deref().unwrap_or(unrouted);
+        super::answers::record(status);
         if super::metrics_enabled() {
             let series = route.series(status.as_u16());
             series.requests.add(1);

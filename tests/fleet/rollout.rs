@@ -250,6 +250,109 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
+/// v1: everything to `app`. v2 adds `/api/` to `broken`, which answers
+/// every request 502.
+fn with_api(app: &Origin, broken: Option<&Origin>) -> String {
+    let mut config = traffic("127.0.0.1:0", app);
+    if let Some(broken) = broken {
+        config.push_str(&format!(
+            "\n[[listener.route]]\npath = \"/api/\"\nupstream = \"api\"\n\
+             [upstream.api]\nservers = [{{ addr = \"{}\" }}]\n",
+            broken.addr
+        ));
+    }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_turning_to_5xx_fail_the_error_rate_gate_and_the_first_wave_goes_back() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let app = Origin::start("app").await;
+    let broken = Origin::start("api").await;
+    broken.set_failing(true);
+    let nodes = fleet_on_v1(&controller, 10, &with_api(&app, None)).await;
+    let mut addrs = Vec::new();
+    for node in &nodes {
+        addrs.push(node.listener("web").await);
+    }
+    // Clients keep asking every node for /api/ until the rollout ends
+    // (at most 30 s): a 200 from app on v1, a 502 from api on v2.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let client = http1_client();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut statuses = BTreeMap::<u16, usize>::new();
+            while !stop.is_cancelled() && Instant::now() < deadline {
+                for addr in &addrs {
+                    if let Ok(answer) = get_with(&client, *addr, None, "/api/items", &[]).await {
+                        *statuses.entry(answer.status.as_u16()).or_default() += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        }
+    });
+    let mut watch = controller.watch().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &with_api(&app, Some(&broken)));
+    let (code, out, err) = controller
+        .cli(&[
+            "publish",
+            &file,
+            "--waves",
+            "1,30%,100%",
+            "--bake",
+            "10s",
+            "--wait",
+        ])
+        .await;
+    stop.cancel();
+    let statuses = load.await.unwrap();
+    assert_eq!(code, Some(1), "{out}{err}");
+    let waves = waves_of(10, "1,30%,100%");
+    let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    // The new version's share: nearly all (an answer the old generation
+    // was finishing may count under v2); the old one's: none.
+    let share: f64 = err
+        .split_once("v2 rollout failed: error-rate gate: 5xx on ")
+        .and_then(|(_, rest)| rest.split_once('%'))
+        .and_then(|(share, _)| share.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(share >= 80.0, "{err}");
+    assert!(
+        err.contains(&format!("from 1 node running v2 ({first} "))
+            && err.contains("), 0.0% of ")
+            && err.contains("from 9 nodes still on the previous version (--max-5xx-increase 1%)"),
+        "{err}"
+    );
+    assert!(statuses.get(&502).is_some_and(|n| *n >= 20), "{statuses:?}");
+
+    // Only the first wave ever ran v2, and it is back on v1, answering
+    // /api/ from app again.
+    let acked = acks(&mut watch, 2, 10, Duration::from_secs(1)).await;
+    assert_eq!(
+        acked.keys().collect::<Vec<_>>(),
+        [&first],
+        "only the first wave ran v2"
+    );
+    wait_acked(&controller, &[&first], 1).await;
+    let index: usize = first[1..].parse().unwrap();
+    let answer = get(
+        &http1_client(),
+        nodes[index].listener("web").await,
+        None,
+        "/api/items",
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-origin"), Some("app"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_in_the_second_wave_withdraws_the_version_from_both_waves() {
     let data = tempfile::tempdir().unwrap();

@@ -202,6 +202,7 @@ drain_timeout = "2s"
 url = "{controller}"
 labels = {{ {labels} }}
 state_dir = "state"
+report_interval = "200ms"
 "#
     )
 }

@@ -905,10 +905,18 @@ impl Validator<'_> {
             }
         }
         let state_dir = self.path(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+        let report_interval = raw.report_interval.map_or(DEFAULT_REPORT_INTERVAL, |d| d.0);
+        if report_interval < MIN_REPORT_INTERVAL {
+            self.problem(
+                path.key("report_interval"),
+                "at least 100ms: every report is a message to the controller",
+            );
+        }
         Some(ControllerSettings {
             url: uri?.to_string().trim_end_matches('/').to_owned(),
             labels,
             state_dir,
+            report_interval,
             tls,
         })
     }
@@ -998,6 +1006,10 @@ impl Validator<'_> {
 /// Where a node keeps its last acknowledged config unless
 /// `[controller] state_dir` says otherwise.
 const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
+
+/// How often a node tells the controller how many answers it sent.
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Parses the Kubernetes downward API labels file: `key="value"` lines.
 fn downward_api_labels(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
