@@ -77,7 +77,7 @@ const MAX_ROLLOUT_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// The ACK timeout when a plan gives none.
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
+pub(super) fn plan(plan: &pb::RolloutPlan) -> Result<Plan, Status> {
     let (waves, by_label) = match (plan.waves.is_empty(), plan.waves_by.as_str()) {
         (true, "") => return Err(Status::invalid_argument("rollout: give waves or waves_by")),
         (false, "") => (
@@ -135,7 +135,13 @@ impl FleetService for FleetApi {
             rollback_of: 0,
             idempotency_key: request.idempotency_key,
             rollout: request.rollout.as_ref().map(plan).transpose()?,
+            all_at_once_reason: request.all_at_once_reason,
         };
+        if publication.rollout.is_some() && !publication.all_at_once_reason.is_empty() {
+            return Err(Status::invalid_argument(
+                "a rollout plan or all at once, not both",
+            ));
+        }
         self.publish(publication).await
     }
 
@@ -261,13 +267,14 @@ impl FleetApi {
         &self,
         publication: Publication,
     ) -> Result<Response<pb::PublishConfigResponse>, Status> {
-        let (version, targets) = self.fleet.publish(publication).await.map_err(|e| match e {
+        let published = self.fleet.publish(publication).await.map_err(|e| match e {
             PublishError::Store(_) => Status::internal(e.to_string()),
             PublishError::KeyReused { .. } => Status::already_exists(e.to_string()),
         })?;
         Ok(Response::new(pb::PublishConfigResponse {
-            version,
-            targets,
+            version: published.version,
+            targets: published.targets,
+            rollout: published.rollout,
         }))
     }
 }

@@ -45,6 +45,7 @@ pub struct Version {
     /// The publish span's trace context, carried by every push of it.
     pub traceparent: String,
     pub idempotency_key: String,
+    pub all_at_once_reason: String,
 }
 
 impl Version {
@@ -61,6 +62,7 @@ impl Version {
             rollback_of: stored.rollback_of,
             traceparent: String::new(),
             idempotency_key: stored.idempotency_key,
+            all_at_once_reason: stored.all_at_once_reason,
         })
     }
 
@@ -78,6 +80,7 @@ impl Version {
             checksum: self.checksum.clone(),
             rollback_of: self.rollback_of,
             rollout: None,
+            all_at_once_reason: self.all_at_once_reason.clone(),
         }
     }
 }
@@ -92,8 +95,21 @@ pub struct Publication {
     /// Empty: none. A publication whose key a stored version has answers
     /// that version.
     pub idempotency_key: String,
-    /// Staged in waves; `None`: every matching node at once.
+    /// Staged in waves; `None`: the controller's default (see
+    /// `all_at_once_reason`).
     pub rollout: Option<Plan>,
+    /// Set: every matching node at once, even when publishes are staged by
+    /// default, for this reason.
+    pub all_at_once_reason: String,
+}
+
+/// What a publish stored.
+pub struct Published {
+    pub version: u64,
+    /// Every node its selector matches, connected or not.
+    pub targets: Vec<String>,
+    /// How it started, when staged.
+    pub rollout: Option<pb::RolloutStatus>,
 }
 
 /// How a version is staged (see `rollout`).
@@ -129,7 +145,9 @@ impl Publication {
             author,
             rollback_of: earlier.number,
             idempotency_key,
+            // A rollback is how an outage ends: never staged by default.
             rollout: None,
+            all_at_once_reason: String::new(),
         }
     }
 }
@@ -285,10 +303,16 @@ pub struct Fleet {
     /// next tick.
     rollout_nudge: tokio::sync::Notify,
     next_session: AtomicU64,
+    /// How a publish with no plan of its own is staged (`None`: at once).
+    default_plan: Option<Plan>,
 }
 
 impl Fleet {
-    pub fn new(store: Store, loaded: super::store::Loaded) -> Result<Fleet, String> {
+    pub fn new(
+        store: Store,
+        loaded: super::store::Loaded,
+        default_plan: Option<Plan>,
+    ) -> Result<Fleet, String> {
         let mut inner = Inner::default();
         for stored in loaded.versions {
             let version = Version::from_stored(stored)?;
@@ -319,6 +343,7 @@ impl Fleet {
             publishing: tokio::sync::Mutex::new(()),
             rollout_nudge: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),
+            default_plan,
         })
     }
 
@@ -348,24 +373,23 @@ impl Fleet {
     }
 
     /// Stores a new version durably, then hands it to every connected node
-    /// it targets. Returns its number and the ids of every known node it
-    /// targets.
-    pub async fn publish(
-        &self,
-        publication: Publication,
-    ) -> Result<(u64, Vec<String>), PublishError> {
+    /// it targets, or to its first wave.
+    pub async fn publish(&self, publication: Publication) -> Result<Published, PublishError> {
         let _one_at_a_time = self.publishing.lock().await;
         if let Some(earlier) = self.published_with_key(&publication)? {
             tracing::info!(version = earlier.number, key = %publication.idempotency_key, "publish repeated; answering the version it stored");
-            let targets = self.targets(&earlier);
-            return Ok((earlier.number, targets));
+            return Ok(self.published(earlier.number, self.targets(&earlier)));
         }
+        let at_once = !publication.all_at_once_reason.is_empty() || publication.rollback_of > 0;
+        let plan = match &publication.rollout {
+            Some(plan) => Some(plan),
+            None if at_once => None,
+            None => self.default_plan.as_ref(),
+        };
         let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
         let targets = self.targets_for(&publication.selector);
         let now = millis(SystemTime::now());
-        let rollout = publication
-            .rollout
-            .as_ref()
+        let rollout = plan
             .map(|plan| match &plan.by_label {
                 Some(label) => {
                     let inner = self.lock();
@@ -394,7 +418,7 @@ impl Fleet {
                     )
                 }
             })
-            .zip(publication.rollout.as_ref())
+            .zip(plan)
             .map(|(rollout, plan)| StoredRollout {
                 max_5xx_increase_bp: plan.max_5xx_increase_bp,
                 ..rollout
@@ -410,6 +434,7 @@ impl Fleet {
             rollback_of: publication.rollback_of,
             idempotency_key: publication.idempotency_key,
             rollout: rollout.clone(),
+            all_at_once_reason: publication.all_at_once_reason,
         };
         self.store
             .append_durable(Record::Version(stored.clone()))
@@ -441,7 +466,20 @@ impl Fleet {
         }
         spans::end(span, None);
         self.emit("", Event::Published(version.info()));
-        Ok((number, targets))
+        Ok(self.published(number, targets))
+    }
+
+    fn published(&self, version: u64, targets: Vec<String>) -> Published {
+        let inner = self.lock();
+        let rollout = inner
+            .rollouts
+            .get(&version)
+            .map(|rollout| inner.rollout_status(rollout));
+        Published {
+            version,
+            targets,
+            rollout,
+        }
     }
 
     /// The version an earlier publish with the same idempotency key stored.

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::json::{event_json, health_name, node_json, time, version_json};
+use super::json::{event_json, health_name, node_json, rollout_json, time, version_json};
 use super::publish_wait::{wait_for_answers, NotApplied};
 use super::rollout_cli;
 use crate::grpc::ClientTlsArgs;
@@ -78,6 +78,13 @@ enum FleetCommand {
         /// yet before the version is withdrawn.
         #[arg(long, default_value = "1%")]
         max_5xx_increase: String,
+        /// Every matching node at once, although the controller stages
+        /// publishes by default (--default-waves); needs --reason.
+        #[arg(long, requires = "reason", conflicts_with_all = ["waves", "waves_by"])]
+        all_at_once: bool,
+        /// Why it goes at once: recorded in the version history.
+        #[arg(long, requires = "all_at_once")]
+        reason: Option<String>,
     },
     /// Staged rollouts: their progress; pause, resume, promote, abort.
     Rollout {
@@ -155,6 +162,8 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             waves_by,
             bake,
             max_5xx_increase,
+            all_at_once: _,
+            reason,
         } => {
             let config = match std::fs::read_to_string(file) {
                 Ok(config) => config,
@@ -176,6 +185,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
                     ack_timeout_ms: ack_timeout.as_millis() as u64,
                     max_5xx_increase: max_5xx_increase.clone(),
                 }),
+                all_at_once_reason: reason.clone().unwrap_or_default(),
             };
             let published = with_retries(&args, |mut client| {
                 let request = request.clone();
@@ -186,7 +196,7 @@ pub async fn run(args: FleetArgs) -> ExitCode {
             match published {
                 Ok(published) => {
                     print_published(&published, json);
-                    if *wait && (waves.is_some() || waves_by.is_some()) {
+                    if *wait && published.rollout.is_some() {
                         follow_rollout(&args, published.version).await
                     } else if *wait {
                         follow(&args, &published, selector, *ack_timeout).await
@@ -454,10 +464,11 @@ async fn watch(client: &mut FleetServiceClient<Channel>, json: bool) -> Result<(
 
 fn print_published(response: &pb::PublishConfigResponse, json: bool) {
     if json {
-        println!(
-            "{}",
-            json!({ "version": response.version, "targets": response.targets })
-        );
+        let mut value = json!({ "version": response.version, "targets": response.targets });
+        if let Some(rollout) = &response.rollout {
+            value["rollout"] = rollout_json(rollout);
+        }
+        println!("{value}");
     } else {
         println!(
             "published version {} to {} node{}{}",
@@ -470,6 +481,9 @@ fn print_published(response: &pb::PublishConfigResponse, json: bool) {
                 format!(": {}", response.targets.join(", "))
             }
         );
+        if let Some(rollout) = &response.rollout {
+            println!("{}", rollout_cli::status_line(response.version, rollout));
+        }
     }
 }
 
@@ -579,7 +593,16 @@ fn print_versions(versions: &[pb::VersionInfo], json: bool) {
         } else {
             info.comment.clone()
         };
-        let rollout = info.rollout.as_ref().map_or("-", |r| r.state.as_str());
+        let rollout = match &info.rollout {
+            Some(status) => status.state.as_str(),
+            None if !info.all_at_once_reason.is_empty() => "at once",
+            None => "-",
+        };
+        let comment = match info.all_at_once_reason.as_str() {
+            "" => comment,
+            reason if comment.is_empty() => format!("(at once: {reason})"),
+            reason => format!("{comment} (at once: {reason})"),
+        };
         println!(
             "{:<8} {:<30} {:<16} {:<20} {:<12} {}",
             format!("v{}", info.version),

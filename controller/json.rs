@@ -58,6 +58,7 @@ pub fn version_json(info: &pb::VersionInfo) -> Value {
         "published_at": time(info.published_at.as_ref()),
         "checksum": info.checksum,
         "rollback_of": info.rollback_of,
+        "all_at_once_reason": info.all_at_once_reason,
         "rollout": info.rollout.as_ref().map(rollout_json),
     })
 }

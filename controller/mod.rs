@@ -84,9 +84,41 @@ pub struct ControllerArgs {
     /// Signed-in operators can roll back, and are recorded as the author.
     #[arg(long, requires = "dashboard")]
     pub dashboard_tokens: Option<PathBuf>,
+    /// Stage every publish that brings no plan of its own, e.g.
+    /// 1,10%,50%,100% (see `tether fleet publish --waves`); publishing at
+    /// once then takes `--all-at-once --reason TEXT`, recorded in the
+    /// history. Rollbacks always go at once.
+    #[arg(long)]
+    pub default_waves: Option<String>,
+    /// With --default-waves: each wave's bake.
+    #[arg(long, default_value = "30s", requires = "default_waves", value_parser = crate::config::parse_duration)]
+    pub default_bake: Duration,
+    /// With --default-waves: how long each wave has to ACK.
+    #[arg(long, default_value = "60s", requires = "default_waves", value_parser = crate::config::parse_duration)]
+    pub default_ack_timeout: Duration,
+    /// With --default-waves: the error-rate gate's margin.
+    #[arg(long, default_value = "1%", requires = "default_waves")]
+    pub default_max_5xx_increase: String,
 }
 
 impl ControllerArgs {
+    /// How publishes without a plan are staged, from --default-*.
+    pub fn default_plan(&self) -> Result<Option<fleet::Plan>, String> {
+        let Some(waves) = &self.default_waves else {
+            return Ok(None);
+        };
+        let plan = crate::proto::v1::RolloutPlan {
+            waves: vec![waves.clone()],
+            bake_ms: self.default_bake.as_millis() as u64,
+            ack_timeout_ms: self.default_ack_timeout.as_millis() as u64,
+            waves_by: String::new(),
+            max_5xx_increase: self.default_max_5xx_increase.clone(),
+        };
+        api::plan(&plan)
+            .map(Some)
+            .map_err(|status| format!("--default-*: {}", status.message()))
+    }
+
     /// Checks the arguments and reads the TLS files.
     pub fn tls(&self) -> Result<Option<ControlTls>, String> {
         let (Some(cert), Some(key), Some(client_ca)) = (&self.cert, &self.key, &self.client_ca)
@@ -115,7 +147,11 @@ impl ControllerArgs {
 
 /// Opens the store in `data`. Fails if it is damaged, unless told to
 /// repair it.
-pub fn open(data: &std::path::Path, damaged: Damaged) -> Result<Arc<Fleet>, String> {
+pub fn open(
+    data: &std::path::Path,
+    damaged: Damaged,
+    default_plan: Option<fleet::Plan>,
+) -> Result<Arc<Fleet>, String> {
     let (store, loaded) = Store::open(data, damaged)?;
     tracing::info!(
         path = %store.path().display(),
@@ -124,7 +160,7 @@ pub fn open(data: &std::path::Path, damaged: Damaged) -> Result<Arc<Fleet>, Stri
         nodes = loaded.nodes.len(),
         "store opened"
     );
-    Ok(Arc::new(Fleet::new(store, loaded)?))
+    Ok(Arc::new(Fleet::new(store, loaded, default_plan)?))
 }
 
 /// Serves ControllerService, FleetService, grpc.health.v1 and reflection
@@ -166,6 +202,7 @@ pub async fn serve(
 /// `tether controller`: runs until SIGTERM or SIGINT.
 pub async fn run(args: ControllerArgs) -> Result<(), String> {
     let tls = args.tls()?;
+    let default_plan = args.default_plan()?;
     let settings = crate::config::TelemetrySettings {
         prometheus: args.prometheus,
         ..Default::default()
@@ -199,7 +236,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
     } else {
         Damaged::Refuse
     };
-    let fleet = open(&args.data, damaged)?;
+    let fleet = open(&args.data, damaged, default_plan)?;
     let _dashboard = match dashboard {
         Some((addr, dashboard)) => {
             let fleet = fleet.clone();

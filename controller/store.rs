@@ -54,6 +54,10 @@ pub struct StoredVersion {
     /// every node at once). Later states follow as `Rollout` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<StoredRollout>,
+    /// Why it went to every node at once when publishes are staged by
+    /// default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub all_at_once_reason: String,
 }
 
 /// What the controller last knew about a node.

@@ -298,9 +298,9 @@ async fn rollback(state: &State, request: Request<Incoming>) -> Response<Body> {
     };
     let publication = Publication::rollback(&earlier, body.comment, operator, body.idempotency_key);
     match state.fleet.publish(publication).await {
-        Ok((version, targets)) => json_response(
+        Ok(published) => json_response(
             StatusCode::OK,
-            &json!({ "version": version, "targets": targets }),
+            &json!({ "version": published.version, "targets": published.targets }),
         ),
         Err(e @ PublishError::KeyReused { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ PublishError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -569,3 +569,76 @@ async fn waves_by_a_label_go_one_value_after_another() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_policy_stages_every_publish_unless_told_why_not() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(
+        data.path(),
+        &["--default-waves", "1,100%", "--default-bake", "200ms"],
+    );
+    let origin = Origin::start("app").await;
+    let _nodes = fleet_on_v1(&controller, 3, &traffic("127.0.0.1:0", &origin)).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // No plan given: the controller's.
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let (code, out, err) = controller.cli(&["publish", &file, "--wait"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("v2 rollout running: wave 1 of 2 released")
+            && out.contains("v2 rollout completed: wave 2 of 2 released"),
+        "{out}"
+    );
+
+    // At once, only with a reason, and the reason stays in the history.
+    let file = write(&dir, "v3.toml", &traffic("127.0.0.3:0", &origin));
+    let (code, _, err) = controller.cli(&["publish", &file, "--all-at-once"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--reason"), "{err}");
+    let (code, out, err) = controller
+        .cli(&[
+            "publish",
+            &file,
+            "--all-at-once",
+            "--reason",
+            "INC-42: certificate expires in an hour",
+            "--wait",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!out.contains("rollout"), "{out}");
+    let all = ids(3);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_acked(&controller, &all, 3).await;
+    // A rollback is never staged by default either.
+    let (code, out, err) = controller.cli(&["rollback", "2"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_acked(&controller, &all, 4).await;
+
+    let (code, out, _) = controller.cli(&["versions"]).await;
+    assert_eq!(code, Some(0));
+    let row = |v: &str| {
+        out.lines()
+            .find(|l| l.starts_with(v))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_owned()
+    };
+    assert!(row("v2 ").contains("completed"), "{out}");
+    assert!(
+        row("v3 ").contains("at once")
+            && row("v3 ").ends_with("(at once: INC-42: certificate expires in an hour)"),
+        "{out}"
+    );
+    assert!(
+        row("v4 ").contains(" - ") && row("v4 ").ends_with("rollback to version 2"),
+        "{out}"
+    );
+    let versions = controller.versions().await;
+    let v3 = versions.iter().find(|v| v.version == 3).unwrap();
+    assert_eq!(
+        v3.all_at_once_reason,
+        "INC-42: certificate expires in an hour"
+    );
+    assert!(v3.rollout.is_none());
+}

@@ -268,5 +268,6 @@ pub fn stored_version(number: u64, config: &str) -> tether::controller::store::R
         rollback_of: 0,
         idempotency_key: String::new(),
         rollout: None,
+        all_at_once_reason: String::new(),
     })
 }
