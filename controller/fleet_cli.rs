@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::json::{event_json, health_name, node_json, rollout_json, time, version_json};
+use super::progress::Mode;
 use super::publish_wait::{wait_for_answers, NotApplied};
 use super::rollout_cli;
 use crate::grpc::ClientTlsArgs;
@@ -370,8 +371,15 @@ async fn follow(
     let mut client = connect(args).await.map_err(Failed::Unreachable)?;
     let version = published.version;
     let targets = &published.targets;
-    let Err(not_applied) =
-        wait_for_answers(&mut client, version, selector, targets, timeout, args.json).await
+    let Err(not_applied) = wait_for_answers(
+        &mut client,
+        version,
+        selector,
+        targets,
+        timeout,
+        Mode::of_stdout(args.json),
+    )
+    .await
     else {
         return Ok(());
     };
@@ -386,7 +394,7 @@ async fn follow(
 /// rollout until it ends.
 async fn follow_rollout(args: &FleetArgs, version: u64) -> Result<(), Failed> {
     let mut client = connect(args).await.map_err(Failed::Unreachable)?;
-    match rollout_cli::follow(&mut client, version, args.json).await {
+    match rollout_cli::follow(&mut client, version, Mode::of_stdout(args.json)).await {
         Ok(rollout_cli::Ended::Completed) => Ok(()),
         Ok(rollout_cli::Ended::Stopped(reason)) => Err(Failed::NotApplied(reason)),
         Err(status) if broke_off(&status) => Err(Failed::Unreachable(status.message().to_owned())),

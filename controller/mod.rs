@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod fleet_cli;
 pub mod identity;
 mod json;
+mod progress;
 mod publish_wait;
 pub mod rollout;
 mod rollout_cli;

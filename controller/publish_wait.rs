@@ -1,7 +1,7 @@
 //! `tether fleet publish --wait`: after a publish, follows the target nodes
 //! until each has answered the version. Every ACK and NACK is printed as
 //! it arrives (one JSON object per line with `--json`), with a progress
-//! line when the count changes. It succeeds when every target runs the
+//! line when the count changes (a bar on a terminal). It succeeds when every target runs the
 //! version, and fails on the first answer that is not an ACK: a NACK, or a
 //! node that has not answered within the timeout (a disconnected node
 //! counts as one that has not answered).
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tonic::transport::Channel;
 
+use super::progress::{Bars, Mode};
 use crate::config::format_duration;
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
 use crate::proto::v1::{self as pb};
@@ -68,8 +69,18 @@ pub async fn wait_for_answers(
     selector: &str,
     targets: &[String],
     timeout: Duration,
-    json: bool,
+    mode: Mode,
 ) -> Result<(), NotApplied> {
+    let json = mode == Mode::Json;
+    let mut bars = (mode == Mode::Terminal).then(Bars::new);
+    let report = |bars: &Option<Bars>, event: &str, node: &str, reason: Option<&str>| match bars {
+        Some(bars) => {
+            if let Some(reason) = reason {
+                bars.println(&format!("{node} NACKed v{version}: {reason}"));
+            }
+        }
+        None => report(json, event, node, version, reason),
+    };
     let targets: BTreeSet<String> = targets.iter().cloned().collect();
     let deadline = Instant::now() + timeout;
     let mut acked = BTreeSet::new();
@@ -90,14 +101,29 @@ pub async fn wait_for_answers(
             }
             if node.version >= version {
                 acked.insert(node.id.clone());
-                report(json, "acked", &node.id, version, None);
+                report(&bars, "acked", &node.id, None);
             } else if let Some(nack) = node.last_nack.as_ref().filter(|n| n.version == version) {
                 let reason = nack_reason(nack);
-                report(json, "nacked", &node.id, version, Some(&reason));
+                report(&bars, "nacked", &node.id, Some(&reason));
                 nacked.insert(node.id.clone(), reason);
             }
         }
-        if !json {
+        if let Some(bars) = &mut bars {
+            let nacks = match nacked.len() {
+                0 => String::new(),
+                n => format!(", {n} NACKed"),
+            };
+            bars.headline(format!(
+                "v{version}: waiting for the nodes to answer{nacks}"
+            ));
+            bars.bar(
+                0,
+                format!("v{version}"),
+                acked.len() as u64,
+                targets.len() as u64,
+                "ACKed".to_owned(),
+            );
+        } else if !json {
             let line = format!(
                 "v{version}: {} of {} nodes ACKed{}",
                 acked.len(),
@@ -114,6 +140,18 @@ pub async fn wait_for_answers(
             }
         }
         let answered = acked.len() + nacked.len();
+        let done = answered == targets.len() || Instant::now() >= deadline;
+        if let (Some(bars), true) = (&bars, done) {
+            bars.finish(format!(
+                "v{version}: {} of {} nodes ACKed{}",
+                acked.len(),
+                targets.len(),
+                match nacked.len() {
+                    0 => String::new(),
+                    n => format!(", {n} NACKed"),
+                }
+            ));
+        }
         if answered == targets.len() {
             return if nacked.is_empty() {
                 Ok(())

@@ -642,3 +642,108 @@ async fn a_default_policy_stages_every_publish_unless_told_why_not() {
     );
     assert!(v3.rollout.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_draws_bars_on_a_terminal_and_lines_elsewhere() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let _nodes = fleet_on_v1(&controller, 3, &traffic("127.0.0.1:0", &origin)).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // On a terminal: a bar per wave that fills as its nodes ACK, the bake
+    // counting down, the outcome last.
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let (code, screen) = controller
+        .cli_on_terminal(&[
+            "publish", &file, "--waves", "1,100%", "--bake", "2s", "--wait",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{screen}");
+    for drawn in [
+        "wave 1 ",
+        "wave 2 ",
+        "baking, 2s left",
+        "not released",
+        "█",
+        "\x1b[",
+        "v2 rollout completed: wave 2 of 2 released; wave 1 1/1, wave 2 2/2 running",
+    ] {
+        assert!(screen.contains(drawn), "{drawn:?} not drawn in:\n{screen}");
+    }
+    let file = write(&dir, "v3.toml", &traffic("127.0.0.3:0", &origin));
+    let (code, screen) = controller
+        .cli_on_terminal(&["publish", &file, "--wait"])
+        .await;
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(
+        screen.contains("█") && screen.contains("v3: 3 of 3 nodes ACKed"),
+        "{screen}"
+    );
+
+    // Into a pipe: plain lines, no drawing.
+    let file = write(&dir, "v4.toml", &traffic("127.0.0.4:0", &origin));
+    let (code, out, err) = controller
+        .cli(&[
+            "publish", &file, "--waves", "1,100%", "--bake", "200ms", "--wait",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!out.contains('\x1b') && !out.contains('█'), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("v4 rollout running: wave 1 of 2 released"))
+            && out.lines().last()
+                == Some(
+                    "v4 rollout completed: wave 2 of 2 released; wave 1 1/1, wave 2 2/2 running"
+                ),
+        "{out}"
+    );
+    // --json: one object per line, on a terminal too.
+    let file = write(&dir, "v5.toml", &traffic("127.0.0.5:0", &origin));
+    let (code, screen) = controller
+        .cli_on_terminal(&[
+            "--json", "publish", &file, "--waves", "1,100%", "--bake", "200ms", "--wait",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{screen}");
+    let objects: Vec<serde_json::Value> = screen
+        .lines()
+        .map(|l| serde_json::from_str(l.trim()).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(objects.last().unwrap()["state"], "completed", "{screen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_exits_2_when_the_controller_goes_away() {
+    let data = tempfile::tempdir().unwrap();
+    let mut controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let _nodes = fleet_on_v1(&controller, 2, &traffic("127.0.0.1:0", &origin)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let waiting = {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
+            .args(["fleet", "--controller", &controller.url(), "publish"])
+            .arg(&file)
+            .args(["--waves", "1,100%", "--bake", "1h", "--wait"]);
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+    let versions = controller.versions().await;
+    let deadline = Instant::now() + WAIT;
+    let mut versions = versions.len();
+    while versions < 2 {
+        assert!(Instant::now() < deadline, "v2 never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        versions = controller.versions().await.len();
+    }
+    controller.kill();
+    let output = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("publish --wait ends")
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("tether fleet: cannot reach"), "{err}");
+}

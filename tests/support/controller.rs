@@ -99,6 +99,37 @@ impl Controller {
         )
     }
 
+    /// `tether fleet ARGS` with a terminal for its output: util-linux
+    /// `script` runs it on a pseudo-terminal and copies what it draws.
+    /// Returns its exit code and everything it wrote.
+    pub async fn cli_on_terminal(&self, args: &[&str]) -> (Option<i32>, String) {
+        let quote = |arg: &str| format!("'{}'", arg.replace('\'', r"'\''"));
+        let mut line = vec![
+            quote(env!("CARGO_BIN_EXE_tether")),
+            "fleet".to_owned(),
+            "--controller".to_owned(),
+            quote(&self.url()),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        let mut command = Command::new("script");
+        command
+            .args(["--quiet", "--return", "--command"])
+            .arg(line.join(" "))
+            .arg("/dev/null")
+            .stdin(std::process::Stdio::null());
+        let output = tokio::task::spawn_blocking(move || {
+            command
+                .output()
+                .expect("util-linux `script` (Debian: bsdutils) runs the command on a terminal")
+        })
+        .await
+        .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
     pub async fn fleet(&self) -> FleetServiceClient<Channel> {
         FleetServiceClient::connect(self.url())
             .await
