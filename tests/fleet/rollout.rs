@@ -747,3 +747,54 @@ async fn publish_wait_exits_2_when_the_controller_goes_away() {
     assert_eq!(output.status.code(), Some(2), "{err}");
     assert!(err.contains("tether fleet: cannot reach"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_publish_supersedes_a_running_rollout_and_starts_from_its_first_wave() {
+    let data = tempfile::tempdir().unwrap();
+    let controller = Controller::start(data.path(), &[]);
+    let origin = Origin::start("app").await;
+    let _nodes = fleet_on_v1(&controller, 4, &traffic("127.0.0.1:0", &origin)).await;
+    let waves = waves_of(4, "1,100%");
+    let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    let all = ids(4);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let others: Vec<&str> = all.iter().copied().filter(|id| *id != first).collect();
+    let dir = tempfile::tempdir().unwrap();
+
+    let file = write(&dir, "v2.toml", &traffic("127.0.0.2:0", &origin));
+    let (code, _, err) = controller
+        .cli(&["publish", &file, "--waves", "1,100%", "--bake", "1h"])
+        .await;
+    assert_eq!(code, Some(0), "{err}");
+    wait_acked(&controller, &[&first], 2).await;
+
+    let file = write(&dir, "v3.toml", &traffic("127.0.0.3:0", &origin));
+    let (code, out, err) = controller
+        .cli(&["publish", &file, "--waves", "1,100%", "--bake", "1h"])
+        .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("v3 rollout running: wave 1 of 2 released"),
+        "{out}"
+    );
+    let (_, out, _) = controller.cli(&["rollout", "status", "2"]).await;
+    assert!(
+        out.starts_with("v2 rollout superseded: wave 1 of 2 released")
+            && out.contains("superseded by v3"),
+        "{out}"
+    );
+    // The first wave moves on to v3; the rest never saw v2 and wait for
+    // v3's second wave on v1.
+    wait_acked(&controller, &[&first], 3).await;
+    for node in controller.nodes().await {
+        if node.id != first {
+            assert_eq!((node.version, node.desired_version), (1, 1), "{node:?}");
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while controller.cli(&["rollout", "promote", "3"]).await.0 != Some(0) {
+        assert!(Instant::now() < deadline, "v3's first wave never baked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_acked(&controller, &others, 3).await;
+}
