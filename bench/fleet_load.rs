@@ -10,7 +10,9 @@
 //!     cargo run --release --example fleet-load -- \
 //!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID \
 //!         [--delay SECONDS before the first round] [--hold SECONDS after the last] \
-//!         [--waves 1,10%,50%,100%: each round a staged rollout, bake 0]
+//!         [--waves 1,10%,50%,100%: each round a staged rollout, bake 0] \
+//!         [--report-every MS: each node sends its answer counts this often,
+//!          and the controller's CPU over --delay is printed first]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,6 +40,8 @@ struct Options {
     hold: u64,
     /// Publish as a staged rollout with these waves, bake 0.
     waves: Option<String>,
+    /// Send a TrafficReport this often, in ms (0: never).
+    report_every: u64,
 }
 
 fn options() -> Options {
@@ -49,6 +53,7 @@ fn options() -> Options {
         delay: 0,
         hold: 0,
         waves: None,
+        report_every: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -61,14 +66,21 @@ fn options() -> Options {
             "--delay" => options.delay = value.parse().expect("--delay SECONDS"),
             "--hold" => options.hold = value.parse().expect("--hold SECONDS"),
             "--waves" => options.waves = Some(value),
+            "--report-every" => options.report_every = value.parse().expect("--report-every MS"),
             other => panic!("unknown argument {other}"),
         }
     }
     options
 }
 
-/// Opens one simulated node's stream; it ACKs every push at once.
-async fn simulated_node(endpoint: Endpoint, id: String, connected: Arc<AtomicUsize>) {
+/// Opens one simulated node's stream; it ACKs every push at once, and
+/// reports answer counts every `report_every` ms (0: never).
+async fn simulated_node(
+    endpoint: Endpoint,
+    id: String,
+    connected: Arc<AtomicUsize>,
+    report_every: u64,
+) {
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
         Err(e) => {
@@ -81,6 +93,7 @@ async fn simulated_node(endpoint: Endpoint, id: String, connected: Arc<AtomicUsi
         node_id: id.clone(),
         labels: HashMap::from([("env".to_owned(), "bench".to_owned())]),
         build: "fleet-load".into(),
+        traffic_report_ms: report_every,
         ..Default::default()
     };
     up.send(pb::NodeMessage {
@@ -99,7 +112,23 @@ async fn simulated_node(endpoint: Endpoint, id: String, connected: Arc<AtomicUsi
         }
     };
     connected.fetch_add(1, Ordering::Relaxed);
-    while let Ok(Some(message)) = pushes.message().await {
+    let mut report = tokio::time::interval(Duration::from_millis(report_every.max(1)));
+    let mut answered = 0;
+    loop {
+        let message = tokio::select! {
+            message = pushes.message() => message,
+            _ = report.tick(), if report_every > 0 => {
+                answered += 100;
+                let traffic = pb::TrafficReport { answered, server_errors: answered / 100, version: 0 };
+                if up.send(pb::NodeMessage { message: Some(Up::Traffic(traffic)) }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Ok(Some(message)) = message else {
+            return;
+        };
         if let Some(Down::Push(push)) = message.message {
             let ack = pb::Ack {
                 version: push.version,
@@ -171,6 +200,7 @@ async fn main() {
                 endpoint.clone(),
                 format!("sim-{i:05}"),
                 connected.clone(),
+                options.report_every,
             ));
         }
         let target = wave.last().map_or(0, |last| last + 1);
@@ -185,7 +215,18 @@ async fn main() {
         options.nodes,
         started.elapsed()
     );
+    let before = options.pid.map(process_usage);
     tokio::time::sleep(Duration::from_secs(options.delay)).await;
+    if let (Some((t0, _, _)), Some(pid), true) = (before, options.pid, options.delay > 0) {
+        let (t1, rss, _) = process_usage(pid);
+        println!(
+            "{{\"nodes\":{},\"idle_seconds\":{},\"report_every_ms\":{},\"controller_cpu_ms\":{},\"controller_rss_kib\":{rss}}}",
+            options.nodes,
+            options.delay,
+            options.report_every,
+            (t1 - t0) * 10
+        );
+    }
     let mut fleet = FleetServiceClient::new(endpoint.connect().await.expect("fleet client"));
     let mut events = fleet
         .watch_fleet(pb::WatchFleetRequest {})
