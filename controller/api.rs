@@ -268,6 +268,15 @@ impl FleetApi {
         publication: Publication,
     ) -> Result<Response<pb::PublishConfigResponse>, Status> {
         let published = self.fleet.publish(publication).await.map_err(|e| match e {
+            // A shared store that cannot be reached now.
+            PublishError::Store(ref io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::NotConnected | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Status::unavailable(e.to_string())
+            }
             PublishError::Store(_) => Status::internal(e.to_string()),
             PublishError::KeyReused { .. } => Status::already_exists(e.to_string()),
         })?;

@@ -20,7 +20,9 @@ use super::rollout::{
     self, Action, NodeView, State as RolloutState, Step, StoredRollout, WaveSize,
 };
 use super::selector::Selector;
-use super::store::{Record, Store, StoredConfigError, StoredNack, StoredNode, StoredVersion};
+use super::store::{
+    Record, Remote, Store, StoredConfigError, StoredHealth, StoredNack, StoredNode, StoredVersion,
+};
 use crate::proto::v1::{self as pb, fleet_event::Event};
 use crate::telemetry::{metrics, spans};
 use opentelemetry::trace::{SpanKind, TraceContextExt};
@@ -186,9 +188,49 @@ struct Connection {
 struct NodeEntry {
     stored: StoredNode,
     connection: Option<Connection>,
+    /// The replica of a shared store that holds the node's stream, when
+    /// another one does.
+    elsewhere: Option<String>,
     /// (upstream, server) → pb::HealthState, as the node last reported.
     health: BTreeMap<(String, String), i32>,
     answers: AnswerReports,
+}
+
+impl NodeEntry {
+    fn new(stored: StoredNode) -> NodeEntry {
+        let health = stored
+            .health
+            .iter()
+            .map(|h| ((h.upstream.clone(), h.server.clone()), h.state))
+            .collect();
+        NodeEntry {
+            stored,
+            connection: None,
+            elsewhere: None,
+            health,
+            answers: AnswerReports::default(),
+        }
+    }
+
+    /// Its stream is open, here or on another replica.
+    fn connected(&self) -> bool {
+        self.connection.is_some() || self.elsewhere.is_some()
+    }
+
+    /// What is stored of it: the record, with its health.
+    fn record(&self) -> Record {
+        let mut stored = self.stored.clone();
+        stored.health = self
+            .health
+            .iter()
+            .map(|((upstream, server), state)| StoredHealth {
+                upstream: upstream.clone(),
+                server: server.clone(),
+                state: *state,
+            })
+            .collect();
+        Record::Node(stored)
+    }
 }
 
 /// A node's answer counts, as its current stream reported them.
@@ -263,7 +305,7 @@ impl Inner {
                 }
                 let wave = rollout.wave_of(id, &node.stored.labels);
                 wave_nodes[wave] += 1;
-                if node.connection.is_some() && node.stored.version == rollout.version {
+                if node.connected() && node.stored.version == rollout.version {
                     wave_running[wave] += 1;
                 }
             }
@@ -327,13 +369,7 @@ impl Fleet {
             inner.rollouts.insert(version, rollout);
         }
         for (id, stored) in loaded.nodes {
-            let entry = NodeEntry {
-                stored,
-                connection: None,
-                health: BTreeMap::new(),
-                answers: AnswerReports::default(),
-            };
-            inner.nodes.insert(id, entry);
+            inner.nodes.insert(id, NodeEntry::new(stored));
         }
         Ok(Fleet {
             inner: Mutex::new(inner),
@@ -376,69 +412,52 @@ impl Fleet {
     /// it targets, or to its first wave.
     pub async fn publish(&self, publication: Publication) -> Result<Published, PublishError> {
         let _one_at_a_time = self.publishing.lock().await;
-        if let Some(earlier) = self.published_with_key(&publication)? {
-            tracing::info!(version = earlier.number, key = %publication.idempotency_key, "publish repeated; answering the version it stored");
-            return Ok(self.published(earlier.number, self.targets(&earlier)));
-        }
         let at_once = !publication.all_at_once_reason.is_empty() || publication.rollback_of > 0;
         let plan = match &publication.rollout {
             Some(plan) => Some(plan),
             None if at_once => None,
             None => self.default_plan.as_ref(),
         };
-        let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
-        let targets = self.targets_for(&publication.selector);
-        let now = millis(SystemTime::now());
-        let rollout = plan
-            .map(|plan| match &plan.by_label {
-                Some(label) => {
-                    let inner = self.lock();
-                    let labels: Vec<&BTreeMap<String, String>> = targets
-                        .iter()
-                        .filter_map(|id| inner.nodes.get(id).map(|n| &n.stored.labels))
-                        .collect();
-                    StoredRollout::start_by_label(
-                        number,
-                        label,
-                        plan.bake,
-                        plan.ack_timeout,
-                        &labels,
-                        now,
-                    )
+        // With a shared store another replica may take the number first:
+        // then it arrives through the store, and the next one is tried.
+        let (number, targets, rollout, stored) = loop {
+            if let Some(earlier) = self.published_with_key(&publication)? {
+                tracing::info!(version = earlier.number, key = %publication.idempotency_key, "publish repeated; answering the version it stored");
+                return Ok(self.published(earlier.number, self.targets(&earlier)));
+            }
+            let number = self.lock().versions.keys().next_back().map_or(1, |n| n + 1);
+            let targets = self.targets_for(&publication.selector);
+            let now = millis(SystemTime::now());
+            let rollout = plan.map(|plan| self.start_plan(plan, number, &targets, now));
+            let stored = StoredVersion {
+                version: number,
+                checksum: crate::config::content_version(&publication.config),
+                config: publication.config.clone(),
+                selector: publication.selector.to_string(),
+                comment: publication.comment.clone(),
+                author: publication.author.clone(),
+                published_at: now,
+                rollback_of: publication.rollback_of,
+                idempotency_key: publication.idempotency_key.clone(),
+                rollout: rollout.clone(),
+                all_at_once_reason: publication.all_at_once_reason.clone(),
+            };
+            match self
+                .store
+                .append_durable(Record::Version(stored.clone()))
+                .await
+            {
+                Ok(()) => break (number, targets, rollout, stored),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    tracing::info!(
+                        version = number,
+                        "another replica published this number first; taking the next"
+                    );
+                    self.wait_for_version(number).await?;
                 }
-                None => {
-                    let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
-                    StoredRollout::start(
-                        number,
-                        &plan.waves,
-                        plan.bake,
-                        plan.ack_timeout,
-                        &ids,
-                        now,
-                    )
-                }
-            })
-            .zip(plan)
-            .map(|(rollout, plan)| StoredRollout {
-                max_5xx_increase_bp: plan.max_5xx_increase_bp,
-                ..rollout
-            });
-        let stored = StoredVersion {
-            version: number,
-            checksum: crate::config::content_version(&publication.config),
-            config: publication.config,
-            selector: publication.selector.to_string(),
-            comment: publication.comment,
-            author: publication.author,
-            published_at: now,
-            rollback_of: publication.rollback_of,
-            idempotency_key: publication.idempotency_key,
-            rollout: rollout.clone(),
-            all_at_once_reason: publication.all_at_once_reason,
+                Err(e) => return Err(e.into()),
+            }
         };
-        self.store
-            .append_durable(Record::Version(stored.clone()))
-            .await?;
         let span = spans::start(
             format!("publish v{number}"),
             SpanKind::Server,
@@ -467,6 +486,51 @@ impl Fleet {
         spans::end(span, None);
         self.emit("", Event::Published(version.info()));
         Ok(self.published(number, targets))
+    }
+
+    /// A rollout of version `number` by `plan`, starting `now`.
+    fn start_plan(&self, plan: &Plan, number: u64, targets: &[String], now: u64) -> StoredRollout {
+        let rollout = match &plan.by_label {
+            Some(label) => {
+                let inner = self.lock();
+                let labels: Vec<&BTreeMap<String, String>> = targets
+                    .iter()
+                    .filter_map(|id| inner.nodes.get(id).map(|n| &n.stored.labels))
+                    .collect();
+                StoredRollout::start_by_label(
+                    number,
+                    label,
+                    plan.bake,
+                    plan.ack_timeout,
+                    &labels,
+                    now,
+                )
+            }
+            None => {
+                let ids: Vec<&str> = targets.iter().map(String::as_str).collect();
+                StoredRollout::start(number, &plan.waves, plan.bake, plan.ack_timeout, &ids, now)
+            }
+        };
+        StoredRollout {
+            max_5xx_increase_bp: plan.max_5xx_increase_bp,
+            ..rollout
+        }
+    }
+
+    /// Waits until version `number`, stored by another replica, has
+    /// arrived here.
+    async fn wait_for_version(&self, number: u64) -> Result<(), PublishError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.lock().versions.contains_key(&number) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PublishError::Store(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("version {number} was taken by another replica and has not arrived here within 5 s"),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     fn published(&self, version: u64, targets: Vec<String>) -> Published {
@@ -589,7 +653,11 @@ impl Fleet {
                 _ = tick.tick() => {}
                 () = self.rollout_nudge.notified() => {}
             }
-            self.step_rollouts(millis(SystemTime::now()));
+            // With a shared store, one replica drives them; the others
+            // learn each move from the store.
+            if self.store.is_leader() {
+                self.step_rollouts(millis(SystemTime::now()));
+            }
             // A step looks at every target node: during a burst of ACKs
             // it runs at most this often, the rest coalesce.
             tokio::time::sleep(rollout::MIN_STEP_GAP).await;
@@ -632,7 +700,7 @@ impl Fleet {
                 .map(|((id, n), down)| NodeView {
                     id,
                     labels: &n.stored.labels,
-                    connected: n.connection.is_some(),
+                    connected: n.connected(),
                     version: n.stored.version,
                     nacked: n
                         .stored
@@ -766,18 +834,12 @@ impl Fleet {
             .filter(|version| version.number != runs)
             .cloned();
         let (desired_sender, desired_receiver) = watch::channel(desired);
-        let entry = inner
-            .nodes
-            .entry(hello.node_id.clone())
-            .or_insert_with(|| NodeEntry {
-                stored: StoredNode {
-                    id: hello.node_id.clone(),
-                    ..StoredNode::default()
-                },
-                connection: None,
-                health: BTreeMap::new(),
-                answers: AnswerReports::default(),
-            });
+        let entry = inner.nodes.entry(hello.node_id.clone()).or_insert_with(|| {
+            NodeEntry::new(StoredNode {
+                id: hello.node_id.clone(),
+                ..StoredNode::default()
+            })
+        });
         if let Some(previous) = entry.connection.take() {
             previous.replaced.cancel();
         }
@@ -802,7 +864,9 @@ impl Fleet {
             .into_iter()
             .map(|h| ((h.upstream, h.server), h.state))
             .collect();
-        self.store.append(Record::Node(entry.stored.clone()));
+        entry.elsewhere = None;
+        self.store.append(entry.record());
+        self.store.hold_stream(&hello.node_id, true);
         drop(inner);
         tracing::info!(node = %hello.node_id, session = id, version = runs, %address, "node connected");
         self.emit(
@@ -834,7 +898,7 @@ impl Fleet {
         }
         change(entry);
         entry.stored.last_seen = millis(SystemTime::now());
-        self.store.append(Record::Node(entry.stored.clone()));
+        self.store.append(entry.record());
         true
     }
 
@@ -923,6 +987,7 @@ impl Fleet {
                 entry.health.insert(key, transition.to);
             }
         }
+        self.store.append(entry.record());
         drop(inner);
         for transition in report.transitions {
             self.emit(&session.node_id, Event::Health(transition));
@@ -981,6 +1046,95 @@ impl Fleet {
         }
     }
 
+    /// Applies what other replicas of a shared store write, for as long as
+    /// the store runs.
+    pub async fn follow_store(
+        self: Arc<Self>,
+        mut remote: tokio::sync::mpsc::UnboundedReceiver<Remote>,
+    ) {
+        while let Some(change) = remote.recv().await {
+            self.apply_remote(change);
+        }
+    }
+
+    fn apply_remote(&self, change: Remote) {
+        let mut inner = self.lock();
+        match change {
+            Remote::Version(stored) => {
+                if inner.versions.contains_key(&stored.version) {
+                    return;
+                }
+                let number = stored.version;
+                let rollout = stored.rollout.clone();
+                let version = match Version::from_stored(stored) {
+                    Ok(version) => Arc::new(version),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a version from the store cannot be read; ignored");
+                        return;
+                    }
+                };
+                if let Some(rollout) = rollout {
+                    inner.rollouts.entry(number).or_insert(rollout);
+                }
+                inner.add_version(version.clone());
+                inner.push_desired();
+                drop(inner);
+                tracing::info!(version = number, "version published by another replica");
+                self.emit("", Event::Published(version.info()));
+            }
+            Remote::Rollout(rollout) => {
+                let number = rollout.version;
+                if inner.rollouts.get(&number) == Some(&rollout) {
+                    return;
+                }
+                let status = inner.rollout_status(&rollout);
+                inner.rollouts.insert(number, rollout);
+                inner.push_desired();
+                drop(inner);
+                self.rollout_nudge.notify_one();
+                self.emit_rollout(number, status);
+            }
+            Remote::Node(stored) => {
+                let entry = inner
+                    .nodes
+                    .entry(stored.id.clone())
+                    .or_insert_with(|| NodeEntry::new(stored.clone()));
+                // A node whose stream is here is what this replica says.
+                if entry.connection.is_some() {
+                    return;
+                }
+                let fresh = NodeEntry::new(stored);
+                entry.stored = fresh.stored;
+                entry.health = fresh.health;
+                drop(inner);
+                self.rollout_nudge.notify_one();
+            }
+            Remote::Stream { node, replica } => {
+                let Some(entry) = inner.nodes.get_mut(&node) else {
+                    if let Some(replica) = replica {
+                        let mut entry = NodeEntry::new(StoredNode {
+                            id: node.clone(),
+                            ..StoredNode::default()
+                        });
+                        entry.elsewhere = Some(replica);
+                        inner.nodes.insert(node, entry);
+                    }
+                    return;
+                };
+                if entry.connection.is_some() && replica.is_some() {
+                    // It moved on to another replica; this stream is dead.
+                    tracing::info!(node = %node, "node's stream taken by another replica");
+                }
+                let moved = entry.elsewhere != replica;
+                entry.elsewhere = replica;
+                drop(inner);
+                if moved {
+                    self.rollout_nudge.notify_one();
+                }
+            }
+        }
+    }
+
     /// The stream ended. A stream already replaced by a newer one changes
     /// nothing.
     pub fn disconnect(&self, session: &Session, reason: String) {
@@ -993,7 +1147,8 @@ impl Fleet {
         }
         entry.connection = None;
         entry.stored.last_seen = millis(SystemTime::now());
-        self.store.append(Record::Node(entry.stored.clone()));
+        self.store.append(entry.record());
+        self.store.hold_stream(&session.node_id, false);
         drop(inner);
         tracing::info!(node = %session.node_id, session = session.id, %reason, "node disconnected");
         self.emit(
@@ -1026,7 +1181,7 @@ impl Fleet {
                 pb::NodeStatus {
                     id: stored.id.clone(),
                     labels: stored.labels.clone().into_iter().collect(),
-                    connected: node.connection.is_some(),
+                    connected: node.connected(),
                     last_seen: Some(from_millis(stored.last_seen).into()),
                     desired_version: inner
                         .desired_for(&stored.id, &stored.labels)
@@ -1069,7 +1224,7 @@ impl Fleet {
         let inner = self.lock();
         let mut servers: BTreeMap<(String, String), pb::ServerFleetHealth> = BTreeMap::new();
         for (id, node) in &inner.nodes {
-            if node.connection.is_none() {
+            if !node.connected() {
                 continue;
             }
             for ((name, server), state) in &node.health {

@@ -6,6 +6,8 @@
 pub mod api;
 mod dashboard;
 pub mod error_rate;
+#[cfg(feature = "etcd")]
+pub mod etcd_store;
 pub mod fleet;
 pub mod fleet_cli;
 pub mod identity;
@@ -47,9 +49,26 @@ pub struct ControllerArgs {
     /// Address for node streams and operators.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Directory of the durable store (versions and node states).
+    /// Directory of the durable store (versions and node states), for a
+    /// single controller.
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    pub data: Option<PathBuf>,
+    /// A store shared by several controller replicas:
+    /// etcd://HOST:PORT,HOST:PORT/PREFIX (builds with the `etcd` feature).
     #[arg(long)]
-    pub data: PathBuf,
+    pub store: Option<String>,
+    /// etcd's CA (PEM), for https endpoints.
+    #[arg(long, requires = "store")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd, with --etcd-key.
+    #[arg(long, requires_all = ["store", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// This replica's name among the replicas of a shared store (default:
+    /// the host name and the listen port).
+    #[arg(long, requires = "store")]
+    pub replica: Option<String>,
     /// Server certificate chain (PEM); with --key and --client-ca, enables mTLS.
     #[arg(long, requires_all = ["key", "client_ca"])]
     pub cert: Option<PathBuf>,
@@ -146,6 +165,77 @@ impl ControllerArgs {
     }
 }
 
+/// Opens the store the arguments name: the log in `--data`, or the shared
+/// store of `--store` (whose other replicas' writes are then followed).
+async fn open_store(
+    args: &ControllerArgs,
+    default_plan: Option<fleet::Plan>,
+) -> Result<(Arc<Fleet>, Option<AbortOnDropHandle<()>>), String> {
+    let damaged = if args.repair {
+        Damaged::Repair
+    } else {
+        Damaged::Refuse
+    };
+    if let Some(data) = &args.data {
+        return Ok((open(data, damaged, default_plan)?, None));
+    }
+    let url = args.store.as_deref().unwrap_or_default();
+    open_shared(args, url, default_plan).await
+}
+
+#[cfg(feature = "etcd")]
+async fn open_shared(
+    args: &ControllerArgs,
+    url: &str,
+    default_plan: Option<fleet::Plan>,
+) -> Result<(Arc<Fleet>, Option<AbortOnDropHandle<()>>), String> {
+    let (endpoints, prefix) = etcd_store::parse_url(url)?;
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let endpoints = match &args.etcd_ca {
+        Some(_) => endpoints
+            .into_iter()
+            .map(|e| e.replacen("http://", "https://", 1))
+            .collect(),
+        None => endpoints,
+    };
+    let settings = etcd_store::Settings {
+        endpoints,
+        prefix,
+        ca: args.etcd_ca.as_ref().map(read).transpose()?,
+        identity: match (&args.etcd_cert, &args.etcd_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        },
+        replica: args
+            .replica
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", crate::config::hostname(), args.listen.port())),
+    };
+    let (store, loaded, remote) = etcd_store::open(settings).await?;
+    tracing::info!(
+        store = %store.describe(),
+        store_id = %loaded.store_id,
+        versions = loaded.versions.len(),
+        nodes = loaded.nodes.len(),
+        "store opened"
+    );
+    let fleet = Arc::new(Fleet::new(store, loaded, default_plan)?);
+    let following = AbortOnDropHandle::new(tokio::spawn(fleet.clone().follow_store(remote)));
+    Ok((fleet, Some(following)))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_shared(
+    _args: &ControllerArgs,
+    url: &str,
+    _default_plan: Option<fleet::Plan>,
+) -> Result<(Arc<Fleet>, Option<AbortOnDropHandle<()>>), String> {
+    Err(format!(
+        "--store {url}: this build has no etcd store; build with `cargo build --features etcd` \
+         (it needs protoc: Debian's protobuf-compiler), or use --data DIR"
+    ))
+}
+
 /// Opens the store in `data`. Fails if it is damaged, unless told to
 /// repair it.
 pub fn open(
@@ -155,7 +245,7 @@ pub fn open(
 ) -> Result<Arc<Fleet>, String> {
     let (store, loaded) = Store::open(data, damaged)?;
     tracing::info!(
-        path = %store.path().display(),
+        path = %store.describe(),
         store_id = %loaded.store_id,
         versions = loaded.versions.len(),
         nodes = loaded.nodes.len(),
@@ -232,12 +322,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), String> {
         Some(addr) => Some(side_service(addr, "health service", serve_health).await?),
         None => None,
     };
-    let damaged = if args.repair {
-        Damaged::Repair
-    } else {
-        Damaged::Refuse
-    };
-    let fleet = open(&args.data, damaged, default_plan)?;
+    let (fleet, _following) = open_store(&args, default_plan).await?;
     let _dashboard = match dashboard {
         Some((addr, dashboard)) => {
             let fleet = fleet.clone();

@@ -23,12 +23,12 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 pub use super::rollout::StoredRollout;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const LOG_FILE: &str = "fleet.log";
 const SUM_PREFIX: &str = "xxh3:";
@@ -72,6 +72,17 @@ pub struct StoredNode {
     /// Milliseconds since the Unix epoch.
     pub last_seen: u64,
     pub build: String,
+    /// Upstream servers as the node last reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<StoredHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredHealth {
+    pub upstream: String,
+    pub server: String,
+    /// A `tether.v1.HealthState`.
+    pub state: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,17 +157,44 @@ pub struct Loaded {
     pub rollouts: BTreeMap<u64, StoredRollout>,
 }
 
-/// One record for the writer, and who waits for it to be on disk.
-struct Append {
-    record: Record,
-    done: Option<oneshot::Sender<std::io::Result<()>>>,
+/// What another replica of a shared store wrote.
+#[derive(Debug)]
+pub enum Remote {
+    Version(StoredVersion),
+    Rollout(StoredRollout),
+    Node(StoredNode),
+    /// The replica holding the node's stream (`None`: nobody).
+    Stream {
+        node: String,
+        replica: Option<String>,
+    },
 }
 
-/// A handle to the writer task.
+/// What the writer is asked to do. Each is moved once, through the
+/// writer's queue: a box would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Append {
+    /// Store a record; `done` learns when it is durable (or why not).
+    Record {
+        record: Record,
+        done: Option<oneshot::Sender<std::io::Result<()>>>,
+    },
+    /// This controller holds (or no longer holds) the node's stream: what
+    /// other replicas of a shared store go by. The file store has no other
+    /// replicas.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Stream { node: String, held: bool },
+}
+
+/// A handle to the writer task: the log file's, or a shared store's.
 #[derive(Clone)]
 pub struct Store {
     writes: mpsc::UnboundedSender<Append>,
-    path: PathBuf,
+    describe: String,
+    /// Whether this controller does the work that must happen once
+    /// (driving rollouts): always with the file store; with a shared one,
+    /// while it holds the leadership.
+    leader: watch::Receiver<bool>,
 }
 
 /// What to do with a damaged log.
@@ -210,18 +248,51 @@ impl Store {
             .name("tether-store".into())
             .spawn(move || writer(file, queue, next_seq))
             .map_err(|e| format!("cannot start the store writer: {e}"))?;
-        Ok((Store { writes, path }, loaded))
+        let store = Store {
+            writes,
+            describe: path.display().to_string(),
+            leader: watch::channel(true).1,
+        };
+        Ok((store, loaded))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A store whose writer reads `writes` elsewhere.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(super) fn shared(
+        writes: mpsc::UnboundedSender<Append>,
+        describe: String,
+        leader: watch::Receiver<bool>,
+    ) -> Store {
+        Store {
+            writes,
+            describe,
+            leader,
+        }
+    }
+
+    /// Where it keeps its records, for logs.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Tells other replicas of a shared store whether this controller
+    /// holds `node`'s stream.
+    pub fn hold_stream(&self, node: &str, held: bool) {
+        let _ = self.writes.send(Append::Stream {
+            node: node.to_owned(),
+            held,
+        });
     }
 
     /// Appends and waits until the record is on disk.
     pub async fn append_durable(&self, record: Record) -> std::io::Result<()> {
         let (done, wait) = oneshot::channel();
         self.writes
-            .send(Append {
+            .send(Append::Record {
                 record,
                 done: Some(done),
             })
@@ -233,7 +304,7 @@ impl Store {
     /// Appends without waiting; the writer makes it durable with the next
     /// batch (within milliseconds).
     pub fn append(&self, record: Record) {
-        let _ = self.writes.send(Append { record, done: None });
+        let _ = self.writes.send(Append::Record { record, done: None });
     }
 }
 
@@ -243,11 +314,16 @@ fn writer(mut file: File, mut queue: mpsc::UnboundedReceiver<Append>, mut seq: u
     let mut waiting = Vec::new();
     while let Some(first) = queue.blocking_recv() {
         let mut next = Some(first);
-        while let Some(Append { record, done }) = next {
-            encode(seq, &record, &mut buffer);
-            seq += 1;
-            waiting.extend(done);
+        while let Some(append) = next {
+            if let Append::Record { record, done } = append {
+                encode(seq, &record, &mut buffer);
+                seq += 1;
+                waiting.extend(done);
+            }
             next = queue.try_recv().ok();
+        }
+        if buffer.is_empty() {
+            continue;
         }
         let result = file.write_all(&buffer).and_then(|()| file.sync_data());
         if let Err(e) = &result {

@@ -342,6 +342,31 @@ fn a_plaintext_controller_url_off_loopback_needs_insecure() {
     assert_eq!(code, 0, "{stderr}");
 }
 
+#[test]
+fn several_controller_urls_are_checked_each_with_its_place() {
+    let with_urls = |urls: &str| {
+        check(&format!(
+            "[controller]\nurl = {urls}\nstate_dir = \"state\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[listener.route]]\nstatic = {{ root = \"site\" }}\n"
+        ))
+    };
+    let (code, _, stderr) = with_urls(r#"["http://127.0.0.1:8840", "http://127.0.0.1:8841"]"#);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) =
+        with_urls(r#"["http://127.0.0.1:8840", "http://192.0.2.9:8840", "ftp://x"]"#);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("controller.url[1]: a plaintext controller url must be on loopback")
+            && stderr.contains("controller.url[2]: invalid controller url \"ftp://x\""),
+        "{stderr}"
+    );
+    let (code, _, stderr) = with_urls("[]");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("controller.url: give at least one controller url"),
+        "{stderr}"
+    );
+}
+
 /// `tether check good.toml | head -0`: the reader is gone before the
 /// summary is written. Like other Unix tools, the command ends quietly.
 #[test]

@@ -36,20 +36,28 @@ const STABLE_STREAM: Duration = Duration::from_secs(30);
 /// dropped (the next Hello carries a full snapshot).
 const UPSTREAM_QUEUE: usize = 256;
 
-/// Runs the agent until the node stops.
+/// Runs the agent until the node stops. With several controller urls
+/// (replicas), a stream that ends or cannot open moves on to the next one
+/// at once; after a round of them all, the backoff applies.
 pub async fn run(node: NodeHandle, settings: ControllerSettings, node_id: String) {
     let mut backoff = Backoff::default();
+    let mut next = 0;
     loop {
         let started = Instant::now();
+        let url = &settings.urls[next % settings.urls.len()];
+        next += 1;
         let outcome = tokio::select! {
-            outcome = session(&node, &settings, &node_id) => outcome,
+            outcome = session(&node, &settings, url, &node_id) => outcome,
             _ = node.stopped() => return,
         };
         match outcome {
-            Ok(()) => tracing::warn!(controller = %settings.url, "controller closed the stream"),
+            Ok(()) => tracing::warn!(controller = %url, "controller closed the stream"),
             Err(reason) => {
-                tracing::warn!(controller = %settings.url, %reason, "controller unreachable")
+                tracing::warn!(controller = %url, %reason, "controller unreachable")
             }
+        }
+        if next % settings.urls.len() != 0 {
+            continue;
         }
         let delay = backoff.after(started.elapsed());
         tracing::info!(delay = ?delay, "reconnecting to the controller");
@@ -86,7 +94,7 @@ impl Backoff {
     }
 }
 
-async fn connect(settings: &ControllerSettings) -> Result<Channel, String> {
+async fn connect(settings: &ControllerSettings, url: &str) -> Result<Channel, String> {
     let tls = settings.tls.as_ref().map(|tls| ClientTls {
         ca_pem: &tls.ca_pem,
         identity: tls
@@ -95,7 +103,7 @@ async fn connect(settings: &ControllerSettings) -> Result<Channel, String> {
             .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
         server_name: None,
     });
-    grpc::endpoint(&settings.url, tls)?
+    grpc::endpoint(url, tls)?
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
@@ -109,9 +117,10 @@ async fn connect(settings: &ControllerSettings) -> Result<Channel, String> {
 async fn session(
     node: &NodeHandle,
     settings: &ControllerSettings,
+    url: &str,
     node_id: &str,
 ) -> Result<(), String> {
-    let channel = connect(settings).await?;
+    let channel = connect(settings, url).await?;
     // Subscribed before the Hello snapshot so that no transition falls
     // between the two.
     let mut events = node.events();
@@ -122,7 +131,7 @@ async fn session(
         .sync(ReceiverStream::new(up_queue))
         .await
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
-    tracing::info!(controller = %settings.url, node = node_id, "connected to the controller");
+    tracing::info!(controller = %url, node = node_id, "connected to the controller");
     let mut pushes = response.into_inner();
     // Only the newest push matters: one that arrives while another is
     // being applied replaces any still waiting.

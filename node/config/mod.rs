@@ -80,8 +80,9 @@ impl std::fmt::Debug for ControlTls {
 /// `[controller]`: where the node subscribes for its traffic config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerSettings {
-    /// `http://` (loopback only) or `https://` with `tls`.
-    pub url: String,
+    /// Each `http://` (loopback only) or `https://` with `tls`: replicas
+    /// of one controller, tried in turn.
+    pub urls: Vec<String>,
     /// From `labels_file` (the Kubernetes downward API format), then `labels`.
     pub labels: BTreeMap<String, String>,
     /// Where the last acknowledged config is kept across restarts.

@@ -32,7 +32,7 @@ pub struct RawControlTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawController {
-    pub url: String,
+    pub url: RawUrls,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
     pub labels_file: Option<String>,
@@ -41,6 +41,14 @@ pub struct RawController {
     pub tls: Option<RawControllerTls>,
     /// Allows a plaintext `http://` url off loopback.
     pub insecure: Option<bool>,
+}
+
+/// One controller url, or several (replicas, tried in turn).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawUrls {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,4 +9,8 @@ mod controller_integrity;
 mod dashboard;
 mod dashboard_page;
 mod fleet_health;
+#[cfg(feature = "etcd")]
+mod replicas;
+#[cfg(not(feature = "etcd"))]
+mod replicas_skipped;
 mod rollout;

@@ -19,6 +19,8 @@ pub struct Controller {
     child: Child,
     pub data: PathBuf,
     pub addr: SocketAddr,
+    /// `--data DIR`, or `--store URL --replica NAME`.
+    store: Vec<String>,
     extra: Vec<String>,
     log: SharedLog,
 }
@@ -32,20 +34,42 @@ impl Controller {
 
     /// Starts a controller listening on `listen`.
     pub fn start_at(data: &Path, listen: SocketAddr, extra: &[&str]) -> Controller {
+        let store = vec!["--data".to_owned(), data.display().to_string()];
+        let mut controller = Self::spawn(listen, store, extra);
+        controller.data = data.to_owned();
+        controller
+    }
+
+    /// Starts replica `name` of a controller whose store is shared
+    /// (`etcd://…`).
+    pub fn start_replica(store: &str, name: &str, extra: &[&str]) -> Controller {
+        let store = ["--store", store, "--replica", name]
+            .map(str::to_owned)
+            .to_vec();
+        Self::spawn("127.0.0.1:0".parse().unwrap(), store, extra)
+    }
+
+    fn spawn(listen: SocketAddr, store: Vec<String>, extra: &[&str]) -> Controller {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
         command
-            .args(["controller", "--listen", &listen.to_string(), "--data"])
-            .arg(data)
+            .args(["controller", "--listen", &listen.to_string()])
+            .args(&store)
             .args(extra);
         let (child, log, line) = spawn_until(command, "controller listening", "controller")
             .unwrap_or_else(|log| panic!("controller did not start:\n{log}"));
         Controller {
             child,
-            data: data.to_owned(),
+            data: PathBuf::new(),
             addr: address_in(&line),
+            store,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log,
         }
+    }
+
+    /// The process, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self) -> String {
@@ -79,7 +103,9 @@ impl Controller {
             }
             break;
         }
-        *self = Controller::start_at(&self.data, self.addr, &extra);
+        let data = self.data.clone();
+        *self = Controller::spawn(self.addr, self.store.clone(), &extra);
+        self.data = data;
     }
 
     /// Runs `tether fleet ARGS…` against this controller: exit code,

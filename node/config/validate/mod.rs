@@ -806,24 +806,6 @@ impl Validator<'_> {
 
     fn controller(&mut self, raw: RawController) -> Option<ControllerSettings> {
         let path = KeyPath::root().key("controller");
-        let uri: Option<http::Uri> = match raw.url.parse::<http::Uri>() {
-            Ok(uri)
-                if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) =>
-            {
-                Some(uri)
-            }
-            _ => {
-                self.problem(
-                    path.key("url"),
-                    format!(
-                        "invalid controller url {:?}: write http://HOST:PORT (loopback) or \
-                         https://HOST:PORT with [controller.tls]",
-                        raw.url
-                    ),
-                );
-                None
-            }
-        };
         let tls = raw.tls.map(|tls| {
             let tls_path = path.key("tls");
             let ca = self.read_pem(&tls_path.key("ca"), &tls.ca, pem::Expect::Certificates);
@@ -848,35 +830,22 @@ impl Validator<'_> {
                 identity,
             }
         });
-        if let Some(uri) = &uri {
-            let https = uri.scheme_str() == Some("https");
-            if https && tls.is_none() {
-                self.problem(
-                    path.key("url"),
-                    "an https:// controller needs [controller.tls] with its ca",
-                );
+        let texts = match &raw.url {
+            RawUrls::One(url) => vec![(path.key("url"), url.clone())],
+            RawUrls::Many(urls) if urls.is_empty() => {
+                self.problem(path.key("url"), "give at least one controller url");
+                Vec::new()
             }
-            if !https && tls.is_some() {
-                self.problem(
-                    path.key("url"),
-                    "[controller.tls] is set: write the url as https://",
-                );
-            }
-            let host = uri.host().unwrap_or_default();
-            let loopback = host.eq_ignore_ascii_case("localhost")
-                || host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if !https && !loopback && raw.insecure != Some(true) {
-                self.problem(
-                    path.key("url"),
-                    format!(
-                        "a plaintext controller url must be on loopback, and {host} is not: \
-                         use https:// with [controller.tls], or set insecure = true"
-                    ),
-                );
+            RawUrls::Many(urls) => urls
+                .iter()
+                .enumerate()
+                .map(|(i, url)| (path.key("url").index(i), url.clone()))
+                .collect(),
+        };
+        let mut urls = Vec::new();
+        for (url_path, text) in texts {
+            if let Some(url) = self.controller_url(url_path, &text, tls.is_some(), raw.insecure) {
+                urls.push(url);
             }
         }
         let mut labels = BTreeMap::new();
@@ -912,13 +881,76 @@ impl Validator<'_> {
                 "at least 100ms: every report is a message to the controller",
             );
         }
+        if urls.is_empty() {
+            return None;
+        }
         Some(ControllerSettings {
-            url: uri?.to_string().trim_end_matches('/').to_owned(),
+            urls,
             labels,
             state_dir,
             report_interval,
             tls,
         })
+    }
+}
+
+impl Validator<'_> {
+    /// One controller url: http:// on loopback (or `insecure`), https://
+    /// with TLS settings.
+    fn controller_url(
+        &mut self,
+        path: KeyPath,
+        text: &str,
+        tls: bool,
+        insecure: Option<bool>,
+    ) -> Option<String> {
+        let uri = match text.parse::<http::Uri>() {
+            Ok(uri)
+                if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) =>
+            {
+                uri
+            }
+            _ => {
+                self.problem(
+                    path,
+                    format!(
+                        "invalid controller url {text:?}: write http://HOST:PORT (loopback) or \
+                         https://HOST:PORT with [controller.tls]"
+                    ),
+                );
+                return None;
+            }
+        };
+        let https = uri.scheme_str() == Some("https");
+        if https && !tls {
+            self.problem(
+                path.clone(),
+                "an https:// controller needs [controller.tls] with its ca",
+            );
+        }
+        if !https && tls {
+            self.problem(
+                path.clone(),
+                "[controller.tls] is set: write the url as https://",
+            );
+        }
+        let host = uri.host().unwrap_or_default();
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !https && !loopback && insecure != Some(true) {
+            self.problem(
+                path,
+                format!(
+                    "a plaintext controller url must be on loopback, and {host} is not: \
+                     use https:// with [controller.tls], or set insecure = true"
+                ),
+            );
+        }
+        Some(uri.to_string().trim_end_matches('/').to_owned())
     }
 }
 

@@ -1,0 +1,638 @@
+//! The shared store: the controller's records as keys in etcd, so that
+//! several controller replicas serve one fleet.
+//!
+//! Under the prefix P:
+//! - `P/store_id`: the store's identity, made by the first replica;
+//! - `P/versions/N`: each published version; a publish creates the key only
+//!   if it is absent (a transaction), so two replicas publishing at once get
+//!   two numbers and neither is lost;
+//! - `P/rollouts/N`: a staged rollout's state, each write compared with the
+//!   key's revision the writer last saw (an operator's abort on one replica
+//!   and the leader's step on another cannot overwrite each other);
+//! - `P/nodes/ID`: what a node runs, written by the replica holding its
+//!   stream;
+//! - `P/streams/ID`: that replica's name, under its lease: when the replica
+//!   dies its nodes show as disconnected within the lease's TTL;
+//! - `P/leader`: the replica that drives rollouts, under its lease. Its
+//!   rollout writes also compare this key's creation revision, so a replica
+//!   that was paused past its lease and wakes up cannot write.
+//!
+//! Every replica watches the prefix and hands what other replicas wrote to
+//! the fleet (`Remote`). When etcd cannot be reached, writes that must be
+//! durable fail with the reason and the others are kept, newest per key,
+//! and written when it is back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::store::{Append, Loaded, Record, Remote, Store};
+
+/// How long a replica's lease outlives its last keep-alive: its nodes show
+/// as disconnected, and another replica may lead, this long after it dies.
+pub const LEASE_TTL: i64 = 5;
+/// How often a replica that does not lead tries to.
+const CAMPAIGN_EVERY: Duration = Duration::from_secs(1);
+/// How often writes that failed are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the shared store is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// CA (PEM), and the client's certificate and key (PEM).
+    pub ca: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// This replica's name, unique among the replicas.
+    pub replica: String,
+}
+
+/// Connects, reads everything under the prefix, and starts the writer, the
+/// watcher, the lease and the campaign for leadership.
+pub async fn open(
+    settings: Settings,
+) -> Result<(Store, Loaded, mpsc::UnboundedReceiver<Remote>), String> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_require_leader(true);
+    if settings.ca.is_some() || settings.identity.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &settings.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &settings.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    let describe = format!(
+        "etcd {} under {}",
+        settings.endpoints.join(","),
+        settings.prefix
+    );
+    let mut client = Client::connect(&settings.endpoints, Some(options))
+        .await
+        .map_err(|e| format!("cannot reach {describe}: {e}"))?;
+    let keys = Keys::new(&settings.prefix);
+    let (loaded, revision) = load(&mut client, &keys)
+        .await
+        .map_err(|e| format!("cannot read {describe}: {e}"))?;
+    let lease = client
+        .lease_grant(LEASE_TTL, None)
+        .await
+        .map_err(|e| format!("cannot get a lease from {describe}: {e}"))?
+        .id();
+    let shared = Arc::new(Shared {
+        keys,
+        replica: settings.replica,
+        lease: Mutex::new(lease),
+        written: Mutex::new(HashMap::new()),
+        fence: Mutex::new(None),
+        held: Mutex::new(BTreeSet::new()),
+    });
+    let (writes, queue) = mpsc::unbounded_channel();
+    let (remote_tx, remote) = mpsc::unbounded_channel();
+    let (leader_tx, leader) = watch::channel(false);
+    tokio::spawn(keep_lease(
+        client.clone(),
+        shared.clone(),
+        leader_tx.clone(),
+    ));
+    tokio::spawn(campaign(client.clone(), shared.clone(), leader_tx));
+    tokio::spawn(follow(client.clone(), shared.clone(), revision, remote_tx));
+    tokio::spawn(write(client, shared, queue));
+    tracing::info!(store = %describe, lease, "shared store opened");
+    Ok((Store::shared(writes, describe, leader), loaded, remote))
+}
+
+/// `etcd://HOST:PORT,HOST:PORT/PREFIX`: the endpoints and the key prefix
+/// (default `/tether`).
+pub fn parse_url(url: &str) -> Result<(Vec<String>, String), String> {
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("{url:?}: write etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"))?;
+    let (hosts, prefix) = match rest.find('/') {
+        Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("{url:?}: no etcd endpoint"));
+    }
+    let prefix = if prefix.is_empty() { "/tether" } else { prefix };
+    Ok((endpoints, prefix.to_owned()))
+}
+
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+    fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+    fn store_id(&self) -> String {
+        format!("{}/store_id", self.prefix)
+    }
+    fn version(&self, number: u64) -> String {
+        format!("{}/versions/{number:020}", self.prefix)
+    }
+    fn rollout(&self, number: u64) -> String {
+        format!("{}/rollouts/{number:020}", self.prefix)
+    }
+    fn node(&self, id: &str) -> String {
+        format!("{}/nodes/{id}", self.prefix)
+    }
+    fn stream(&self, id: &str) -> String {
+        format!("{}/streams/{id}", self.prefix)
+    }
+    fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+}
+
+/// What the replica's tasks share.
+struct Shared {
+    keys: Keys,
+    replica: String,
+    lease: Mutex<i64>,
+    /// Key → the revision of this replica's last write to it: the watcher
+    /// skips the echoes of its own writes, and rollout writes compare it.
+    written: Mutex<HashMap<String, i64>>,
+    /// While leading: the leader key's creation revision.
+    fence: Mutex<Option<i64>>,
+    /// The nodes whose streams this replica holds, to claim again under a
+    /// new lease.
+    held: Mutex<BTreeSet<String>>,
+}
+
+impl Shared {
+    fn lease(&self) -> i64 {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn written(&self, key: &str) -> i64 {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(key).copied().unwrap_or(0)
+    }
+    fn wrote(&self, key: String, revision: i64) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = written.entry(key).or_insert(0);
+        *entry = (*entry).max(revision);
+    }
+    fn fence(&self) -> Option<i64> {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Everything under the prefix, and the revision it was read at.
+async fn load(client: &mut Client, keys: &Keys) -> Result<(Loaded, i64), etcd_client::Error> {
+    // The identity first: made once, by whichever replica comes first.
+    let id = format!("{:032x}", rand::random::<u128>());
+    client
+        .txn(
+            Txn::new()
+                .when([Compare::create_revision(
+                    keys.store_id(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(keys.store_id(), id, None)]),
+        )
+        .await?;
+    let all = client
+        .get(keys.all(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = all.header().map_or(0, |h| h.revision());
+    let mut loaded = Loaded::default();
+    for kv in all.kvs() {
+        let key = kv.key_str().unwrap_or_default();
+        let Some(kind) = key.strip_prefix(&keys.prefix) else {
+            continue;
+        };
+        match parse(kind, kv.value()) {
+            Some(Parsed::StoreId(id)) => loaded.store_id = id,
+            Some(Parsed::Remote(Remote::Version(version))) => loaded.versions.push(version),
+            Some(Parsed::Remote(Remote::Rollout(rollout))) => {
+                loaded.rollouts.insert(rollout.version, rollout);
+            }
+            Some(Parsed::Remote(Remote::Node(node))) => {
+                loaded.nodes.insert(node.id.clone(), node);
+            }
+            // Streams held now are learned from the watch's first events
+            // and from the fleet's own connects; at load, a node with a
+            // live stream elsewhere is marked below.
+            Some(Parsed::Remote(Remote::Stream { .. })) | None => {}
+        }
+    }
+    loaded.versions.sort_by_key(|v| v.version);
+    // Rollouts stored with their version hold until a later state exists.
+    for version in &loaded.versions {
+        if let Some(rollout) = &version.rollout {
+            loaded
+                .rollouts
+                .entry(version.version)
+                .or_insert_with(|| rollout.clone());
+        }
+    }
+    Ok((loaded, revision))
+}
+
+/// One key's value, read once and handed on.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    StoreId(String),
+    Remote(Remote),
+}
+
+/// A key below the prefix (`/versions/…`) and its value.
+fn parse(kind: &str, value: &[u8]) -> Option<Parsed> {
+    let parsed = if kind == "/store_id" {
+        Parsed::StoreId(String::from_utf8_lossy(value).into_owned())
+    } else if kind.starts_with("/versions/") {
+        Parsed::Remote(Remote::Version(serde_json::from_slice(value).ok()?))
+    } else if kind.starts_with("/rollouts/") {
+        Parsed::Remote(Remote::Rollout(serde_json::from_slice(value).ok()?))
+    } else if kind.starts_with("/nodes/") {
+        Parsed::Remote(Remote::Node(serde_json::from_slice(value).ok()?))
+    } else if let Some(node) = kind.strip_prefix("/streams/") {
+        Parsed::Remote(Remote::Stream {
+            node: node.to_owned(),
+            replica: Some(String::from_utf8_lossy(value).into_owned()),
+        })
+    } else {
+        return None;
+    };
+    Some(parsed)
+}
+
+/// Keeps the lease alive; when it was lost (etcd away past its TTL), takes
+/// a new one and leaves the leadership.
+async fn keep_lease(mut client: Client, shared: Arc<Shared>, leader: watch::Sender<bool>) {
+    let every = Duration::from_secs((LEASE_TTL as u64 / 3).max(1));
+    loop {
+        let lease = shared.lease();
+        let alive = match client.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut answers)) => loop {
+                if keeper.keep_alive().await.is_err() {
+                    break false;
+                }
+                match answers.message().await {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {}
+                    Ok(Some(_)) => break false,
+                    _ => break true,
+                }
+                tokio::time::sleep(every).await;
+            },
+            Err(_) => true,
+        };
+        if !alive {
+            tracing::warn!(lease, "lost the etcd lease; taking a new one");
+            *shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            leader.send_replace(false);
+            match client.lease_grant(LEASE_TTL, None).await {
+                Ok(granted) => {
+                    *shared.lease.lock().unwrap_or_else(|e| e.into_inner()) = granted.id();
+                    // The old lease took this replica's stream keys with it.
+                    let held: Vec<String> = shared
+                        .held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned()
+                        .collect();
+                    for node in held {
+                        let put = PutOptions::new().with_lease(granted.id());
+                        let key = shared.keys.stream(&node);
+                        if let Ok(answer) = client
+                            .put(key.clone(), shared.replica.clone(), Some(put))
+                            .await
+                        {
+                            shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "etcd unreachable"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Tries to become the leader while nobody is; steps down when the key is
+/// no longer ours.
+async fn campaign(mut client: Client, shared: Arc<Shared>, leader: watch::Sender<bool>) {
+    let key = shared.keys.leader();
+    loop {
+        let lease = shared.lease();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                shared.replica.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let holder = match client.txn(txn).await {
+            Ok(answer) if answer.succeeded() => {
+                let created = answer.header().map_or(0, |h| h.revision());
+                Some((shared.replica.clone(), created, lease))
+            }
+            Ok(answer) => answer.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                        kv.create_revision(),
+                        kv.lease(),
+                    )
+                }),
+                _ => None,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "campaign: etcd unreachable");
+                None
+            }
+        };
+        let leads = matches!(&holder, Some((name, _, held_lease)) if *name == shared.replica && *held_lease == lease);
+        let fence = if leads {
+            holder.as_ref().map(|(_, created, _)| *created)
+        } else {
+            None
+        };
+        *shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = fence;
+        if *leader.borrow() != leads {
+            tracing::info!(replica = %shared.replica, leads, "leadership changed");
+            leader.send_replace(leads);
+        }
+        tokio::time::sleep(CAMPAIGN_EVERY).await;
+    }
+}
+
+/// Hands what other replicas write to the fleet, from `revision` on.
+async fn follow(
+    mut client: Client,
+    shared: Arc<Shared>,
+    revision: i64,
+    remote: mpsc::UnboundedSender<Remote>,
+) {
+    let mut next = revision + 1;
+    loop {
+        let options = WatchOptions::new().with_prefix().with_start_revision(next);
+        let mut stream = match client.watch(shared.keys.all(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch etcd; trying again");
+                tokio::time::sleep(RETRY_EVERY).await;
+                continue;
+            }
+        };
+        while let Ok(Some(answer)) = stream.message().await {
+            if answer.canceled() {
+                tracing::error!(
+                    compacted = answer.compact_revision(),
+                    "the etcd watch was cancelled (history compacted past it); restart the replica to reload"
+                );
+                break;
+            }
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                next = next.max(kv.mod_revision() + 1);
+                let key = kv.key_str().unwrap_or_default();
+                if kv.mod_revision() <= shared.written(key) {
+                    continue;
+                }
+                let Some(kind) = key.strip_prefix(&shared.keys.prefix) else {
+                    continue;
+                };
+                let change = match event.event_type() {
+                    EventType::Put => match parse(kind, kv.value()) {
+                        Some(Parsed::Remote(change)) => change,
+                        _ => continue,
+                    },
+                    EventType::Delete => match kind.strip_prefix("/streams/") {
+                        Some(node) => Remote::Stream {
+                            node: node.to_owned(),
+                            replica: None,
+                        },
+                        None => continue,
+                    },
+                };
+                // Rollout writes compare the revision last seen.
+                if matches!(change, Remote::Rollout(_)) {
+                    shared.wrote(key.to_owned(), kv.mod_revision());
+                }
+                if remote.send(change).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// Writes what the fleet appends, in order; what cannot be written now is
+/// kept (the newest per key) and tried again.
+async fn write(
+    mut client: Client,
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<Append>,
+) {
+    let mut pending: BTreeMap<String, Append> = BTreeMap::new();
+    let mut retry = tokio::time::interval(RETRY_EVERY);
+    loop {
+        tokio::select! {
+            append = queue.recv() => {
+                let Some(append) = append else { return };
+                if let Some((key, kept)) = apply(&mut client, &shared, append).await {
+                    pending.insert(key, kept);
+                }
+            }
+            _ = retry.tick(), if !pending.is_empty() => {
+                for (_, append) in std::mem::take(&mut pending) {
+                    if let Some((key, kept)) = apply(&mut client, &shared, append).await {
+                        pending.insert(key, kept);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes one append; gives it back with its key when etcd cannot be
+/// reached and it is worth trying again.
+async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(String, Append)> {
+    let keys = &shared.keys;
+    match append {
+        Append::Record {
+            record: Record::Version(version),
+            done,
+        } => {
+            let key = keys.version(version.version);
+            let value = serde_json::to_vec(&version).expect("records serialize");
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), value, None)]);
+            let result = match client.txn(txn).await {
+                Ok(answer) if answer.succeeded() => {
+                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    Ok(())
+                }
+                Ok(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "version {} was published by another replica",
+                        version.version
+                    ),
+                )),
+                Err(e) => Err(unreachable(e)),
+            };
+            if let Some(done) = done {
+                let _ = done.send(result);
+            }
+            None
+        }
+        Append::Record {
+            record: Record::Rollout(rollout),
+            done,
+        } => {
+            let key = keys.rollout(rollout.version);
+            let value = serde_json::to_vec(&rollout).expect("records serialize");
+            let mut compare = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                shared.written(&key),
+            )];
+            // The leader's steps are fenced by its leadership; an
+            // operator's action is not a step and needs none.
+            if let Some(fence) = shared.fence() {
+                compare.push(Compare::create_revision(
+                    keys.leader(),
+                    CompareOp::Equal,
+                    fence,
+                ));
+            }
+            let txn = Txn::new()
+                .when(compare)
+                .and_then([TxnOp::put(key.clone(), value, None)]);
+            let result = match client.txn(txn).await {
+                Ok(answer) if answer.succeeded() => {
+                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    Ok(())
+                }
+                Ok(_) => {
+                    tracing::info!(
+                        version = rollout.version,
+                        "rollout write lost a race; the newer state comes from the watch"
+                    );
+                    Err(std::io::Error::other("the rollout changed meanwhile"))
+                }
+                Err(e) => Err(unreachable(e)),
+            };
+            if let Some(done) = done {
+                let _ = done.send(result);
+            }
+            None
+        }
+        Append::Record {
+            record: Record::Node(node),
+            done,
+        } => {
+            let key = keys.node(&node.id);
+            let value = serde_json::to_vec(&node).expect("records serialize");
+            match client.put(key.clone(), value, None).await {
+                Ok(answer) => {
+                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(()));
+                    }
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, node = %node.id, "node record kept until etcd is back");
+                    Some((
+                        key,
+                        Append::Record {
+                            record: Record::Node(node),
+                            done,
+                        },
+                    ))
+                }
+            }
+        }
+        Append::Record {
+            record: Record::Store { .. },
+            done,
+        } => {
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+            None
+        }
+        Append::Stream { node, held } => {
+            let key = keys.stream(&node);
+            {
+                let mut holding = shared.held.lock().unwrap_or_else(|e| e.into_inner());
+                if held {
+                    holding.insert(node.clone());
+                } else {
+                    holding.remove(&node);
+                }
+            }
+            let result = if held {
+                client
+                    .put(
+                        key.clone(),
+                        shared.replica.clone(),
+                        Some(PutOptions::new().with_lease(shared.lease())),
+                    )
+                    .await
+                    .map(|answer| answer.header().map_or(0, |h| h.revision()))
+            } else {
+                // Only if it is still ours: the node may have moved on.
+                let txn = Txn::new()
+                    .when([Compare::value(
+                        key.clone(),
+                        CompareOp::Equal,
+                        shared.replica.clone(),
+                    )])
+                    .and_then([TxnOp::delete(key.clone(), None)]);
+                client
+                    .txn(txn)
+                    .await
+                    .map(|answer| answer.header().map_or(0, |h| h.revision()))
+            };
+            match result {
+                Ok(revision) => {
+                    shared.wrote(key, revision);
+                    None
+                }
+                Err(_) => Some((key, Append::Stream { node, held })),
+            }
+        }
+    }
+}
+
+fn unreachable(e: etcd_client::Error) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        format!("etcd unreachable: {e}"),
+    )
+}

@@ -1,0 +1,251 @@
+//! Controller replicas on a real 3-member etcd cluster: one history seen
+//! by every replica, nodes that fail over to another replica without
+//! re-applying anything, publishes from several replicas at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tether::proto::v1::{self as pb};
+
+use crate::support::*;
+
+/// A node config naming every replica, `first` first.
+fn node_on_replicas(id: &str, replicas: &[&Controller], first: usize) -> String {
+    let urls: Vec<String> = (0..replicas.len())
+        .map(|i| format!("\"{}\"", replicas[(first + i) % replicas.len()].url()))
+        .collect();
+    node_config(id, &replicas[0].url(), r#"env = "prod""#).replace(
+        &format!("url = \"{}\"", replicas[0].url()),
+        &format!("url = [{}]", urls.join(", ")),
+    )
+}
+
+/// (number, comment) of every version, as `replica` lists them.
+async fn history(replica: &Controller) -> Vec<(u64, String)> {
+    replica
+        .versions()
+        .await
+        .into_iter()
+        .map(|v| (v.version, v.comment))
+        .collect()
+}
+
+async fn publish_on(replica: &Controller, config: &str, comment: &str) -> u64 {
+    replica
+        .fleet()
+        .await
+        .publish_config(pb::PublishConfigRequest {
+            config: config.to_owned(),
+            comment: comment.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_history_and_nodes_fail_over_without_reapplying() {
+    let Some(binary) = etcd() else { return };
+    let cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("fleet");
+    let mut replicas: Vec<Controller> = (0..3)
+        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
+        .collect();
+    let origin = Origin::start("app").await;
+    let ids: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
+    let _nodes: Vec<Node> = {
+        let all: Vec<&Controller> = replicas.iter().collect();
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Node::start(&node_on_replicas(id, &all, i % 3)))
+            .collect()
+    };
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    // Every replica sees every node, whichever holds its stream.
+    for replica in &replicas {
+        wait_connected(replica, &ids).await;
+    }
+
+    // v1, v2, v3 from three replicas: every node runs v3, and every
+    // replica lists the same history.
+    for (i, replica) in replicas.iter().enumerate() {
+        let listen = format!("127.0.0.{}:0", i + 1);
+        let version = publish_on(replica, &traffic(&listen, &origin), &format!("from r{i}")).await;
+        assert_eq!(version, i as u64 + 1);
+    }
+    for replica in &replicas {
+        wait_acked(replica, &ids, 3).await;
+    }
+    let expected: Vec<(u64, String)> = (1..=3)
+        .rev()
+        .map(|v| (v, format!("from r{}", v - 1)))
+        .collect();
+    for replica in &replicas {
+        assert_eq!(history(replica).await, expected);
+    }
+
+    // r1 dies without a word: the nodes it held (n1, n4) are back on
+    // another replica within 3 s, still on generation they had (nothing
+    // re-applied), and no version is lost.
+    let generations: BTreeMap<String, u64> = replicas[0]
+        .nodes()
+        .await
+        .into_iter()
+        .map(|n| (n.id, n.generation))
+        .collect();
+    replicas[1].kill();
+    let killed_at = Instant::now();
+    let moved = ["n1", "n4"];
+    // Each said Hello to r0 or r2.
+    let survivors = [&replicas[0], &replicas[2]];
+    let deadline = killed_at + Duration::from_secs(3);
+    'held: loop {
+        let mut held = 0;
+        for replica in survivors {
+            let log = replica.log();
+            held += moved
+                .iter()
+                .filter(|id| log.contains(&format!("node connected node={id}")))
+                .count();
+        }
+        if held >= moved.len() {
+            break 'held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n1, n4 did not reconnect within 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for replica in survivors {
+        for node in replica.nodes().await {
+            assert!(node.connected, "{node:?}");
+            assert_eq!(node.version, 3, "{node:?}");
+            assert_eq!(
+                node.generation, generations[&node.id],
+                "re-applied: {node:?}"
+            );
+        }
+        assert_eq!(history(replica).await, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_publishing_at_once_get_distinct_numbers_in_one_order() {
+    let Some(binary) = etcd() else { return };
+    let cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("race");
+    let a = Controller::start_replica(&store, "a", &[]);
+    let b = Controller::start_replica(&store, "b", &[]);
+    let config = "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nstatic = { root = \"site\" }\n";
+    let publishes = |replica: &Controller, name: &'static str| {
+        let url = replica.url();
+        async move {
+            let mut client = pb::fleet_service_client::FleetServiceClient::connect(url)
+                .await
+                .unwrap();
+            let mut numbers = Vec::new();
+            for i in 0..100 {
+                let answer = client
+                    .publish_config(pb::PublishConfigRequest {
+                        config: config.to_owned(),
+                        comment: format!("{name}-{i}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("publish");
+                numbers.push(answer.into_inner().version);
+            }
+            numbers
+        }
+    };
+    let (from_a, from_b) = tokio::join!(publishes(&a, "a"), publishes(&b, "b"));
+    let mut all: Vec<u64> = from_a.iter().chain(&from_b).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all,
+        (1..=200).collect::<Vec<u64>>(),
+        "a: {from_a:?}\nb: {from_b:?}"
+    );
+    // Both list the same 200, each under the number its publisher was told.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (on_a, on_b) = (history(&a).await, history(&b).await);
+        if on_a.len() == 200 && on_a == on_b {
+            for (number, comment) in &on_a {
+                let (name, i) = comment.split_once('-').unwrap();
+                let told = if name == "a" { &from_a } else { &from_b };
+                assert_eq!(told[i.parse::<usize>().unwrap()], *number, "{comment}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a: {} versions, b: {}",
+            on_a.len(),
+            on_b.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_publishes_are_unavailable_nodes_serve_and_all_recovers() {
+    let Some(binary) = etcd() else { return };
+    let mut cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("outage");
+    let replica = Controller::start_replica(&store, "r0", &[]);
+    let origin = Origin::start("app").await;
+    let node = Node::start(&node_config("n0", &replica.url(), r#"env = "prod""#));
+    wait_connected(&replica, &["n0"]).await;
+    publish_on(&replica, &traffic("127.0.0.1:0", &origin), "v1").await;
+    wait_acked(&replica, &["n0"], 1).await;
+
+    for member in 0..3 {
+        cluster.kill(member);
+    }
+    let refused = replica
+        .fleet()
+        .await
+        .publish_config(pb::PublishConfigRequest {
+            config: traffic("127.0.0.2:0", &origin),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no etcd, no publish");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("etcd unreachable"),
+        "{refused:?}"
+    );
+    // The node serves what it runs, and its stream stays open.
+    origin_answers(&node, &origin).await;
+    assert!(replica.node("n0").await.unwrap().connected);
+
+    cluster.restart_all().await;
+    let deadline = Instant::now() + WAIT;
+    let version = loop {
+        let answer = replica
+            .fleet()
+            .await
+            .publish_config(pb::PublishConfigRequest {
+                config: traffic("127.0.0.2:0", &origin),
+                comment: "after the outage".to_owned(),
+                ..Default::default()
+            })
+            .await;
+        match answer {
+            Ok(answer) => break answer.into_inner().version,
+            Err(status) if Instant::now() < deadline => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("etcd is back, publishes are not: {status:?}"),
+        }
+    };
+    assert_eq!(version, 2);
+    wait_acked(&replica, &["n0"], 2).await;
+}
