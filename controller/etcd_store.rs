@@ -305,8 +305,7 @@ async fn keep_lease(mut client: Client, shared: Arc<Shared>, leader: watch::Send
         };
         if !alive {
             tracing::warn!(lease, "lost the etcd lease; taking a new one");
-            *shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            leader.send_replace(false);
+            set_leader(&shared, &leader, None);
             match client.lease_grant(LEASE_TTL, None).await {
                 Ok(granted) => {
                     *shared.lease.lock().unwrap_or_else(|e| e.into_inner()) = granted.id();
@@ -371,18 +370,24 @@ async fn campaign(mut client: Client, shared: Arc<Shared>, leader: watch::Sender
                 None
             }
         };
-        let leads = matches!(&holder, Some((name, _, held_lease)) if *name == shared.replica && *held_lease == lease);
-        let fence = if leads {
-            holder.as_ref().map(|(_, created, _)| *created)
-        } else {
-            None
+        let fence = match holder {
+            Some((name, created, held_lease)) if name == shared.replica && held_lease == lease => {
+                Some(created)
+            }
+            _ => None,
         };
-        *shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = fence;
-        if *leader.borrow() != leads {
-            tracing::info!(replica = %shared.replica, leads, "leadership changed");
-            leader.send_replace(leads);
-        }
+        set_leader(&shared, &leader, fence);
         tokio::time::sleep(CAMPAIGN_EVERY).await;
+    }
+}
+
+/// Leads with `fence` (the leader key's creation revision), or not.
+fn set_leader(shared: &Shared, leader: &watch::Sender<bool>, fence: Option<i64>) {
+    *shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = fence;
+    let leads = fence.is_some();
+    if *leader.borrow() != leads {
+        tracing::info!(replica = %shared.replica, leads, "leadership changed");
+        leader.send_replace(leads);
     }
 }
 
@@ -424,6 +429,11 @@ async fn follow(
                 };
                 let change = match event.event_type() {
                     EventType::Put => match parse(kind, kv.value()) {
+                        // Its own claim, seen before its write was answered.
+                        Some(Parsed::Remote(Remote::Stream {
+                            replica: Some(replica),
+                            ..
+                        })) if replica == shared.replica => continue,
                         Some(Parsed::Remote(change)) => change,
                         _ => continue,
                     },
@@ -489,10 +499,22 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
             let value = serde_json::to_vec(&version).expect("records serialize");
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), value, None)]);
-            let result = match client.txn(txn).await {
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let result = match retried(|| {
+                let (mut client, txn) = (client.clone(), txn.clone());
+                async move { client.txn(txn).await }
+            })
+            .await
+            {
                 Ok(answer) if answer.succeeded() => {
                     shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    Ok(())
+                }
+                // A retry of a write that had landed finds its own value.
+                Ok(answer) if stored_value(&answer).is_some_and(|(v, _)| v == value) => {
+                    let (_, revision) = stored_value(&answer).unwrap_or_default();
+                    shared.wrote(key, revision);
                     Ok(())
                 }
                 Ok(_) => Err(std::io::Error::new(
@@ -532,7 +554,12 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
             let txn = Txn::new()
                 .when(compare)
                 .and_then([TxnOp::put(key.clone(), value, None)]);
-            let result = match client.txn(txn).await {
+            let result = match retried(|| {
+                let (mut client, txn) = (client.clone(), txn.clone());
+                async move { client.txn(txn).await }
+            })
+            .await
+            {
                 Ok(answer) if answer.succeeded() => {
                     shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
                     Ok(())
@@ -557,7 +584,12 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
         } => {
             let key = keys.node(&node.id);
             let value = serde_json::to_vec(&node).expect("records serialize");
-            match client.put(key.clone(), value, None).await {
+            match retried(|| {
+                let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+                async move { client.put(key, value, None).await }
+            })
+            .await
+            {
                 Ok(answer) => {
                     shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
                     if let Some(done) = done {
@@ -627,6 +659,56 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                 Err(_) => Some((key, Append::Stream { node, held })),
             }
         }
+    }
+}
+
+/// The value and mod revision a transaction's `get` branch read.
+fn stored_value(answer: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
+    answer.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+        _ => None,
+    })
+}
+
+/// `call`, again after 50, 100, 200 ms when it fails on the way (a member
+/// that went away while the client still routed to it); other errors and
+/// the fourth failure are returned.
+async fn retried<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 1;
+    loop {
+        match call().await {
+            Err(e) if attempts < 4 && transient(&e) => {
+                tracing::debug!(error = %e, attempts, "etcd call failed on the way; again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+            )
+        }
+        _ => false,
     }
 }
 

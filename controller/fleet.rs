@@ -616,7 +616,9 @@ impl Fleet {
             inner
                 .rollouts
                 .values()
-                .filter(|r| r.state == RolloutState::Running)
+                // Its own rollout may be here already: a shared store
+                // hands every replica the version, this one included.
+                .filter(|r| r.state == RolloutState::Running && r.version != number)
                 .filter(|r| {
                     inner.versions.get(&r.version).is_some_and(|older| {
                         inner.nodes.iter().any(|(id, n)| {

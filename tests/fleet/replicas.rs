@@ -249,3 +249,198 @@ async fn without_etcd_publishes_are_unavailable_nodes_serve_and_all_recovers() {
     assert_eq!(version, 2);
     wait_acked(&replica, &["n0"], 2).await;
 }
+
+/// The replica that logged last that it leads (`None`: none yet).
+fn leader<'a>(replicas: &[&'a Controller]) -> Option<&'a Controller> {
+    replicas.iter().copied().find(|r| {
+        r.log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("leadership changed"))
+            .is_some_and(|l| l.contains("leads=true"))
+    })
+}
+
+async fn wait_leader<'a>(replicas: &[&'a Controller], within: Duration) -> &'a Controller {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(leader) = leader(replicas) {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "no leader within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_no_publish_is_lost() {
+    let Some(binary) = etcd() else { return };
+    let mut cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("burst");
+    let mut replicas: Vec<Controller> = (0..3)
+        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
+        .collect();
+    let leading = {
+        let all: Vec<&Controller> = replicas.iter().collect();
+        let leader = wait_leader(&all, Duration::from_secs(10)).await;
+        all.iter().position(|r| std::ptr::eq(*r, leader)).unwrap()
+    };
+    let follower = (leading + 1) % 3;
+    // One etcd member down changes nothing: a quorum is left.
+    cluster.kill(2);
+
+    // Publishes on the leader and a follower while the leader is killed:
+    // every one answered as stored is listed once, under its number.
+    let config = "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nstatic = { root = \"site\" }\n";
+    let burst = |url: String, name: &'static str| async move {
+        let mut stored = Vec::new();
+        for i in 0..40 {
+            let Ok(mut client) =
+                pb::fleet_service_client::FleetServiceClient::connect(url.clone()).await
+            else {
+                break;
+            };
+            let answer = client
+                .publish_config(pb::PublishConfigRequest {
+                    config: config.to_owned(),
+                    comment: format!("{name}-{i}"),
+                    ..Default::default()
+                })
+                .await;
+            match answer {
+                Ok(answer) => stored.push((answer.into_inner().version, format!("{name}-{i}"))),
+                Err(status) => {
+                    eprintln!("{name}-{i}: {status:?}");
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stored
+    };
+    let on_leader = tokio::spawn(burst(replicas[leading].url(), "leader"));
+    let on_follower = tokio::spawn(burst(replicas[follower].url(), "follower"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    replicas[leading].kill();
+    let killed_at = Instant::now();
+    let mut stored = on_follower.await.unwrap();
+    assert_eq!(
+        stored.len(),
+        40,
+        "the follower's publishes all stored: {stored:?}"
+    );
+    stored.extend(on_leader.await.unwrap());
+
+    // A new leader within the lease's TTL and 2 s.
+    let survivors: Vec<&Controller> = replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leading)
+        .map(|(_, r)| r)
+        .collect();
+    wait_leader(
+        &survivors,
+        Duration::from_secs(7).saturating_sub(killed_at.elapsed()),
+    )
+    .await;
+    let listed = history(&replicas[follower]).await;
+    let mut numbers: Vec<u64> = listed.iter().map(|(n, _)| *n).collect();
+    numbers.dedup();
+    assert_eq!(numbers.len(), listed.len(), "a number twice: {listed:?}");
+    for (number, comment) in &stored {
+        assert!(
+            listed.contains(&(*number, comment.clone())),
+            "v{number} ({comment}) was answered as stored and is not listed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_cannot_write_when_it_wakes() {
+    let Some(binary) = etcd() else { return };
+    let cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("paused");
+    let replicas: Vec<Controller> = (0..2)
+        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
+        .collect();
+    let all: Vec<&Controller> = replicas.iter().collect();
+    let leader = wait_leader(&all, Duration::from_secs(10)).await;
+    let other = *all.iter().find(|r| !std::ptr::eq(**r, leader)).unwrap();
+    let origin = Origin::start("app").await;
+    let _nodes: Vec<Node> = ["n0", "n1"]
+        .iter()
+        .map(|id| Node::start(&node_on_replicas(id, &[other], 0)))
+        .collect();
+    wait_connected(other, &["n0", "n1"]).await;
+    publish_on(other, &traffic("127.0.0.1:0", &origin), "v1").await;
+    wait_acked(other, &["n0", "n1"], 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v2.toml");
+    std::fs::write(&file, traffic("127.0.0.2:0", &origin)).unwrap();
+    let (code, _, err) = other
+        .cli(&[
+            "publish",
+            file.to_str().unwrap(),
+            "--waves",
+            "1,100%",
+            "--bake",
+            "1h",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{err}");
+
+    // The leader stops past its lease; the other takes over and the
+    // rollout is aborted there.
+    let stop = |signal: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    stop("-STOP", leader.pid());
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while leader_of(other).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the other replica never led:\n{}",
+            other.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = other
+        .cli(&["rollout", "abort", "2", "--reason", "while r0 slept"])
+        .await;
+    let (_, status, _) = other.cli(&["rollout", "status", "2"]).await;
+    assert_eq!(code, Some(0), "{out}{err}{status}\n{}", other.log());
+    stop("-CONT", leader.pid());
+
+    // Awake, it steps down, learns the abort, and what it wrote meanwhile
+    // did not land: the rollout stays aborted everywhere.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let steps_down = leader
+            .log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("leadership changed"))
+            .is_some_and(|l| l.contains("leads=false"));
+        let (_, on_leader, _) = leader.cli(&["rollout", "status", "2"]).await;
+        if steps_down && on_leader.starts_with("v2 rollout aborted") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{on_leader}\n{}", leader.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for replica in &replicas {
+        let (_, status, _) = replica.cli(&["rollout", "status", "2"]).await;
+        assert!(status.starts_with("v2 rollout aborted"), "{status}");
+        assert!(status.contains("while r0 slept"), "{status}");
+    }
+    wait_acked(other, &["n0", "n1"], 1).await;
+}
+
+/// Whether `replica` logged last that it leads.
+fn leader_of(replica: &Controller) -> Option<&Controller> {
+    leader(&[replica])
+}
