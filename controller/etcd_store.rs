@@ -38,7 +38,7 @@ use super::store::{Append, Loaded, Record, Remote, Store};
 /// as disconnected, and another replica may lead, this long after it dies.
 pub const LEASE_TTL: i64 = 5;
 /// How often a replica that does not lead tries to.
-const CAMPAIGN_EVERY: Duration = Duration::from_secs(1);
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
 /// How often writes that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -112,28 +112,6 @@ pub async fn open(
     tokio::spawn(write(client, shared, queue));
     tracing::info!(store = %describe, lease, "shared store opened");
     Ok((Store::shared(writes, describe, leader), loaded, remote))
-}
-
-/// `etcd://HOST:PORT,HOST:PORT/PREFIX`: the endpoints and the key prefix
-/// (default `/tether`).
-pub fn parse_url(url: &str) -> Result<(Vec<String>, String), String> {
-    let rest = url
-        .strip_prefix("etcd://")
-        .ok_or_else(|| format!("{url:?}: write etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"))?;
-    let (hosts, prefix) = match rest.find('/') {
-        Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
-        None => (rest, ""),
-    };
-    let endpoints: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("http://{h}"))
-        .collect();
-    if endpoints.is_empty() {
-        return Err(format!("{url:?}: no etcd endpoint"));
-    }
-    let prefix = if prefix.is_empty() { "/tether" } else { prefix };
-    Ok((endpoints, prefix.to_owned()))
 }
 
 struct Keys {
@@ -338,7 +316,7 @@ async fn keep_lease(mut client: Client, shared: Arc<Shared>, leader: watch::Send
 
 /// Tries to become the leader while nobody is; steps down when the key is
 /// no longer ours.
-async fn campaign(mut client: Client, shared: Arc<Shared>, leader: watch::Sender<bool>) {
+async fn campaign(client: Client, shared: Arc<Shared>, leader: watch::Sender<bool>) {
     let key = shared.keys.leader();
     loop {
         let lease = shared.lease();
@@ -350,7 +328,12 @@ async fn campaign(mut client: Client, shared: Arc<Shared>, leader: watch::Sender
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let holder = match client.txn(txn).await {
+        let answer = retried(|| {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await;
+        let holder = match answer {
             Ok(answer) if answer.succeeded() => {
                 let created = answer.header().map_or(0, |h| h.revision());
                 Some((shared.replica.clone(), created, lease))

@@ -183,13 +183,35 @@ async fn open_store(
     open_shared(args, url, default_plan).await
 }
 
+/// `etcd://HOST:PORT,HOST:PORT/PREFIX`: the endpoints and the key prefix
+/// (default `/tether`).
+pub fn store_url(url: &str) -> Result<(Vec<String>, String), String> {
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("{url:?}: write etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"))?;
+    let (hosts, prefix) = match rest.find('/') {
+        Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("{url:?}: no etcd endpoint"));
+    }
+    let prefix = if prefix.is_empty() { "/tether" } else { prefix };
+    Ok((endpoints, prefix.to_owned()))
+}
+
 #[cfg(feature = "etcd")]
 async fn open_shared(
     args: &ControllerArgs,
     url: &str,
     default_plan: Option<fleet::Plan>,
 ) -> Result<(Arc<Fleet>, Option<AbortOnDropHandle<()>>), String> {
-    let (endpoints, prefix) = etcd_store::parse_url(url)?;
+    let (endpoints, prefix) = store_url(url)?;
     let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
     let endpoints = match &args.etcd_ca {
         Some(_) => endpoints
@@ -230,6 +252,7 @@ async fn open_shared(
     url: &str,
     _default_plan: Option<fleet::Plan>,
 ) -> Result<(Arc<Fleet>, Option<AbortOnDropHandle<()>>), String> {
+    store_url(url)?;
     Err(format!(
         "--store {url}: this build has no etcd store; build with `cargo build --features etcd` \
          (it needs protoc: Debian's protobuf-compiler), or use --data DIR"
@@ -420,5 +443,27 @@ async fn termination() {
             }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_url;
+
+    #[test]
+    fn store_urls_name_endpoints_and_a_prefix() {
+        assert_eq!(
+            store_url("etcd://a:2379,b:2379/fleet/prod/"),
+            Ok((
+                vec!["http://a:2379".to_owned(), "http://b:2379".to_owned()],
+                "/fleet/prod".to_owned()
+            ))
+        );
+        assert_eq!(
+            store_url("etcd://127.0.0.1:2379"),
+            Ok((vec!["http://127.0.0.1:2379".to_owned()], "/tether".to_owned()))
+        );
+        assert!(store_url("http://a:2379").is_err());
+        assert!(store_url("etcd:///x").is_err());
     }
 }

@@ -177,7 +177,7 @@ fn the_control_port_stays_inside_the_pod() {
 }
 
 #[test]
-fn the_controller_keeps_its_store_on_a_volume() {
+fn the_controller_keeps_its_store_on_a_volume_or_in_etcd() {
     for (dir, objects) in renderings() {
         let controller = objects
             .iter()
@@ -190,26 +190,10 @@ fn the_controller_keeps_its_store_on_a_volume() {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        let data = args
-            .iter()
-            .find_map(|a| a.strip_prefix("--data="))
-            .expect("--data");
-        let mount = container["volumeMounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["mountPath"] == data)
-            .unwrap_or_else(|| panic!("{dir}: {data} is mounted"));
-        let claims: Vec<&str> = controller["spec"]["volumeClaimTemplates"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|c| c["metadata"]["name"].as_str())
-            .collect();
-        assert!(
-            claims.contains(&mount["name"].as_str().unwrap()),
-            "{dir}: a PVC backs {data}"
-        );
+        match args.iter().find_map(|a| a.strip_prefix("--store=")) {
+            Some(store) => replicas_on_etcd(&dir, &objects, controller, &args, store),
+            None => store_on_a_volume(&dir, controller, container, &args),
+        }
         // Probes use grpc.health.v1 on the plain health port.
         assert!(
             container["readinessProbe"]["grpc"]["port"].is_u64(),
@@ -235,4 +219,70 @@ fn the_controller_keeps_its_store_on_a_volume() {
             "{dir}"
         );
     }
+}
+
+/// One controller: its log on a PersistentVolume.
+fn store_on_a_volume(dir: &str, controller: &Value, container: &Value, args: &[&str]) {
+    let data = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--data="))
+        .expect("--data or --store");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == data)
+        .unwrap_or_else(|| panic!("{dir}: {data} is mounted"));
+    let claims: Vec<&str> = controller["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        claims.contains(&mount["name"].as_str().unwrap()),
+        "{dir}: a PVC backs {data}"
+    );
+}
+
+/// Replicas on etcd: at least three, each named after its pod, spread
+/// over machines, two kept through disruptions, and every etcd member the
+/// store names exists in the rendering with a quorum kept too.
+fn replicas_on_etcd(dir: &str, objects: &[Value], controller: &Value, args: &[&str], store: &str) {
+    assert!(!args.iter().any(|a| a.starts_with("--data=")), "{dir}");
+    assert!(controller["spec"]["replicas"].as_u64() >= Some(3), "{dir}");
+    assert!(args.contains(&"--replica=$(POD_NAME)"), "{dir}: {args:?}");
+    let spec = &controller["spec"]["template"]["spec"];
+    assert!(
+        spec["affinity"]["podAntiAffinity"].is_object(),
+        "{dir}: replicas spread over machines"
+    );
+    let budget = |name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "PodDisruptionBudget" && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{dir}: PodDisruptionBudget {name}"))["spec"]["minAvailable"]
+            .as_u64()
+    };
+    assert_eq!(budget("tether-controller"), Some(2), "{dir}");
+    let (endpoints, prefix) = tether::controller::store_url(store).expect("a valid --store");
+    assert!(!prefix.is_empty());
+    let etcd = objects
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "tether-etcd")
+        .unwrap_or_else(|| panic!("{dir}: etcd StatefulSet"));
+    let members = etcd["spec"]["replicas"].as_u64().unwrap();
+    assert_eq!(endpoints.len() as u64, members, "{dir}: {endpoints:?}");
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        assert_eq!(
+            endpoint,
+            &format!("http://tether-etcd-{i}.tether-etcd:2379"),
+            "{dir}"
+        );
+    }
+    assert_eq!(
+        budget("tether-etcd"),
+        Some(members / 2 + 1),
+        "{dir}: a quorum stays"
+    );
 }
