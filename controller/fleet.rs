@@ -1106,10 +1106,43 @@ impl Fleet {
                     return;
                 }
                 let fresh = NodeEntry::new(stored);
-                entry.stored = fresh.stored;
+                let before = std::mem::replace(&mut entry.stored, fresh.stored);
                 entry.health = fresh.health;
+                let after = entry.stored.clone();
                 drop(inner);
                 self.rollout_nudge.notify_one();
+                // WatchFleet on every replica tells what nodes held
+                // elsewhere answered.
+                if after.version != before.version && after.version != 0 {
+                    let ack = pb::Ack {
+                        version: after.version,
+                        nonce: String::new(),
+                        generation: after.generation,
+                    };
+                    self.emit(&after.id, Event::Acked(ack));
+                }
+                if let Some(nack) = after
+                    .last_nack
+                    .as_ref()
+                    .filter(|n| Some(*n) != before.last_nack.as_ref())
+                {
+                    let nack = pb::Nack {
+                        version: nack.version,
+                        nonce: String::new(),
+                        errors: nack
+                            .errors
+                            .iter()
+                            .map(|e| pb::ConfigError {
+                                path: e.path.clone(),
+                                line: e.line,
+                                column: e.column,
+                                message: e.message.clone(),
+                            })
+                            .collect(),
+                        reason: nack.reason.clone(),
+                    };
+                    self.emit(&after.id, Event::Nacked(nack));
+                }
             }
             Remote::Stream { node, replica } => {
                 let Some(entry) = inner.nodes.get_mut(&node) else {
@@ -1128,11 +1161,25 @@ impl Fleet {
                     tracing::info!(node = %node, "node's stream taken by another replica");
                 }
                 let moved = entry.elsewhere != replica;
-                entry.elsewhere = replica;
+                let held_here = entry.connection.is_some();
+                entry.elsewhere = replica.clone();
+                let (labels, version) = (entry.stored.labels.clone(), entry.stored.version);
                 drop(inner);
-                if moved {
-                    self.rollout_nudge.notify_one();
+                if !moved || held_here {
+                    return;
                 }
+                self.rollout_nudge.notify_one();
+                let event = match replica {
+                    Some(replica) => Event::Connected(pb::NodeConnected {
+                        labels: labels.into_iter().collect(),
+                        version,
+                        address: format!("via replica {replica}"),
+                    }),
+                    None => Event::Disconnected(pb::NodeDisconnected {
+                        reason: "its stream ended on another replica".to_owned(),
+                    }),
+                };
+                self.emit(&node, event);
             }
         }
     }

@@ -461,7 +461,10 @@ mod tests {
         );
         assert_eq!(
             store_url("etcd://127.0.0.1:2379"),
-            Ok((vec!["http://127.0.0.1:2379".to_owned()], "/tether".to_owned()))
+            Ok((
+                vec!["http://127.0.0.1:2379".to_owned()],
+                "/tether".to_owned()
+            ))
         );
         assert!(store_url("http://a:2379").is_err());
         assert!(store_url("etcd:///x").is_err());

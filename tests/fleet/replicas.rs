@@ -69,7 +69,9 @@ async fn replicas_share_one_history_and_nodes_fail_over_without_reapplying() {
     }
 
     // v1, v2, v3 from three replicas: every node runs v3, and every
-    // replica lists the same history.
+    // replica lists the same history. WatchFleet on r0 tells every node's
+    // ACK, whichever replica holds its stream.
+    let mut watch = replicas[0].watch().await;
     for (i, replica) in replicas.iter().enumerate() {
         let listen = format!("127.0.0.{}:0", i + 1);
         let version = publish_on(replica, &traffic(&listen, &origin), &format!("from r{i}")).await;
@@ -77,6 +79,21 @@ async fn replicas_share_one_history_and_nodes_fail_over_without_reapplying() {
     }
     for replica in &replicas {
         wait_acked(replica, &ids, 3).await;
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while acked.len() < ids.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("ACKs of v3 seen on r0: {acked:?}"))
+            .unwrap()
+            .unwrap();
+        if let Some(pb::fleet_event::Event::Acked(ack)) = event.event {
+            if ack.version == 3 {
+                acked.insert(event.node_id);
+            }
+        }
     }
     let expected: Vec<(u64, String)> = (1..=3)
         .rev()
