@@ -277,6 +277,9 @@ impl FleetApi {
             {
                 Status::unavailable(e.to_string())
             }
+            PublishError::Store(ref io) if io.kind() == std::io::ErrorKind::InvalidInput => {
+                Status::invalid_argument(e.to_string())
+            }
             PublishError::Store(_) => Status::internal(e.to_string()),
             PublishError::KeyReused { .. } => Status::already_exists(e.to_string()),
         })?;

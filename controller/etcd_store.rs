@@ -39,6 +39,11 @@ use super::store::{Append, Loaded, Record, Remote, Store};
 pub const LEASE_TTL: i64 = 5;
 /// How often a replica that does not lead tries to.
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
+/// The largest version record written: etcd refuses requests above 1.5 MiB
+/// unless started with a larger `--max-request-bytes`.
+const MAX_VERSION_BYTES: usize = 1536 * 1024 - 4096;
+/// How much of etcd's history the leader keeps (see `compact`).
+const KEEP_HISTORY: Duration = Duration::from_secs(600);
 /// How often writes that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -108,6 +113,7 @@ pub async fn open(
         leader_tx.clone(),
     ));
     tokio::spawn(campaign(client.clone(), shared.clone(), leader_tx));
+    tokio::spawn(compact(client.clone(), shared.clone(), leader.clone()));
     tokio::spawn(follow(client.clone(), shared.clone(), revision, remote_tx));
     tokio::spawn(write(client, shared, queue));
     tracing::info!(store = %describe, lease, "shared store opened");
@@ -394,10 +400,16 @@ async fn follow(
         };
         while let Ok(Some(answer)) = stream.message().await {
             if answer.canceled() {
-                tracing::error!(
+                // It fell behind the compacted history: read everything
+                // again and go on from there.
+                tracing::warn!(
                     compacted = answer.compact_revision(),
-                    "the etcd watch was cancelled (history compacted past it); restart the replica to reload"
+                    "the etcd watch fell behind the compacted history; reading the store again"
                 );
+                match reload(&mut client, &shared, &remote).await {
+                    Ok(revision) => next = revision + 1,
+                    Err(e) => tracing::warn!(error = %e, "cannot read the store; trying again"),
+                }
                 break;
             }
             for event in answer.events() {
@@ -441,6 +453,62 @@ async fn follow(
     }
 }
 
+/// Everything under the prefix handed to the fleet again; the revision it
+/// was read at.
+async fn reload(
+    client: &mut Client,
+    shared: &Shared,
+    remote: &mpsc::UnboundedSender<Remote>,
+) -> Result<i64, etcd_client::Error> {
+    let all = client
+        .get(shared.keys.all(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    for kv in all.kvs() {
+        let key = kv.key_str().unwrap_or_default();
+        let Some(kind) = key.strip_prefix(&shared.keys.prefix) else {
+            continue;
+        };
+        if let Some(Parsed::Remote(change)) = parse(kind, kv.value()) {
+            if matches!(change, Remote::Rollout(_)) {
+                shared.wrote(key.to_owned(), kv.mod_revision());
+            }
+            let _ = remote.send(change);
+        }
+    }
+    Ok(all.header().map_or(0, |h| h.revision()))
+}
+
+/// While leading, compacts etcd's history older than `KEEP_HISTORY`: the
+/// store needs only the newest state, and replicas' watches a short past.
+async fn compact(mut client: Client, shared: Arc<Shared>, leader: watch::Receiver<bool>) {
+    let mut marks: std::collections::VecDeque<(tokio::time::Instant, i64)> = Default::default();
+    loop {
+        tokio::time::sleep(KEEP_HISTORY / 5).await;
+        let Ok(now) = client.get(shared.keys.store_id(), None).await else {
+            continue;
+        };
+        marks.push_back((
+            tokio::time::Instant::now(),
+            now.header().map_or(0, |h| h.revision()),
+        ));
+        let mut older = None;
+        while let Some(&(at, revision)) = marks.front() {
+            if at.elapsed() < KEEP_HISTORY {
+                break;
+            }
+            older = Some(revision);
+            marks.pop_front();
+        }
+        let leads = *leader.borrow();
+        if let (Some(revision), true) = (older, leads) {
+            match client.compact(revision, None).await {
+                Ok(_) => tracing::info!(revision, "etcd history compacted"),
+                Err(e) => tracing::warn!(error = %e, revision, "cannot compact etcd's history"),
+            }
+        }
+    }
+}
+
 /// Writes what the fleet appends, in order; what cannot be written now is
 /// kept (the newest per key) and tried again.
 async fn write(
@@ -480,6 +548,22 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
         } => {
             let key = keys.version(version.version);
             let value = serde_json::to_vec(&version).expect("records serialize");
+            if value.len() > MAX_VERSION_BYTES {
+                let refused = std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the version is {} KiB as stored; a store on etcd takes at most {} KiB \
+                         (etcd's request limit): split the config, or raise etcd's \
+                         --max-request-bytes",
+                        value.len() / 1024,
+                        MAX_VERSION_BYTES / 1024
+                    ),
+                );
+                if let Some(done) = done {
+                    let _ = done.send(Err(refused));
+                }
+                return None;
+            }
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)])

@@ -455,3 +455,38 @@ async fn a_leader_paused_past_its_lease_cannot_write_when_it_wakes() {
 fn leader_of(replica: &Controller) -> Option<&Controller> {
     leader(&[replica])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_larger_than_etcd_takes_is_refused_with_the_limit() {
+    let Some(binary) = etcd() else { return };
+    let cluster = EtcdCluster::start(binary, 1).await;
+    let replica = Controller::start_replica(&cluster.url("big"), "r0", &[]);
+    let origin = Origin::start("app").await;
+    // A valid config made large by a comment.
+    let big = format!(
+        "# {}\n{}",
+        "x".repeat(2 << 20),
+        traffic("127.0.0.1:0", &origin)
+    );
+    let refused = replica
+        .fleet()
+        .await
+        .publish_config(pb::PublishConfigRequest {
+            config: big,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too large for etcd");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("a store on etcd takes at most 1532 KiB"),
+        "{refused:?}"
+    );
+    // Nothing was stored; the next publish is v1.
+    assert_eq!(
+        publish_on(&replica, &traffic("127.0.0.1:0", &origin), "small").await,
+        1
+    );
+}
