@@ -8,7 +8,7 @@
 //! Prints one JSON line per round.
 //!
 //!     cargo run --release --example fleet-load -- \
-//!         --controller http://127.0.0.1:8840 --nodes 1000 --rounds 3 --pid PID \
+//!         --controller URL[,URL…] --nodes 1000 --rounds 3 --pid PID[,PID…] [--etcd-pid PID,…] \
 //!         [--delay SECONDS before the first round] [--hold SECONDS after the last] \
 //!         [--waves 1,10%,50%,100%: each round a staged rollout, bake 0] \
 //!         [--report-every MS: each node sends its answer counts this often,
@@ -30,10 +30,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 struct Options {
+    /// One url, or replicas (comma-separated): nodes are spread over them;
+    /// publishes and WatchFleet go to the first.
     controller: String,
     nodes: usize,
     rounds: usize,
-    pid: Option<u32>,
+    /// The controller's pid, or the replicas' (comma-separated).
+    pids: Vec<u32>,
+    /// etcd members' pids, for their CPU.
+    etcd_pids: Vec<u32>,
     /// Seconds to wait after connecting, before the first round.
     delay: u64,
     /// Seconds to stay connected after the last round.
@@ -49,7 +54,8 @@ fn options() -> Options {
         controller: "http://127.0.0.1:8840".into(),
         nodes: 100,
         rounds: 3,
-        pid: None,
+        pids: Vec::new(),
+        etcd_pids: Vec::new(),
         delay: 0,
         hold: 0,
         waves: None,
@@ -62,7 +68,8 @@ fn options() -> Options {
             "--controller" => options.controller = value,
             "--nodes" => options.nodes = value.parse().expect("--nodes N"),
             "--rounds" => options.rounds = value.parse().expect("--rounds N"),
-            "--pid" => options.pid = Some(value.parse().expect("--pid PID")),
+            "--pid" => options.pids = pids(&value),
+            "--etcd-pid" => options.etcd_pids = pids(&value),
             "--delay" => options.delay = value.parse().expect("--delay SECONDS"),
             "--hold" => options.hold = value.parse().expect("--hold SECONDS"),
             "--waves" => options.waves = Some(value),
@@ -71,6 +78,24 @@ fn options() -> Options {
         }
     }
     options
+}
+
+fn pids(text: &str) -> Vec<u32> {
+    text.split(',')
+        .map(|p| p.parse().expect("PID[,PID…]"))
+        .collect()
+}
+
+/// Total CPU ticks of `pids`, and each one's RSS and peak RSS.
+fn usage(pids: &[u32]) -> (u64, Vec<(u64, u64)>) {
+    let mut ticks = 0;
+    let mut memory = Vec::new();
+    for pid in pids {
+        let (t, rss, peak) = process_usage(*pid);
+        ticks += t;
+        memory.push((rss, peak));
+    }
+    (ticks, memory)
 }
 
 /// Opens one simulated node's stream; it ACKs every push at once, and
@@ -188,16 +213,23 @@ async fn main() {
     let options = options();
     // One connection per simulated node.
     tether::cli::raise_fd_limit();
-    let endpoint = Endpoint::from_shared(options.controller.clone())
-        .expect("controller url")
-        .connect_timeout(Duration::from_secs(10));
+    let endpoints: Vec<Endpoint> = options
+        .controller
+        .split(',')
+        .map(|url| {
+            Endpoint::from_shared(url.to_owned())
+                .expect("controller url")
+                .connect_timeout(Duration::from_secs(10))
+        })
+        .collect();
+    let endpoint = endpoints[0].clone();
     let connected = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     // Connect in waves so the accept queue is not the thing measured.
     for wave in (0..options.nodes).collect::<Vec<_>>().chunks(250) {
         for &i in wave {
             tokio::spawn(simulated_node(
-                endpoint.clone(),
+                endpoints[i % endpoints.len()].clone(),
                 format!("sim-{i:05}"),
                 connected.clone(),
                 options.report_every,
@@ -215,10 +247,11 @@ async fn main() {
         options.nodes,
         started.elapsed()
     );
-    let before = options.pid.map(process_usage);
+    let (t0, _) = usage(&options.pids);
     tokio::time::sleep(Duration::from_secs(options.delay)).await;
-    if let (Some((t0, _, _)), Some(pid), true) = (before, options.pid, options.delay > 0) {
-        let (t1, rss, _) = process_usage(pid);
+    if !options.pids.is_empty() && options.delay > 0 {
+        let (t1, memory) = usage(&options.pids);
+        let rss = memory.iter().map(|m| m.0).max().unwrap_or(0);
         println!(
             "{{\"nodes\":{},\"idle_seconds\":{},\"report_every_ms\":{},\"controller_cpu_ms\":{},\"controller_rss_kib\":{rss}}}",
             options.nodes,
@@ -239,7 +272,7 @@ async fn main() {
              [[listener.route]]\npath = \"/\"\nupstream = \"app\"\n\
              [upstream.app]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n"
         );
-        let before = options.pid.map(process_usage);
+        let before = (usage(&options.pids).0, usage(&options.etcd_pids).0);
         let published_at = Instant::now();
         // ACKs can arrive before the publish is answered: read both at once.
         let publish = tokio::spawn({
@@ -280,19 +313,19 @@ async fn main() {
                 }
             }
         }
-        let after = options.pid.map(process_usage);
+        let (after, memory) = usage(&options.pids);
+        let etcd_after = usage(&options.etcd_pids).0;
         let (published, publish_answered) = publish.await.expect("publish task");
         assert_eq!(published, version, "run against a fresh controller store");
         latencies.sort_by(|a, b| a.total_cmp(b));
         let ticks_per_second = 100.0;
-        let (cpu_ms, rss_kib, peak_kib) = match (before, after) {
-            (Some((t0, _, _)), Some((t1, rss, peak))) => {
-                ((t1 - t0) as f64 * 1000.0 / ticks_per_second, rss, peak)
-            }
-            _ => (f64::NAN, 0, 0),
-        };
+        let cpu_ms = (after - before.0) as f64 * 1000.0 / ticks_per_second;
+        let etcd_cpu_ms = (etcd_after - before.1) as f64 * 1000.0 / ticks_per_second;
+        // Each replica's memory: the largest.
+        let rss_kib = memory.iter().map(|m| m.0).max().unwrap_or(0);
+        let peak_kib = memory.iter().map(|m| m.1).max().unwrap_or(0);
         println!(
-            "{{\"nodes\":{},\"round\":{round},\"version\":{version},\"acks\":{},\"publish_ms\":{:.1},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"last_ms\":{:.1},\"controller_cpu_ms\":{cpu_ms:.0},\"controller_rss_kib\":{rss_kib},\"controller_peak_rss_kib\":{peak_kib}}}",
+            "{{\"nodes\":{},\"round\":{round},\"version\":{version},\"acks\":{},\"publish_ms\":{:.1},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"last_ms\":{:.1},\"controller_cpu_ms\":{cpu_ms:.0},\"controller_rss_kib\":{rss_kib},\"controller_peak_rss_kib\":{peak_kib},\"etcd_cpu_ms\":{etcd_cpu_ms:.0}}}",
             options.nodes,
             latencies.len(),
             publish_answered.as_secs_f64() * 1000.0,

@@ -32,7 +32,7 @@ use etcd_client::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::store::{Append, Loaded, Record, Remote, Store};
+use super::store::{Append, Loaded, Record, Remote, Store, StoredNode};
 
 /// How long a replica's lease outlives its last keep-alive: its nodes show
 /// as disconnected, and another replica may lead, this long after it dies.
@@ -44,6 +44,10 @@ const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
 const MAX_VERSION_BYTES: usize = 1536 * 1024 - 4096;
 /// How much of etcd's history the leader keeps (see `compact`).
 const KEEP_HISTORY: Duration = Duration::from_secs(600);
+/// Appends taken from the queue at once.
+const MAX_BATCH: usize = 4096;
+/// Operations in one etcd transaction (etcd's default `--max-txn-ops`).
+const TXN_OPS: usize = 128;
 /// How often writes that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -521,10 +525,32 @@ async fn write(
     loop {
         tokio::select! {
             append = queue.recv() => {
-                let Some(append) = append else { return };
-                if let Some((key, kept)) = apply(&mut client, &shared, append).await {
-                    pending.insert(key, kept);
+                let Some(first) = append else { return };
+                // What queued meanwhile goes with it: node records in
+                // batches, one etcd round trip for many ACKs.
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(append) => batch.push(append),
+                        Err(_) => break,
+                    }
                 }
+                let mut nodes = BTreeMap::new();
+                for append in batch {
+                    match append {
+                        Append::Record { record: Record::Node(node), done: None } => {
+                            nodes.insert(shared.keys.node(&node.id), node);
+                        }
+                        other => {
+                            // In order: what came before it is written first.
+                            pending.extend(write_nodes(&mut client, &shared, std::mem::take(&mut nodes)).await);
+                            if let Some((key, kept)) = apply(&mut client, &shared, other).await {
+                                pending.insert(key, kept);
+                            }
+                        }
+                    }
+                }
+                pending.extend(write_nodes(&mut client, &shared, nodes).await);
             }
             _ = retry.tick(), if !pending.is_empty() => {
                 for (_, append) in std::mem::take(&mut pending) {
@@ -535,6 +561,48 @@ async fn write(
             }
         }
     }
+}
+
+/// Node records, newest per node, in transactions of up to etcd's 128
+/// operations; gives back those that could not be written.
+async fn write_nodes(
+    client: &mut Client,
+    shared: &Shared,
+    nodes: BTreeMap<String, StoredNode>,
+) -> Vec<(String, Append)> {
+    let mut kept = Vec::new();
+    let nodes: Vec<(String, StoredNode)> = nodes.into_iter().collect();
+    for chunk in nodes.chunks(TXN_OPS) {
+        let puts: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(key, node)| {
+                let value = serde_json::to_vec(node).expect("records serialize");
+                TxnOp::put(key.clone(), value, None)
+            })
+            .collect();
+        let txn = Txn::new().and_then(puts);
+        let answer = retried(|| {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await;
+        match answer {
+            Ok(answer) => {
+                let revision = answer.header().map_or(0, |h| h.revision());
+                for (key, _) in chunk {
+                    shared.wrote(key.clone(), revision);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, nodes = chunk.len(), "node records kept until etcd is back");
+                kept.extend(chunk.iter().map(|(key, node)| {
+                    let record = Record::Node(node.clone());
+                    (key.clone(), Append::Record { record, done: None })
+                }));
+            }
+        }
+    }
+    kept
 }
 
 /// Writes one append; gives it back with its key when etcd cannot be
