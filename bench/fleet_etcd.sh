@@ -7,7 +7,8 @@
 # nodes held by the other replicas through etcd. Reports publish answered,
 # ACK p50/p99/last, the controllers' CPU (summed over replicas), the
 # largest replica's RSS, and etcd's CPU. Controllers and etcd on CPU 0,
-# the simulated nodes on CPU 1.
+# the simulated nodes on CPU 1. Then replica 2 of 3 is SIGKILLed: the time
+# until each of its nodes has a stream to another replica again.
 #
 #   bench/fleet_etcd.sh [NODES="1000 5000"] [ROUNDS=3]
 set -euo pipefail
@@ -42,6 +43,7 @@ summary() {
     python3 - "$1" "$2" <<'PY'
 import json, sys
 rounds = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rounds = [r for r in rounds if "last_ms" in r]
 rounds.sort(key=lambda r: r["last_ms"])
 r = rounds[len(rounds) // 2]
 print(f"| {r['nodes']:,} | {sys.argv[2]} | {r['publish_ms']:.1f} ms | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms "
@@ -63,18 +65,27 @@ for nodes in $NODE_COUNTS; do
     summary "$WORK/file.json" "file (1 controller)"
 
     prefix="/bench-$nodes-$RANDOM"
-    urls="" pids=""
+    urls="" pids="" second=""
     for i in 0 1 2; do
         port=$((19851 + i))
         start "replica$i" "$PROXY_CPU" "$TETHER" controller --listen "127.0.0.1:$port" \
             --store "etcd://$store_hosts$prefix" --replica "r$i"
         pids+="${pids:+,}$STARTED"
+        [ "$i" = 1 ] && second=$STARTED
         urls+="${urls:+,}http://127.0.0.1:$port"
         wait_port "$port"
     done
     taskset -c "$LOAD_CPU" "$LOAD" --controller "$urls" --nodes "$nodes" --rounds "$ROUNDS" \
-        --pid "$pids" --etcd-pid "$(IFS=,; echo "${etcd_pids[*]}")" \
+        --pid "$pids" --etcd-pid "$(IFS=,; echo "${etcd_pids[*]}")" --failover "$second" \
         >"$WORK/etcd.json" 2>"$WORK/load.log" || { cat "$WORK/load.log" >&2; exit 1; }
     for pid in ${pids//,/ }; do stop_pid "$pid"; done
     summary "$WORK/etcd.json" "etcd (3 replicas)"
+    python3 - "$WORK/etcd.json" >>"$WORK/failover.md" <<'PY'
+import json, sys
+for r in (json.loads(l) for l in open(sys.argv[1]) if l.strip()):
+    if r.get("failover"):
+        print(f"| {r['nodes']:,} | {r['streams_lost']:,} | {r['all_back_ms']:.0f} ms | {r['connected']:,} |")
+PY
 done
+printf '\nA replica of 3 SIGKILLed:\n\n| nodes | most streams down at once | all nodes on a stream again after | connected then |\n|---|---|---|---|\n'
+cat "$WORK/failover.md"

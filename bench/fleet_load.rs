@@ -47,6 +47,9 @@ struct Options {
     waves: Option<String>,
     /// Send a TrafficReport this often, in ms (0: never).
     report_every: u64,
+    /// After the rounds, SIGKILL this replica and time until every node
+    /// has a stream again.
+    failover: Option<u32>,
 }
 
 fn options() -> Options {
@@ -60,6 +63,7 @@ fn options() -> Options {
         hold: 0,
         waves: None,
         report_every: 0,
+        failover: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -73,6 +77,7 @@ fn options() -> Options {
             "--delay" => options.delay = value.parse().expect("--delay SECONDS"),
             "--hold" => options.hold = value.parse().expect("--hold SECONDS"),
             "--waves" => options.waves = Some(value),
+            "--failover" => options.failover = Some(value.parse().expect("--failover PID")),
             "--report-every" => options.report_every = value.parse().expect("--report-every MS"),
             other => panic!("unknown argument {other}"),
         }
@@ -98,14 +103,28 @@ fn usage(pids: &[u32]) -> (u64, Vec<(u64, u64)>) {
     (ticks, memory)
 }
 
-/// Opens one simulated node's stream; it ACKs every push at once, and
-/// reports answer counts every `report_every` ms (0: never).
+/// One simulated node: a stream to the `first` controller; with several
+/// (replicas), when it ends, one to the next, as a node does.
 async fn simulated_node(
-    endpoint: Endpoint,
+    endpoints: Arc<Vec<Endpoint>>,
+    first: usize,
     id: String,
     connected: Arc<AtomicUsize>,
     report_every: u64,
 ) {
+    for attempt in 0.. {
+        let endpoint = endpoints[(first + attempt) % endpoints.len()].clone();
+        session(endpoint, id.clone(), connected.clone(), report_every).await;
+        if endpoints.len() == 1 {
+            return;
+        }
+    }
+}
+
+/// Opens one stream; it ACKs every push at once, and reports answer
+/// counts every `report_every` ms (0: never). `connected` counts it while
+/// it lasts.
+async fn session(endpoint: Endpoint, id: String, connected: Arc<AtomicUsize>, report_every: u64) {
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
         Err(e) => {
@@ -137,6 +156,13 @@ async fn simulated_node(
         }
     };
     connected.fetch_add(1, Ordering::Relaxed);
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _counted = Counted(connected);
     let mut report = tokio::time::interval(Duration::from_millis(report_every.max(1)));
     let mut answered = 0;
     loop {
@@ -223,13 +249,15 @@ async fn main() {
         })
         .collect();
     let endpoint = endpoints[0].clone();
+    let endpoints = Arc::new(endpoints);
     let connected = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     // Connect in waves so the accept queue is not the thing measured.
     for wave in (0..options.nodes).collect::<Vec<_>>().chunks(250) {
         for &i in wave {
             tokio::spawn(simulated_node(
-                endpoints[i % endpoints.len()].clone(),
+                endpoints.clone(),
+                i % endpoints.len(),
                 format!("sim-{i:05}"),
                 connected.clone(),
                 options.report_every,
@@ -332,6 +360,33 @@ async fn main() {
             percentile(&latencies, 0.50),
             percentile(&latencies, 0.99),
             latencies.last().copied().unwrap_or(f64::NAN),
+        );
+    }
+    if let Some(pid) = options.failover {
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill -9 {pid}");
+        let at = Instant::now();
+        // First the broken streams are seen, then they come back.
+        while connected.load(Ordering::Relaxed) == connected_count
+            && at.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut lost = 0;
+        while connected.load(Ordering::Relaxed) < connected_count
+            && at.elapsed() < Duration::from_secs(60)
+        {
+            lost = lost.max(connected_count - connected.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!(
+            "{{\"nodes\":{},\"failover\":true,\"streams_lost\":{lost},\"all_back_ms\":{:.0},\"connected\":{}}}",
+            options.nodes,
+            at.elapsed().as_secs_f64() * 1000.0,
+            connected.load(Ordering::Relaxed)
         );
     }
     tokio::time::sleep(Duration::from_secs(options.hold)).await;

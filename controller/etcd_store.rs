@@ -185,6 +185,16 @@ impl Shared {
         let entry = written.entry(key).or_insert(0);
         *entry = (*entry).max(revision);
     }
+    /// Remembers the nodes whose streams this replica holds.
+    fn holding(&self, node: &str, held: bool) {
+        let mut holding = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held {
+            holding.insert(node.to_owned());
+        } else {
+            holding.remove(node);
+        }
+    }
+
     fn fence(&self) -> Option<i64> {
         *self.fence.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -535,22 +545,26 @@ async fn write(
                         Err(_) => break,
                     }
                 }
-                let mut nodes = BTreeMap::new();
+                let mut puts = BTreeMap::new();
                 for append in batch {
                     match append {
                         Append::Record { record: Record::Node(node), done: None } => {
-                            nodes.insert(shared.keys.node(&node.id), node);
+                            puts.insert(shared.keys.node(&node.id), Put::Node(node));
+                        }
+                        Append::Stream { node, held: true } => {
+                            shared.holding(&node, true);
+                            puts.insert(shared.keys.stream(&node), Put::Stream(node));
                         }
                         other => {
                             // In order: what came before it is written first.
-                            pending.extend(write_nodes(&mut client, &shared, std::mem::take(&mut nodes)).await);
+                            pending.extend(write_puts(&mut client, &shared, std::mem::take(&mut puts)).await);
                             if let Some((key, kept)) = apply(&mut client, &shared, other).await {
                                 pending.insert(key, kept);
                             }
                         }
                     }
                 }
-                pending.extend(write_nodes(&mut client, &shared, nodes).await);
+                pending.extend(write_puts(&mut client, &shared, puts).await);
             }
             _ = retry.tick(), if !pending.is_empty() => {
                 for (_, append) in std::mem::take(&mut pending) {
@@ -563,24 +577,52 @@ async fn write(
     }
 }
 
-/// Node records, newest per node, in transactions of up to etcd's 128
-/// operations; gives back those that could not be written.
-async fn write_nodes(
+/// A write that goes in a batch: a node's record, or a claim on its
+/// stream under this replica's lease.
+enum Put {
+    Node(StoredNode),
+    Stream(String),
+}
+
+impl Put {
+    fn op(&self, key: &str, shared: &Shared) -> TxnOp {
+        match self {
+            Put::Node(node) => {
+                let value = serde_json::to_vec(node).expect("records serialize");
+                TxnOp::put(key, value, None)
+            }
+            Put::Stream(_) => TxnOp::put(
+                key,
+                shared.replica.clone(),
+                Some(PutOptions::new().with_lease(shared.lease())),
+            ),
+        }
+    }
+
+    fn append(self) -> Append {
+        match self {
+            Put::Node(node) => Append::Record {
+                record: Record::Node(node),
+                done: None,
+            },
+            Put::Stream(node) => Append::Stream { node, held: true },
+        }
+    }
+}
+
+/// Puts, newest per key, in transactions of up to etcd's 128 operations;
+/// gives back those that could not be written.
+async fn write_puts(
     client: &mut Client,
     shared: &Shared,
-    nodes: BTreeMap<String, StoredNode>,
+    puts: BTreeMap<String, Put>,
 ) -> Vec<(String, Append)> {
     let mut kept = Vec::new();
-    let nodes: Vec<(String, StoredNode)> = nodes.into_iter().collect();
-    for chunk in nodes.chunks(TXN_OPS) {
-        let puts: Vec<TxnOp> = chunk
-            .iter()
-            .map(|(key, node)| {
-                let value = serde_json::to_vec(node).expect("records serialize");
-                TxnOp::put(key.clone(), value, None)
-            })
-            .collect();
-        let txn = Txn::new().and_then(puts);
+    let mut puts = puts.into_iter().peekable();
+    while puts.peek().is_some() {
+        let chunk: Vec<(String, Put)> = puts.by_ref().take(TXN_OPS).collect();
+        let ops: Vec<TxnOp> = chunk.iter().map(|(key, put)| put.op(key, shared)).collect();
+        let txn = Txn::new().and_then(ops);
         let answer = retried(|| {
             let (mut client, txn) = (client.clone(), txn.clone());
             async move { client.txn(txn).await }
@@ -589,16 +631,13 @@ async fn write_nodes(
         match answer {
             Ok(answer) => {
                 let revision = answer.header().map_or(0, |h| h.revision());
-                for (key, _) in chunk {
+                for (key, _) in &chunk {
                     shared.wrote(key.clone(), revision);
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, nodes = chunk.len(), "node records kept until etcd is back");
-                kept.extend(chunk.iter().map(|(key, node)| {
-                    let record = Record::Node(node.clone());
-                    (key.clone(), Append::Record { record, done: None })
-                }));
+                tracing::debug!(error = %e, writes = chunk.len(), "kept until etcd is back");
+                kept.extend(chunk.into_iter().map(|(key, put)| (key, put.append())));
             }
         }
     }
@@ -755,14 +794,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
         }
         Append::Stream { node, held } => {
             let key = keys.stream(&node);
-            {
-                let mut holding = shared.held.lock().unwrap_or_else(|e| e.into_inner());
-                if held {
-                    holding.insert(node.clone());
-                } else {
-                    holding.remove(&node);
-                }
-            }
+            shared.holding(&node, held);
             let result = if held {
                 client
                     .put(
