@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 /// Below this many answers from the new version, the gate does not judge:
 /// one 500 among the first three answers says little.
 pub const MIN_ANSWERS: u64 = 20;
@@ -13,7 +15,7 @@ pub const MIN_ANSWERS: u64 = 20;
 /// `--max-5xx-increase` unless the publish says otherwise: one point.
 pub const DEFAULT_MAX_INCREASE_BP: u32 = 100;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub answered: u64,
     pub server_errors: u64,
@@ -46,7 +48,7 @@ impl Counts {
 /// Answers of one rollout, by node: from the released waves' nodes while
 /// they run the version, and from the targets not reached yet while they
 /// run another.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     pub reached: BTreeMap<String, Counts>,
     pub not_reached: BTreeMap<String, Counts>,
@@ -63,6 +65,16 @@ impl Tally {
             None => {
                 side.insert(node.to_owned(), counts);
             }
+        }
+    }
+
+    /// Adds what another replica counted (of the nodes it holds).
+    pub fn merge(&mut self, other: &Tally) {
+        for (node, counts) in &other.reached {
+            self.add(node, true, *counts);
+        }
+        for (node, counts) in &other.not_reached {
+            self.add(node, false, *counts);
         }
     }
 

@@ -13,6 +13,8 @@
 //!   stream;
 //! - `P/streams/ID`: that replica's name, under its lease: when the replica
 //!   dies its nodes show as disconnected within the lease's TTL;
+//! - `P/answers/N/REPLICA`: a rollout's answer counts from the nodes that
+//!   replica holds, under its lease, for the leader's error-rate gate;
 //! - `P/leader`: the replica that drives rollouts, under its lease. Its
 //!   rollout writes also compare this key's creation revision, so a replica
 //!   that was paused past its lease and wakes up cannot write.
@@ -92,7 +94,7 @@ pub async fn open(
         .await
         .map_err(|e| format!("cannot reach {describe}: {e}"))?;
     let keys = Keys::new(&settings.prefix);
-    let (loaded, revision) = load(&mut client, &keys)
+    let (loaded, live_state, revision) = load(&mut client, &keys)
         .await
         .map_err(|e| format!("cannot read {describe}: {e}"))?;
     let lease = client
@@ -110,6 +112,10 @@ pub async fn open(
     });
     let (writes, queue) = mpsc::unbounded_channel();
     let (remote_tx, remote) = mpsc::unbounded_channel();
+    // Nodes held by other replicas now show as connected from the start.
+    for live in live_state {
+        let _ = remote_tx.send(live);
+    }
     let (leader_tx, leader) = watch::channel(false);
     tokio::spawn(keep_lease(
         client.clone(),
@@ -151,6 +157,9 @@ impl Keys {
     }
     fn stream(&self, id: &str) -> String {
         format!("{}/streams/{id}", self.prefix)
+    }
+    fn answers(&self, version: u64, replica: &str) -> String {
+        format!("{}/answers/{version:020}/{replica}", self.prefix)
     }
     fn leader(&self) -> String {
         format!("{}/leader", self.prefix)
@@ -200,8 +209,12 @@ impl Shared {
     }
 }
 
-/// Everything under the prefix, and the revision it was read at.
-async fn load(client: &mut Client, keys: &Keys) -> Result<(Loaded, i64), etcd_client::Error> {
+/// Everything under the prefix: the records, the live state (streams held,
+/// answer counts), and the revision it was read at.
+async fn load(
+    client: &mut Client,
+    keys: &Keys,
+) -> Result<(Loaded, Vec<Remote>, i64), etcd_client::Error> {
     // The identity first: made once, by whichever replica comes first.
     let id = format!("{:032x}", rand::random::<u128>());
     client
@@ -220,6 +233,7 @@ async fn load(client: &mut Client, keys: &Keys) -> Result<(Loaded, i64), etcd_cl
         .await?;
     let revision = all.header().map_or(0, |h| h.revision());
     let mut loaded = Loaded::default();
+    let mut live_state = Vec::new();
     for kv in all.kvs() {
         let key = kv.key_str().unwrap_or_default();
         let Some(kind) = key.strip_prefix(&keys.prefix) else {
@@ -234,10 +248,11 @@ async fn load(client: &mut Client, keys: &Keys) -> Result<(Loaded, i64), etcd_cl
             Some(Parsed::Remote(Remote::Node(node))) => {
                 loaded.nodes.insert(node.id.clone(), node);
             }
-            // Streams held now are learned from the watch's first events
-            // and from the fleet's own connects; at load, a node with a
-            // live stream elsewhere is marked below.
-            Some(Parsed::Remote(Remote::Stream { .. })) | None => {}
+            // Live state: handed to the fleet once it exists.
+            Some(Parsed::Remote(live @ (Remote::Stream { .. } | Remote::Answers { .. }))) => {
+                live_state.push(live)
+            }
+            None => {}
         }
     }
     loaded.versions.sort_by_key(|v| v.version);
@@ -250,7 +265,7 @@ async fn load(client: &mut Client, keys: &Keys) -> Result<(Loaded, i64), etcd_cl
                 .or_insert_with(|| rollout.clone());
         }
     }
-    Ok((loaded, revision))
+    Ok((loaded, live_state, revision))
 }
 
 /// One key's value, read once and handed on.
@@ -270,6 +285,13 @@ fn parse(kind: &str, value: &[u8]) -> Option<Parsed> {
         Parsed::Remote(Remote::Rollout(serde_json::from_slice(value).ok()?))
     } else if kind.starts_with("/nodes/") {
         Parsed::Remote(Remote::Node(serde_json::from_slice(value).ok()?))
+    } else if let Some(rest) = kind.strip_prefix("/answers/") {
+        let (version, replica) = rest.split_once('/')?;
+        Parsed::Remote(Remote::Answers {
+            version: version.parse().ok()?,
+            replica: replica.to_owned(),
+            tally: serde_json::from_slice(value).ok()?,
+        })
     } else if let Some(node) = kind.strip_prefix("/streams/") {
         Parsed::Remote(Remote::Stream {
             node: node.to_owned(),
@@ -442,7 +464,12 @@ async fn follow(
                         Some(Parsed::Remote(Remote::Stream {
                             replica: Some(replica),
                             ..
-                        })) if replica == shared.replica => continue,
+                        }))
+                        | Some(Parsed::Remote(Remote::Answers { replica, .. }))
+                            if replica == shared.replica =>
+                        {
+                            continue
+                        }
                         Some(Parsed::Remote(change)) => change,
                         _ => continue,
                     },
@@ -789,6 +816,16 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
         } => {
             if let Some(done) = done {
                 let _ = done.send(Ok(()));
+            }
+            None
+        }
+        Append::Answers { version, tally } => {
+            let key = keys.answers(version, &shared.replica);
+            let value = serde_json::to_vec(&tally).expect("tallies serialize");
+            let put = PutOptions::new().with_lease(shared.lease());
+            if let Err(e) = client.put(key, value, Some(put)).await {
+                // The next share (a second later) carries the same counts.
+                tracing::debug!(error = %e, version, "answer counts not shared this time");
             }
             None
         }

@@ -252,8 +252,12 @@ struct Inner {
     nodes: BTreeMap<String, NodeEntry>,
     /// Staged rollouts by version.
     rollouts: BTreeMap<u64, StoredRollout>,
-    /// Answers counted for each live rollout's error-rate gate.
+    /// Answers counted for each live rollout's error-rate gate, from the
+    /// nodes held here.
     answers: BTreeMap<u64, Tally>,
+    /// The same, from other replicas of a shared store: version → replica
+    /// → what it counted.
+    shared_answers: BTreeMap<u64, BTreeMap<String, Tally>>,
 }
 
 impl Inner {
@@ -293,6 +297,20 @@ impl Inner {
         }
     }
 
+    /// A rollout's answer counts: this replica's and the others'.
+    fn all_answers(&self, version: u64) -> Tally {
+        let mut all = self.answers.get(&version).cloned().unwrap_or_default();
+        for tally in self
+            .shared_answers
+            .get(&version)
+            .into_iter()
+            .flat_map(|by| by.values())
+        {
+            all.merge(tally);
+        }
+        all
+    }
+
     /// A rollout's status, with its waves counted over the known nodes.
     fn rollout_status(&self, rollout: &StoredRollout) -> pb::RolloutStatus {
         let waves = rollout.waves();
@@ -310,9 +328,9 @@ impl Inner {
                 }
             }
         }
-        let answers = self.answers.get(&rollout.version);
-        let reached = answers.map(Tally::reached_total).unwrap_or_default();
-        let not_reached = answers.map(Tally::not_reached_total).unwrap_or_default();
+        let answers = self.all_answers(rollout.version);
+        let reached = answers.reached_total();
+        let not_reached = answers.not_reached_total();
         pb::RolloutStatus {
             wave_answered: reached.answered,
             wave_server_errors: reached.server_errors,
@@ -714,8 +732,8 @@ impl Fleet {
                     silent_ms: now.saturating_sub(n.answers.last_ms),
                 })
                 .collect();
-            let no_answers = Tally::default();
-            let answers = inner.answers.get(&number).unwrap_or(&no_answers);
+            let all_answers = inner.all_answers(number);
+            let answers = &all_answers;
             // Steps that need no wait follow each other at once (with no
             // bake, a wave that is done releases the next right away).
             let mut next = rollout.clone();
@@ -763,13 +781,18 @@ impl Fleet {
             self.emit_rollout(number, status);
         }
         let Inner {
-            rollouts, answers, ..
+            rollouts,
+            answers,
+            shared_answers,
+            ..
         } = &mut *inner;
-        answers.retain(|number, _| {
+        let live = |number: &u64| {
             rollouts
                 .get(number)
                 .is_some_and(|r| matches!(r.state, RolloutState::Running | RolloutState::Paused))
-        });
+        };
+        answers.retain(|number, _| live(number));
+        shared_answers.retain(|number, _| live(number));
     }
 
     fn emit_rollout(&self, version: u64, status: pb::RolloutStatus) {
@@ -1048,6 +1071,26 @@ impl Fleet {
         }
     }
 
+    /// With a shared store, hands the answer counts of live rollouts to
+    /// the replica that judges them, every second, for as long as the
+    /// fleet lives.
+    pub async fn share_answers(self: Arc<Self>) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let tallies: Vec<(u64, Tally)> = {
+                let inner = self.lock();
+                inner.answers.iter().map(|(v, t)| (*v, t.clone())).collect()
+            };
+            for (version, tally) in tallies {
+                self.store.share_answers(version, tally);
+            }
+        }
+    }
+
     /// Applies what other replicas of a shared store write, for as long as
     /// the store runs.
     pub async fn follow_store(
@@ -1143,6 +1186,19 @@ impl Fleet {
                     };
                     self.emit(&after.id, Event::Nacked(nack));
                 }
+            }
+            Remote::Answers {
+                version,
+                replica,
+                tally,
+            } => {
+                inner
+                    .shared_answers
+                    .entry(version)
+                    .or_default()
+                    .insert(replica, tally);
+                drop(inner);
+                self.rollout_nudge.notify_one();
             }
             Remote::Stream { node, replica } => {
                 let Some(entry) = inner.nodes.get_mut(&node) else {

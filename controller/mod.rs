@@ -242,8 +242,13 @@ async fn open_shared(
         "store opened"
     );
     let fleet = Arc::new(Fleet::new(store, loaded, default_plan)?);
-    let following = AbortOnDropHandle::new(tokio::spawn(fleet.clone().follow_store(remote)));
-    Ok((fleet, Some(following)))
+    let following = tokio::spawn({
+        let fleet = fleet.clone();
+        async move {
+            tokio::join!(fleet.clone().follow_store(remote), fleet.share_answers());
+        }
+    });
+    Ok((fleet, Some(AbortOnDropHandle::new(following))))
 }
 
 #[cfg(not(feature = "etcd"))]

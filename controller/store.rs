@@ -27,6 +27,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::error_rate::Tally;
 pub use super::rollout::StoredRollout;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -168,6 +169,12 @@ pub enum Remote {
         node: String,
         replica: Option<String>,
     },
+    /// A rollout's answer counts from the nodes a replica holds.
+    Answers {
+        version: u64,
+        replica: String,
+        tally: Tally,
+    },
 }
 
 /// What the writer is asked to do. Each is moved once, through the
@@ -184,6 +191,10 @@ pub(super) enum Append {
     /// replicas.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     Stream { node: String, held: bool },
+    /// A rollout's answer counts from the nodes this controller holds, for
+    /// the replica that judges the rollout.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Answers { version: u64, tally: Tally },
 }
 
 /// A handle to the writer task: the log file's, or a shared store's.
@@ -195,6 +206,7 @@ pub struct Store {
     /// (driving rollouts): always with the file store; with a shared one,
     /// while it holds the leadership.
     leader: watch::Receiver<bool>,
+    shared: bool,
 }
 
 /// What to do with a damaged log.
@@ -252,6 +264,7 @@ impl Store {
             writes,
             describe: path.display().to_string(),
             leader: watch::channel(true).1,
+            shared: false,
         };
         Ok((store, loaded))
     }
@@ -267,6 +280,7 @@ impl Store {
             writes,
             describe,
             leader,
+            shared: true,
         }
     }
 
@@ -277,6 +291,16 @@ impl Store {
 
     pub fn is_leader(&self) -> bool {
         *self.leader.borrow()
+    }
+
+    /// Whether other replicas share this store.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Hands a rollout's answer counts to the other replicas.
+    pub fn share_answers(&self, version: u64, tally: Tally) {
+        let _ = self.writes.send(Append::Answers { version, tally });
     }
 
     /// Tells other replicas of a shared store whether this controller

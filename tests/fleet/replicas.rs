@@ -147,6 +147,16 @@ async fn replicas_share_one_history_and_nodes_fail_over_without_reapplying() {
         }
         assert_eq!(history(replica).await, expected);
     }
+
+    // A replica started now holds no stream, and shows every node as
+    // connected all the same, with the history.
+    let late = Controller::start_replica(&store, "r3", &[]);
+    let listed = late.nodes().await;
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    for node in listed {
+        assert!(node.connected && node.version == 3, "{node:?}");
+    }
+    assert_eq!(history(&late).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,4 +499,96 @@ async fn a_version_larger_than_etcd_takes_is_refused_with_the_limit() {
         publish_on(&replica, &traffic("127.0.0.1:0", &origin), "small").await,
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_judges_the_error_rate_of_nodes_another_replica_holds() {
+    let Some(binary) = etcd() else { return };
+    let cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("answers");
+    let replicas: Vec<Controller> = (0..2)
+        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
+        .collect();
+    let all: Vec<&Controller> = replicas.iter().collect();
+    let leader = wait_leader(&all, Duration::from_secs(10)).await;
+    let other = *all.iter().find(|r| !std::ptr::eq(**r, leader)).unwrap();
+    // The first wave's node streams to the replica that does not lead.
+    let ids: Vec<String> = (0..4).map(|i| format!("n{i}")).collect();
+    let targets: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let plan = tether::controller::rollout::parse_waves(&["1,100%".to_owned()]).unwrap();
+    let cut = tether::controller::rollout::StoredRollout::start(
+        2,
+        &plan,
+        Duration::ZERO,
+        Duration::ZERO,
+        &targets,
+        0,
+    );
+    let first = *targets
+        .iter()
+        .find(|id| cut.wave_of(id, &BTreeMap::new()) == 0)
+        .unwrap();
+    let nodes: Vec<Node> = targets
+        .iter()
+        .map(|id| {
+            let on: [&Controller; 2] = if *id == first {
+                [other, leader]
+            } else {
+                [leader, other]
+            };
+            Node::start(&node_on_replicas(id, &on, 0))
+        })
+        .collect();
+    wait_connected(leader, &targets).await;
+    let app = Origin::start("app").await;
+    let broken = Origin::start("api").await;
+    broken.set_failing(true);
+    let v1 = traffic("127.0.0.1:0", &app);
+    publish_on(leader, &v1, "v1").await;
+    wait_acked(leader, &targets, 1).await;
+    let mut addrs = Vec::new();
+    for node in &nodes {
+        addrs.push(node.listener("web").await);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let client = http1_client();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.is_cancelled() && Instant::now() < deadline {
+                for addr in &addrs {
+                    let _ = get_with(&client, *addr, None, "/api/items", &[]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let v2 = format!(
+        "{v1}\n[[listener.route]]\npath = \"/api/\"\nupstream = \"api\"\n[upstream.api]\nservers = [{{ addr = \"{}\" }}]\n",
+        broken.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v2.toml");
+    std::fs::write(&file, v2).unwrap();
+    let (code, out, err) = other
+        .cli(&[
+            "publish",
+            file.to_str().unwrap(),
+            "--waves",
+            "1,100%",
+            "--bake",
+            "10s",
+            "--wait",
+        ])
+        .await;
+    stop.cancel();
+    load.await.unwrap();
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("error-rate gate: 5xx on ")
+            && err.contains(&format!("from 1 node running v2 ({first} ")),
+        "{err}"
+    );
+    wait_acked(leader, &targets, 1).await;
 }

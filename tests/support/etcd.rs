@@ -39,11 +39,27 @@ pub struct EtcdCluster {
     members: Vec<Member>,
 }
 
+/// A port for an etcd member. Not from the OS's ephemeral range: a port
+/// it handed out and got back could be handed to a parallel test before
+/// etcd binds it. Each test process counts up from its own offset in
+/// 20000–29999, skipping ports in use.
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 25,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (port - 20_000) % 10_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
 }
 
 impl EtcdCluster {
