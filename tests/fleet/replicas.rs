@@ -592,3 +592,63 @@ async fn the_leader_judges_the_error_rate_of_nodes_another_replica_holds() {
     );
     wait_acked(leader, &targets, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_watch_fell_behind_compaction_reads_the_store_again() {
+    let Some(binary) = etcd() else { return };
+    let mut cluster = EtcdCluster::start(binary, 3).await;
+    let store = cluster.url("compacted");
+    let a = Controller::start_replica(&store, "a", &[]);
+    let b = Controller::start_replica(&store, "b", &[]);
+    let config = |n: u64| {
+        format!("# v{n}\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nstatic = {{ root = \"site\" }}\n")
+    };
+    publish_on(&a, &config(1), "v1").await;
+    let deadline = Instant::now() + WAIT;
+    while history(&b).await.is_empty() {
+        assert!(Instant::now() < deadline, "b never saw v1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // b sleeps; its watch's connection dies with whichever member held it
+    // (each is restarted in turn); versions are published and the history
+    // compacted past b's watch.
+    let signal = |signal: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP", b.pid());
+    for member in 0..3 {
+        cluster.restart(member).await;
+    }
+    for n in 2..=4 {
+        publish_on(&a, &config(n), &format!("v{n}")).await;
+    }
+    let mut etcd = etcd_client::Client::connect([cluster.endpoint(0)], None)
+        .await
+        .unwrap();
+    let now = etcd.get("/compacted/store_id", None).await.unwrap();
+    let revision = now.header().unwrap().revision();
+    etcd.compact(revision, None).await.unwrap();
+    signal("-CONT", b.pid());
+
+    // Awake, b's watch resumes from a compacted revision: it reads the
+    // store again and lists every version.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let listed = history(&b).await;
+        if listed.len() == 4 {
+            assert_eq!(listed, history(&a).await);
+            break;
+        }
+        assert!(Instant::now() < deadline, "b lists {listed:?}\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        b.log().contains("fell behind the compacted history"),
+        "b did not take the reload path:\n{}",
+        b.log()
+    );
+}

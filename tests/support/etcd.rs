@@ -161,6 +161,11 @@ impl EtcdCluster {
         format!("etcd://{}/{prefix}", hosts.join(","))
     }
 
+    /// Member `index`'s client url.
+    pub fn endpoint(&self, index: usize) -> String {
+        format!("http://{}", self.members[index].client)
+    }
+
     /// SIGKILL one member.
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.members[index].child.take() {
