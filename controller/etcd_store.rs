@@ -231,7 +231,7 @@ async fn load(
     let all = client
         .get(keys.all(), Some(GetOptions::new().with_prefix()))
         .await?;
-    let revision = all.header().map_or(0, |h| h.revision());
+    let revision = revision(all.header());
     let mut loaded = Loaded::default();
     let mut live_state = Vec::new();
     for kv in all.kvs() {
@@ -344,7 +344,7 @@ async fn keep_lease(mut client: Client, shared: Arc<Shared>, leader: watch::Send
                             .put(key.clone(), shared.replica.clone(), Some(put))
                             .await
                         {
-                            shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                            shared.wrote(key, revision(answer.header()));
                         }
                     }
                     continue;
@@ -370,14 +370,10 @@ async fn campaign(client: Client, shared: Arc<Shared>, leader: watch::Sender<boo
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let answer = retried(|| {
-            let (mut client, txn) = (client.clone(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await;
+        let answer = txn_retried(&client, &txn).await;
         let holder = match answer {
             Ok(answer) if answer.succeeded() => {
-                let created = answer.header().map_or(0, |h| h.revision());
+                let created = revision(answer.header());
                 Some((shared.replica.clone(), created, lease))
             }
             Ok(answer) => answer.op_responses().into_iter().find_map(|op| match op {
@@ -516,7 +512,7 @@ async fn reload(
             let _ = remote.send(change);
         }
     }
-    Ok(all.header().map_or(0, |h| h.revision()))
+    Ok(revision(all.header()))
 }
 
 /// While leading, compacts etcd's history older than `KEEP_HISTORY`: the
@@ -528,10 +524,7 @@ async fn compact(mut client: Client, shared: Arc<Shared>, leader: watch::Receive
         let Ok(now) = client.get(shared.keys.store_id(), None).await else {
             continue;
         };
-        marks.push_back((
-            tokio::time::Instant::now(),
-            now.header().map_or(0, |h| h.revision()),
-        ));
+        marks.push_back((tokio::time::Instant::now(), revision(now.header())));
         let mut older = None;
         while let Some(&(at, revision)) = marks.front() {
             if at.elapsed() < KEEP_HISTORY {
@@ -650,14 +643,10 @@ async fn write_puts(
         let chunk: Vec<(String, Put)> = puts.by_ref().take(TXN_OPS).collect();
         let ops: Vec<TxnOp> = chunk.iter().map(|(key, put)| put.op(key, shared)).collect();
         let txn = Txn::new().and_then(ops);
-        let answer = retried(|| {
-            let (mut client, txn) = (client.clone(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await;
+        let answer = txn_retried(client, &txn).await;
         match answer {
             Ok(answer) => {
-                let revision = answer.header().map_or(0, |h| h.revision());
+                let revision = revision(answer.header());
                 for (key, _) in &chunk {
                     shared.wrote(key.clone(), revision);
                 }
@@ -693,29 +682,22 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                         MAX_VERSION_BYTES / 1024
                     ),
                 );
-                if let Some(done) = done {
-                    let _ = done.send(Err(refused));
-                }
+                tell(done, Err(refused));
                 return None;
             }
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let result = match retried(|| {
-                let (mut client, txn) = (client.clone(), txn.clone());
-                async move { client.txn(txn).await }
-            })
-            .await
-            {
+            let result = match txn_retried(client, &txn).await {
                 Ok(answer) if answer.succeeded() => {
-                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    shared.wrote(key, revision(answer.header()));
                     Ok(())
                 }
                 // A retry of a write that had landed finds its own value.
                 Ok(answer) if stored_value(&answer).is_some_and(|(v, _)| v == value) => {
-                    let (_, revision) = stored_value(&answer).unwrap_or_default();
-                    shared.wrote(key, revision);
+                    let (_, landed) = stored_value(&answer).unwrap_or_default();
+                    shared.wrote(key, landed);
                     Ok(())
                 }
                 Ok(_) => Err(std::io::Error::new(
@@ -727,9 +709,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                 )),
                 Err(e) => Err(unreachable(e)),
             };
-            if let Some(done) = done {
-                let _ = done.send(result);
-            }
+            tell(done, result);
             None
         }
         Append::Record {
@@ -755,14 +735,9 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
             let txn = Txn::new()
                 .when(compare)
                 .and_then([TxnOp::put(key.clone(), value, None)]);
-            let result = match retried(|| {
-                let (mut client, txn) = (client.clone(), txn.clone());
-                async move { client.txn(txn).await }
-            })
-            .await
-            {
+            let result = match txn_retried(client, &txn).await {
                 Ok(answer) if answer.succeeded() => {
-                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
+                    shared.wrote(key, revision(answer.header()));
                     Ok(())
                 }
                 Ok(_) => {
@@ -774,9 +749,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                 }
                 Err(e) => Err(unreachable(e)),
             };
-            if let Some(done) = done {
-                let _ = done.send(result);
-            }
+            tell(done, result);
             None
         }
         Append::Record {
@@ -792,10 +765,8 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
             .await
             {
                 Ok(answer) => {
-                    shared.wrote(key, answer.header().map_or(0, |h| h.revision()));
-                    if let Some(done) = done {
-                        let _ = done.send(Ok(()));
-                    }
+                    shared.wrote(key, revision(answer.header()));
+                    tell(done, Ok(()));
                     None
                 }
                 Err(e) => {
@@ -814,9 +785,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
             record: Record::Store { .. },
             done,
         } => {
-            if let Some(done) = done {
-                let _ = done.send(Ok(()));
-            }
+            tell(done, Ok(()));
             None
         }
         Append::Answers { version, tally } => {
@@ -840,7 +809,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                         Some(PutOptions::new().with_lease(shared.lease())),
                     )
                     .await
-                    .map(|answer| answer.header().map_or(0, |h| h.revision()))
+                    .map(|answer| revision(answer.header()))
             } else {
                 // Only if it is still ours: the node may have moved on.
                 let txn = Txn::new()
@@ -853,7 +822,7 @@ async fn apply(client: &mut Client, shared: &Shared, append: Append) -> Option<(
                 client
                     .txn(txn)
                     .await
-                    .map(|answer| answer.header().map_or(0, |h| h.revision()))
+                    .map(|answer| revision(answer.header()))
             };
             match result {
                 Ok(revision) => {
@@ -913,6 +882,33 @@ fn transient(e: &etcd_client::Error) -> bool {
             )
         }
         _ => false,
+    }
+}
+
+/// `txn`, tried again when it fails on the way (see `retried`).
+async fn txn_retried(
+    client: &Client,
+    txn: &Txn,
+) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    retried(|| {
+        let (mut client, txn) = (client.clone(), txn.clone());
+        async move { client.txn(txn).await }
+    })
+    .await
+}
+
+/// The revision an answer was made at (0 without a header).
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+/// Tells whoever waits for a write how it went.
+fn tell(
+    done: Option<tokio::sync::oneshot::Sender<std::io::Result<()>>>,
+    result: std::io::Result<()>,
+) {
+    if let Some(done) = done {
+        let _ = done.send(result);
     }
 }
 

@@ -99,6 +99,23 @@ impl Default for Bars {
     }
 }
 
+/// `eu-2 NACKed v12: cannot bind: 1 error (listener[0].listen: …)`, with
+/// the reason from `nack_reason`.
+pub fn nacked_line(node: &str, version: u64, reason: &str) -> String {
+    format!("{node} NACKed v{version}: {reason}")
+}
+
+/// A NACK's reason on one line, with its first located error.
+pub fn nack_reason(reason: &str, errors: &[pb::ConfigError]) -> String {
+    let reason = reason.lines().next().unwrap_or_default();
+    match errors.first() {
+        Some(error) if !error.path.is_empty() => {
+            format!("{reason} ({}: {})", error.path, error.message)
+        }
+        _ => reason.to_owned(),
+    }
+}
+
 /// `5xx 0.4% of 1200 (0.3% of 5400 before, limit +1%)`, once the new
 /// version has answered anything.
 pub fn answers_text(status: &pb::RolloutStatus) -> Option<String> {

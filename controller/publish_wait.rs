@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tonic::transport::Channel;
 
-use super::progress::{Bars, Mode};
+use super::progress::{self, Bars, Mode};
 use crate::config::format_duration;
 use crate::proto::v1::fleet_service_client::FleetServiceClient;
 use crate::proto::v1::{self as pb};
@@ -76,7 +76,7 @@ pub async fn wait_for_answers(
     let report = |bars: &Option<Bars>, event: &str, node: &str, reason: Option<&str>| match bars {
         Some(bars) => {
             if let Some(reason) = reason {
-                bars.println(&format!("{node} NACKed v{version}: {reason}"));
+                bars.println(&progress::nacked_line(node, version, reason));
             }
         }
         None => report(json, event, node, version, reason),
@@ -103,7 +103,7 @@ pub async fn wait_for_answers(
                 acked.insert(node.id.clone());
                 report(&bars, "acked", &node.id, None);
             } else if let Some(nack) = node.last_nack.as_ref().filter(|n| n.version == version) {
-                let reason = nack_reason(nack);
+                let reason = progress::nack_reason(&nack.reason, &nack.errors);
                 report(&bars, "nacked", &node.id, Some(&reason));
                 nacked.insert(node.id.clone(), reason);
             }
@@ -171,21 +171,6 @@ pub async fn wait_for_answers(
     }
 }
 
-/// The NACK's reason with its first located error, on one line.
-fn nack_reason(nack: &pb::NackRecord) -> String {
-    match nack.errors.first() {
-        Some(error) if !error.path.is_empty() => {
-            format!(
-                "{} ({}: {})",
-                nack.reason.lines().next().unwrap_or_default(),
-                error.path,
-                error.message
-            )
-        }
-        _ => nack.reason.lines().next().unwrap_or_default().to_owned(),
-    }
-}
-
 fn report(json: bool, event: &str, node: &str, version: u64, reason: Option<&str>) {
     if json {
         println!(
@@ -194,7 +179,7 @@ fn report(json: bool, event: &str, node: &str, version: u64, reason: Option<&str
         );
     } else {
         match reason {
-            Some(reason) => println!("{node} NACKed v{version}: {reason}"),
+            Some(reason) => println!("{}", progress::nacked_line(node, version, reason)),
             None => println!("{node} runs v{version}"),
         }
     }

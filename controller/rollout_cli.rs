@@ -220,10 +220,10 @@ impl View {
     }
 
     fn nack(&mut self, node: &str, nack: &pb::Nack) {
-        let reason = nack_text(nack);
+        let reason = progress::nack_reason(&nack.reason, &nack.errors);
         match self {
             View::Bars { version, bars } => {
-                bars.println(&format!("{node} NACKed v{version}: {reason}"))
+                bars.println(&progress::nacked_line(node, *version, &reason))
             }
             View::Lines {
                 version,
@@ -233,18 +233,9 @@ impl View {
                 "{}",
                 json!({ "event": "nacked", "node": node, "version": version, "reason": reason })
             ),
-            View::Lines { version, .. } => println!("{node} NACKed v{version}: {reason}"),
+            View::Lines { version, .. } => {
+                println!("{}", progress::nacked_line(node, *version, &reason))
+            }
         }
-    }
-}
-
-/// The NACK's reason with its first located error, on one line.
-fn nack_text(nack: &pb::Nack) -> String {
-    let reason = nack.reason.lines().next().unwrap_or_default();
-    match nack.errors.first() {
-        Some(error) if !error.path.is_empty() => {
-            format!("{reason} ({}: {})", error.path, error.message)
-        }
-        _ => reason.to_owned(),
     }
 }

@@ -1129,16 +1129,7 @@ impl Fleet {
                     last_nack: stored.last_nack.as_ref().map(|nack| pb::NackRecord {
                         version: nack.version,
                         reason: nack.reason.clone(),
-                        errors: nack
-                            .errors
-                            .iter()
-                            .map(|e| pb::ConfigError {
-                                path: e.path.clone(),
-                                line: e.line,
-                                column: e.column,
-                                message: e.message.clone(),
-                            })
-                            .collect(),
+                        errors: wire_errors(&nack.errors),
                         at: Some(from_millis(nack.at).into()),
                     }),
                     servers_up: up.len() as u32,
@@ -1194,6 +1185,19 @@ impl Fleet {
             .filter(|n| n.connection.is_some())
             .count()
     }
+}
+
+/// A stored NACK's errors as the API gives them.
+fn wire_errors(errors: &[StoredConfigError]) -> Vec<pb::ConfigError> {
+    errors
+        .iter()
+        .map(|e| pb::ConfigError {
+            path: e.path.clone(),
+            line: e.line,
+            column: e.column,
+            message: e.message.clone(),
+        })
+        .collect()
 }
 
 fn millis(time: SystemTime) -> u64 {

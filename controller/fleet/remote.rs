@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Event, Fleet, NodeEntry, Remote, StoredNode, Tally, Version};
+use super::{wire_errors, Event, Fleet, NodeEntry, Remote, StoredNode, Tally, Version};
 use crate::proto::v1::{self as pb};
 
 impl Fleet {
@@ -110,16 +110,7 @@ impl Fleet {
                     let nack = pb::Nack {
                         version: nack.version,
                         nonce: String::new(),
-                        errors: nack
-                            .errors
-                            .iter()
-                            .map(|e| pb::ConfigError {
-                                path: e.path.clone(),
-                                line: e.line,
-                                column: e.column,
-                                message: e.message.clone(),
-                            })
-                            .collect(),
+                        errors: wire_errors(&nack.errors),
                         reason: nack.reason.clone(),
                     };
                     self.emit(&after.id, Event::Nacked(nack));
