@@ -290,6 +290,17 @@ fn leader<'a>(replicas: &[&'a Controller]) -> Option<&'a Controller> {
     })
 }
 
+/// Replicas r0 and r1 of `store`, and which of them leads.
+async fn two_replicas(store: &str) -> (Vec<Controller>, usize) {
+    let replicas: Vec<Controller> = (0..2)
+        .map(|i| Controller::start_replica(store, &format!("r{i}"), &[]))
+        .collect();
+    let all: Vec<&Controller> = replicas.iter().collect();
+    let leader = wait_leader(&all, Duration::from_secs(10)).await;
+    let leading = all.iter().position(|r| std::ptr::eq(*r, leader)).unwrap();
+    (replicas, leading)
+}
+
 async fn wait_leader<'a>(replicas: &[&'a Controller], within: Duration) -> &'a Controller {
     let deadline = Instant::now() + within;
     loop {
@@ -381,12 +392,8 @@ async fn a_leader_paused_past_its_lease_cannot_write_when_it_wakes() {
     let Some(binary) = etcd() else { return };
     let cluster = EtcdCluster::start(binary, 3).await;
     let store = cluster.url("paused");
-    let replicas: Vec<Controller> = (0..2)
-        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
-        .collect();
-    let all: Vec<&Controller> = replicas.iter().collect();
-    let leader = wait_leader(&all, Duration::from_secs(10)).await;
-    let other = *all.iter().find(|r| !std::ptr::eq(**r, leader)).unwrap();
+    let (replicas, leading) = two_replicas(&store).await;
+    let (leader, other) = (&replicas[leading], &replicas[1 - leading]);
     let origin = Origin::start("app").await;
     let _nodes: Vec<Node> = ["n0", "n1"]
         .iter()
@@ -412,13 +419,7 @@ async fn a_leader_paused_past_its_lease_cannot_write_when_it_wakes() {
 
     // The leader stops past its lease; the other takes over and the
     // rollout is aborted there.
-    let stop = |signal: &str, pid: u32| {
-        std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap()
-    };
-    stop("-STOP", leader.pid());
+    leader.signal("-STOP");
     let deadline = Instant::now() + Duration::from_secs(12);
     while leader_of(other).is_none() {
         assert!(
@@ -433,7 +434,7 @@ async fn a_leader_paused_past_its_lease_cannot_write_when_it_wakes() {
         .await;
     let (_, status, _) = other.cli(&["rollout", "status", "2"]).await;
     assert_eq!(code, Some(0), "{out}{err}{status}\n{}", other.log());
-    stop("-CONT", leader.pid());
+    leader.signal("-CONT");
 
     // Awake, it steps down, learns the abort, and what it wrote meanwhile
     // did not land: the rollout stays aborted everywhere.
@@ -506,28 +507,13 @@ async fn the_leader_judges_the_error_rate_of_nodes_another_replica_holds() {
     let Some(binary) = etcd() else { return };
     let cluster = EtcdCluster::start(binary, 3).await;
     let store = cluster.url("answers");
-    let replicas: Vec<Controller> = (0..2)
-        .map(|i| Controller::start_replica(&store, &format!("r{i}"), &[]))
-        .collect();
-    let all: Vec<&Controller> = replicas.iter().collect();
-    let leader = wait_leader(&all, Duration::from_secs(10)).await;
-    let other = *all.iter().find(|r| !std::ptr::eq(**r, leader)).unwrap();
+    let (replicas, leading) = two_replicas(&store).await;
+    let (leader, other) = (&replicas[leading], &replicas[1 - leading]);
     // The first wave's node streams to the replica that does not lead.
-    let ids: Vec<String> = (0..4).map(|i| format!("n{i}")).collect();
+    let ids = ids(4);
     let targets: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let plan = tether::controller::rollout::parse_waves(&["1,100%".to_owned()]).unwrap();
-    let cut = tether::controller::rollout::StoredRollout::start(
-        2,
-        &plan,
-        Duration::ZERO,
-        Duration::ZERO,
-        &targets,
-        0,
-    );
-    let first = *targets
-        .iter()
-        .find(|id| cut.wave_of(id, &BTreeMap::new()) == 0)
-        .unwrap();
+    let waves = waves_of(4, "1,100%");
+    let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.as_str();
     let nodes: Vec<Node> = targets
         .iter()
         .map(|id| {
@@ -543,34 +529,16 @@ async fn the_leader_judges_the_error_rate_of_nodes_another_replica_holds() {
     let app = Origin::start("app").await;
     let broken = Origin::start("api").await;
     broken.set_failing(true);
-    let v1 = traffic("127.0.0.1:0", &app);
-    publish_on(leader, &v1, "v1").await;
+    publish_on(leader, &with_api(&app, None), "v1").await;
     wait_acked(leader, &targets, 1).await;
     let mut addrs = Vec::new();
     for node in &nodes {
         addrs.push(node.listener("web").await);
     }
-    let stop = tokio_util::sync::CancellationToken::new();
-    let load = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let client = http1_client();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.is_cancelled() && Instant::now() < deadline {
-                for addr in &addrs {
-                    let _ = get_with(&client, *addr, None, "/api/items", &[]).await;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
-    let v2 = format!(
-        "{v1}\n[[listener.route]]\npath = \"/api/\"\nupstream = \"api\"\n[upstream.api]\nservers = [{{ addr = \"{}\" }}]\n",
-        broken.addr
-    );
+    let asking = KeepAsking::start(addrs, "/api/items");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("v2.toml");
-    std::fs::write(&file, v2).unwrap();
+    std::fs::write(&file, with_api(&app, Some(&broken))).unwrap();
     let (code, out, err) = other
         .cli(&[
             "publish",
@@ -582,8 +550,7 @@ async fn the_leader_judges_the_error_rate_of_nodes_another_replica_holds() {
             "--wait",
         ])
         .await;
-    stop.cancel();
-    load.await.unwrap();
+    asking.stop().await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains("error-rate gate: 5xx on ")
@@ -613,13 +580,7 @@ async fn a_replica_whose_watch_fell_behind_compaction_reads_the_store_again() {
     // b sleeps; its watch's connection dies with whichever member held it
     // (each is restarted in turn); versions are published and the history
     // compacted past b's watch.
-    let signal = |signal: &str, pid: u32| {
-        std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap()
-    };
-    signal("-STOP", b.pid());
+    b.signal("-STOP");
     for member in 0..3 {
         cluster.restart(member).await;
     }
@@ -632,7 +593,7 @@ async fn a_replica_whose_watch_fell_behind_compaction_reads_the_store_again() {
     let now = etcd.get("/compacted/store_id", None).await.unwrap();
     let revision = now.header().unwrap().revision();
     etcd.compact(revision, None).await.unwrap();
-    signal("-CONT", b.pid());
+    b.signal("-CONT");
 
     // Awake, b's watch resumes from a compacted revision: it reads the
     // store again and lists every version.

@@ -38,21 +38,6 @@ async fn labelled_fleet_on_v1(
     started
 }
 
-fn ids(count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("n{i}")).collect()
-}
-
-/// The wave (from 0) of each node, as the controller cuts them.
-fn waves_of(count: usize, waves: &str) -> BTreeMap<String, usize> {
-    let ids = ids(count);
-    let targets: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let plan = parse_waves(&[waves.to_owned()]).unwrap();
-    let rollout = StoredRollout::start(2, &plan, Duration::ZERO, Duration::ZERO, &targets, 0);
-    ids.iter()
-        .map(|id| (id.clone(), rollout.wave_of(id, &BTreeMap::new())))
-        .collect()
-}
-
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
@@ -250,20 +235,6 @@ async fn a_dead_server_fails_the_health_gate_and_the_first_wave_goes_back() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
-/// v1: everything to `app`. v2 adds `/api/` to `broken`, which answers
-/// every request 502.
-fn with_api(app: &Origin, broken: Option<&Origin>) -> String {
-    let mut config = traffic("127.0.0.1:0", app);
-    if let Some(broken) = broken {
-        config.push_str(&format!(
-            "\n[[listener.route]]\npath = \"/api/\"\nupstream = \"api\"\n\
-             [upstream.api]\nservers = [{{ addr = \"{}\" }}]\n",
-            broken.addr
-        ));
-    }
-    config
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_turning_to_5xx_fail_the_error_rate_gate_and_the_first_wave_goes_back() {
     let data = tempfile::tempdir().unwrap();
@@ -278,24 +249,7 @@ async fn answers_turning_to_5xx_fail_the_error_rate_gate_and_the_first_wave_goes
     }
     // Clients keep asking every node for /api/ until the rollout ends
     // (at most 30 s): a 200 from app on v1, a 502 from api on v2.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let load = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let client = http1_client();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut statuses = BTreeMap::<u16, usize>::new();
-            while !stop.is_cancelled() && Instant::now() < deadline {
-                for addr in &addrs {
-                    if let Ok(answer) = get_with(&client, *addr, None, "/api/items", &[]).await {
-                        *statuses.entry(answer.status.as_u16()).or_default() += 1;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            statuses
-        }
-    });
+    let asking = KeepAsking::start(addrs, "/api/items");
     let mut watch = controller.watch().await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -311,8 +265,7 @@ async fn answers_turning_to_5xx_fail_the_error_rate_gate_and_the_first_wave_goes
             "--wait",
         ])
         .await;
-    stop.cancel();
-    let statuses = load.await.unwrap();
+    let statuses = asking.stop().await;
     assert_eq!(code, Some(1), "{out}{err}");
     let waves = waves_of(10, "1,30%,100%");
     let first = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();

@@ -72,6 +72,15 @@ impl Controller {
         self.child.id()
     }
 
+    /// Sends it `signal` (`-STOP`, `-CONT`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} {}", self.pid());
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

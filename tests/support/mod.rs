@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod local;
 pub mod node;
 pub mod origin;
+pub mod rollout;
 
 pub use certs::*;
 pub use client::*;
@@ -20,3 +21,4 @@ pub use etcd::*;
 pub use local::*;
 pub use node::*;
 pub use origin::*;
+pub use rollout::*;
