@@ -1014,7 +1014,11 @@ impl Fleet {
                 entry.health.insert(key, transition.to);
             }
         }
-        self.store.append(entry.record());
+        // Other replicas' gates and listings need it; a single controller
+        // keeps health in memory only (a node's Hello brings it again).
+        if self.store.is_shared() {
+            self.store.append(entry.record());
+        }
         drop(inner);
         for transition in report.transitions {
             self.emit(&session.node_id, Event::Health(transition));
