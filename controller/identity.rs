@@ -7,10 +7,9 @@
 //! loopback only (or wherever `--insecure` put it).
 
 use tonic::{Request, Status};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
-pub use crate::grpc::{NODE_GROUP_PREFIX, NODE_PREFIX, OPERATOR_PREFIX};
+use crate::identity::CertIdentity;
+pub use crate::identity::{NODE_GROUP_PREFIX, NODE_PREFIX, OPERATOR_PREFIX};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -40,33 +39,14 @@ impl Identity {
         let leaf = certificates
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let (_, certificate) = X509Certificate::from_der(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
-        let names = certificate
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| san.value.general_names.clone())
-            .unwrap_or_default();
-        for name in names {
-            if let GeneralName::URI(uri) = name {
-                if let Some(id) = uri.strip_prefix(NODE_PREFIX).filter(|id| !id.is_empty()) {
-                    return Ok(Identity::Node(id.to_owned()));
-                }
-                if let Some(prefix) = uri
-                    .strip_prefix(NODE_GROUP_PREFIX)
-                    .filter(|p| !p.is_empty())
-                {
-                    return Ok(Identity::NodeGroup(prefix.to_owned()));
-                }
-                if let Some(name) = uri.strip_prefix(OPERATOR_PREFIX).filter(|n| !n.is_empty()) {
-                    return Ok(Identity::Operator(name.to_owned()));
-                }
+        match CertIdentity::of_certificate(leaf.as_ref()) {
+            Ok(CertIdentity::Node(id)) => Ok(Identity::Node(id)),
+            Ok(CertIdentity::NodeGroup(prefix)) => Ok(Identity::NodeGroup(prefix)),
+            Ok(CertIdentity::Operator(name)) => Ok(Identity::Operator(name)),
+            Err(message) if message.starts_with("unreadable") => {
+                Err(Status::unauthenticated(message))
             }
+            Err(message) => Err(Status::permission_denied(message)),
         }
-        Err(Status::permission_denied(format!(
-            "the client certificate names no node ({NODE_PREFIX}<id>), node group \
-             ({NODE_GROUP_PREFIX}<prefix>) or operator ({OPERATOR_PREFIX}<name>)"
-        )))
     }
 }

@@ -214,6 +214,12 @@ async fn config(client: &mut ControlServiceClient<Channel>, text: bool) -> CtlRe
     }
     println!("\nupstreams");
     print_upstreams(&config.upstreams);
+    if !config.tunnels.is_empty() {
+        println!("\ntunnels");
+        for t in &config.tunnels {
+            println!("  {}", tunnel_line(t));
+        }
+    }
     if !config.draining.is_empty() {
         println!("\ndraining");
         for d in &config.draining {
@@ -271,6 +277,9 @@ async fn health(client: &mut ControlServiceClient<Channel>, watch: bool) -> CtlR
                     println!("generation {} version {}", info.generation, info.version);
                 }
                 print_upstreams(&snapshot.upstreams);
+                for t in &snapshot.tunnels {
+                    println!("tunnel {}", tunnel_line(t));
+                }
                 if !watch {
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -296,6 +305,7 @@ async fn health(client: &mut ControlServiceClient<Channel>, watch: bool) -> CtlR
                     d.generation, d.closed_at_timeout
                 );
             }
+            Some(Event::Tunnel(t)) => println!("{at}  tunnel {}", tunnel_line(&t)),
             Some(Event::EventsMissed(m)) => {
                 println!("{at}  missed {} events; a fresh snapshot follows", m.count)
             }
@@ -303,6 +313,25 @@ async fn health(client: &mut ControlServiceClient<Channel>, watch: bool) -> CtlR
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `home dial 203.0.113.7:7443 up 2/2, 3 streams [web, ssh]`, and the
+/// last error when there is one.
+fn tunnel_line(t: &pb::TunnelStatus) -> String {
+    let mut line = format!(
+        "{:<12} {:<6} {:<22} up {}/{}, {} streams [{}]",
+        t.name,
+        t.role,
+        t.peer,
+        t.connections_up,
+        t.connections_wanted,
+        t.open_streams,
+        t.services.join(", ")
+    );
+    if !t.last_error.is_empty() {
+        line.push_str(&format!(" ({})", t.last_error));
+    }
+    line
 }
 
 fn ago(timestamp: prost_types::Timestamp) -> String {

@@ -29,6 +29,47 @@ pub enum NodeEvent {
         to: Health,
         reason: String,
     },
+    /// A reverse tunnel's connections came up, went down or were refused.
+    TunnelChanged(TunnelStatus),
+}
+
+/// Which end of a reverse tunnel this node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelRole {
+    /// Behind NAT: dials out, serves its local services through it.
+    Dial,
+    /// Public: accepts the tunnel, reaches the services through it.
+    Accept,
+}
+
+impl TunnelRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelRole::Dial => "dial",
+            TunnelRole::Accept => "accept",
+        }
+    }
+}
+
+/// One reverse tunnel as an operator sees it. On the dialing node it is a
+/// `[[tunnel]]`; on the public node, the connections of one tunnel of one
+/// node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelStatus {
+    pub role: TunnelRole,
+    /// The `[[tunnel]]` name.
+    pub name: String,
+    /// Dial: the public node's address. Accept: the dialing node's id.
+    pub peer: String,
+    pub services: Vec<String>,
+    /// On the public node, connections a replaced tunnel is still
+    /// finishing its streams on count too.
+    pub connections_up: u32,
+    /// Dial: `connections`; accept: as many as are up.
+    pub connections_wanted: u32,
+    pub open_streams: u64,
+    /// Why the last connection failed or was refused; empty when none did.
+    pub last_error: String,
 }
 
 /// Where a config came from.

@@ -18,6 +18,7 @@ use crate::lifecycle::Lifecycle;
 use crate::proxy::forward::ForwardProxy;
 use crate::proxy::socks5::Socks5Proxy;
 use crate::tcp_proxy::TcpProxy;
+use crate::tunnel::{Hub, TunnelListener};
 use crate::upstream::{ClientRegistry, Upstream};
 
 /// What a generation is built from besides its config: state the node
@@ -27,6 +28,8 @@ pub struct Shared<'a> {
     pub checks: &'a PreparedChecks,
     /// Pooled upstream connections.
     pub clients: &'a mut ClientRegistry,
+    /// Reverse tunnels: accepted ones, and the way to their services.
+    pub tunnels: &'a Arc<Hub>,
     pub events: &'a broadcast::Sender<NodeEvent>,
 }
 
@@ -41,7 +44,7 @@ pub enum BuildError {
         error: crate::http::ListenerError,
     },
     #[error("{error}")]
-    Tcp {
+    Tls {
         listener: usize,
         #[source]
         error: crate::pki::PkiError,
@@ -52,7 +55,7 @@ impl BuildError {
     /// The index of the listener that failed.
     pub fn listener(&self) -> usize {
         match self {
-            BuildError::Http { listener, .. } | BuildError::Tcp { listener, .. } => *listener,
+            BuildError::Http { listener, .. } | BuildError::Tls { listener, .. } => *listener,
         }
     }
 }
@@ -82,6 +85,8 @@ pub enum ListenerService {
     Tcp(TcpProxy),
     Forward(Arc<ForwardProxy>),
     Socks5(Arc<Socks5Proxy>),
+    /// Reverse tunnels dial in here.
+    Tunnel(Arc<TunnelListener>),
 }
 
 impl Generation {
@@ -111,6 +116,7 @@ impl Generation {
                         old,
                         shared.checks,
                         shared.clients,
+                        shared.tunnels,
                         shared.events.clone(),
                     )),
                 )
@@ -125,14 +131,22 @@ impl Generation {
                         error,
                     })?,
                 )),
-                Protocol::Tcp => {
-                    ListenerService::Tcp(TcpProxy::new(listener, &upstreams).map_err(|error| {
-                        BuildError::Tcp {
+                Protocol::Tcp => ListenerService::Tcp(
+                    TcpProxy::new(listener, &upstreams, shared.tunnels.clone()).map_err(
+                        |error| BuildError::Tls {
+                            listener: index,
+                            error,
+                        },
+                    )?,
+                ),
+                Protocol::Tunnel => ListenerService::Tunnel(Arc::new(
+                    TunnelListener::new(listener, shared.tunnels.clone()).map_err(|error| {
+                        BuildError::Tls {
                             listener: index,
                             error,
                         }
-                    })?)
-                }
+                    })?,
+                )),
                 Protocol::Forward | Protocol::Socks5 => {
                     let settings = listener
                         .proxy

@@ -3,8 +3,8 @@
 //!
 //! The node's modules follow the path a request takes: `listen` accepts,
 //! `tls` terminates TLS, `http` speaks HTTP (or `tcp_proxy` and `proxy`
-//! handle TCP, CONNECT and SOCKS5, over a `tunnel`), `route` picks a
-//! target, `upstream` picks a server and holds the connection pools,
+//! handle TCP, CONNECT and SOCKS5, over a `relay`), `route` picks a
+//! target, `tunnel` carries services of nodes behind NAT to a public node, `upstream` picks a server and holds the connection pools,
 //! `health` checks the servers, `http` also serves static files.
 //! `config` turns TOML into a validated `Config`; `supervisor` applies
 //! configs as `generation`s; `control` serves the gRPC control API and
@@ -27,11 +27,13 @@ pub mod generation;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod lifecycle;
 pub mod listen;
 pub mod pki;
 pub mod proto;
 pub mod proxy;
+pub mod relay;
 pub mod report;
 pub mod route;
 pub mod run;

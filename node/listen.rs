@@ -304,6 +304,15 @@ async fn accept_loop(listener: Accepting, index: usize, generation: Arc<Generati
                     ListenerService::Socks5(socks5) => {
                         tasks.spawn(socks5.clone().serve_connection(stream, peer, connection));
                     }
+                    ListenerService::Tunnel(tunnel) => {
+                        // Counted while its handshake runs; the tunnel
+                        // then lives outside the generation.
+                        let tunnel = tunnel.clone();
+                        tasks.spawn(async move {
+                            tunnel.serve_connection(stream, peer).await;
+                            drop(connection);
+                        });
+                    }
                 }
             }
             // The peer gave up before we accepted: nothing to do.

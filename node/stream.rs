@@ -6,10 +6,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -49,7 +51,8 @@ impl ClientStream {
     }
 }
 
-/// Connects to `addr` (TCP with no delay).
+/// Connects to `addr` (TCP with no delay). A tunnel address is reached
+/// through the node's tunnels (`tunnel::Hub::connect`), never here.
 pub async fn connect(addr: &ServerAddr) -> io::Result<Socket> {
     match addr {
         ServerAddr::Tcp(addr) => {
@@ -58,14 +61,48 @@ pub async fn connect(addr: &ServerAddr) -> io::Result<Socket> {
             Ok(Socket::Tcp(stream))
         }
         ServerAddr::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
+        ServerAddr::Tunnel(target) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "tunnel:{}/{} is reached through the node's tunnels",
+                target.node, target.service
+            ),
+        )),
     }
 }
 
 /// A TCP or Unix-domain stream: clients on either kind of listener, and
-/// upstream servers at either kind of address.
+/// upstream servers at any kind of address.
 pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A stream of a reverse tunnel (an HTTP/2 CONNECT stream).
+    Tunnel(TunnelStream),
+}
+
+/// One stream of a reverse tunnel, counted open until dropped.
+pub struct TunnelStream {
+    io: TokioIo<Upgraded>,
+    _open: OpenStream,
+}
+
+impl TunnelStream {
+    /// `open` is incremented now and decremented when the stream drops.
+    pub fn new(upgraded: Upgraded, open: Arc<AtomicU64>) -> TunnelStream {
+        open.fetch_add(1, Ordering::Relaxed);
+        TunnelStream {
+            io: TokioIo::new(upgraded),
+            _open: OpenStream(open),
+        }
+    }
+}
+
+struct OpenStream(Arc<AtomicU64>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl AsyncRead for Socket {
@@ -77,6 +114,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tunnel(s) => Pin::new(&mut s.io).poll_read(cx, buf),
         }
     }
 }
@@ -90,6 +128,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Tunnel(s) => Pin::new(&mut s.io).poll_write(cx, data),
         }
     }
 
@@ -101,6 +140,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Tunnel(s) => Pin::new(&mut s.io).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -108,6 +148,7 @@ impl AsyncWrite for Socket {
         match self {
             Socket::Tcp(s) => s.is_write_vectored(),
             Socket::Unix(s) => s.is_write_vectored(),
+            Socket::Tunnel(s) => s.io.is_write_vectored(),
         }
     }
 
@@ -115,6 +156,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tunnel(s) => Pin::new(&mut s.io).poll_flush(cx),
         }
     }
 
@@ -122,6 +164,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tunnel(s) => Pin::new(&mut s.io).poll_shutdown(cx),
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::generation::{self, Generation};
 use crate::health::HealthRegistry;
 use crate::listen::SocketRegistry;
 use crate::telemetry::spans;
+use crate::tunnel::Tunnels;
 use crate::upstream::{ClientKey, ClientRegistry};
 use crate::workers::Workers;
 use opentelemetry::trace::SpanKind;
@@ -97,6 +98,8 @@ struct Shared {
     config_path: Option<PathBuf>,
     /// Started with the first config; `[node] workers` is read then.
     workers: OnceLock<Arc<Workers>>,
+    /// Reverse tunnels, dialed and accepted, kept across generations.
+    tunnels: Arc<Tunnels>,
 }
 
 /// The controller push in force, so that re-reading the file (SIGHUP)
@@ -123,19 +126,22 @@ pub async fn start(
     first: ApplySource,
 ) -> Result<NodeHandle, ApplyError> {
     let (commands, receiver) = mpsc::unbounded_channel();
+    let events = broadcast::channel(EVENT_BUFFER).0;
+    let tunnels = Arc::new(Tunnels::new(events.clone()));
     let shared = Arc::new(Shared {
         current: RwLock::new(None),
         draining: Mutex::new(Vec::new()),
-        events: broadcast::channel(EVENT_BUFFER).0,
+        events,
         stopped: watch::channel(false).0,
         config_path,
         workers: OnceLock::new(),
+        tunnels: tunnels.clone(),
     });
     let mut supervisor = Supervisor {
-        health: HealthRegistry::new(shared.events.clone()),
+        health: HealthRegistry::new(shared.events.clone(), tunnels.hub.clone()),
         shared: shared.clone(),
         sockets: SocketRegistry::new(1),
-        clients: ClientRegistry::new(1),
+        clients: ClientRegistry::new(1, tunnels.hub.clone()),
         next_generation: 1,
         drains: TaskTracker::new(),
         pushed: None,
@@ -191,6 +197,11 @@ impl NodeHandle {
 
     pub fn config_path(&self) -> Option<&Path> {
         self.shared.config_path.as_deref()
+    }
+
+    /// The node's reverse tunnels, dialed and accepted.
+    pub fn tunnels(&self) -> Vec<crate::events::TunnelStatus> {
+        self.shared.tunnels.statuses()
     }
 
     /// Tasks alive on the worker threads.
@@ -386,6 +397,7 @@ impl Supervisor {
             generation::Shared {
                 checks: &checks,
                 clients: &mut self.clients,
+                tunnels: &self.shared.tunnels.hub,
                 events: &self.shared.events,
             },
         );
@@ -400,6 +412,9 @@ impl Supervisor {
         self.sockets
             .commit(&prepared)
             .map_err(|e| bind_failed(&config.listeners, e))?;
+        // Before the new listeners accept: tunnels dialing in are admitted
+        // by the config that takes force.
+        self.shared.tunnels.hub.set_policy(&config.listeners);
         if let Err(e) = prepared.start_accepting(&generation, &workers) {
             generation.lifecycle.retire();
             return Err(bind_failed(&config.listeners, e));
@@ -418,6 +433,12 @@ impl Supervisor {
             .collect();
         self.clients.retain(&in_use);
         self.health.commit(checks, &generation.config);
+        self.shared.tunnels.dial(
+            &config.tunnels,
+            &config.node.id,
+            &workers,
+            config.node.drain_timeout,
+        );
         let previous_generation = previous.as_ref().map_or(0, |p| p.number);
         // Announced before the old generation retires, so watchers never
         // see it drained before they see what replaced it.
@@ -455,7 +476,7 @@ impl Supervisor {
         })?;
         let workers = Arc::new(workers);
         self.sockets = SocketRegistry::new(workers.len());
-        self.clients = ClientRegistry::new(workers.len());
+        self.clients = ClientRegistry::new(workers.len(), self.shared.tunnels.hub.clone());
         let _ = self.shared.workers.set(workers.clone());
         Ok(workers)
     }
@@ -518,6 +539,12 @@ impl Supervisor {
             open_connections = report.open_connections,
             "stopping: no longer accepting, draining"
         );
+        let tunnel_drain = drain.unwrap_or_else(|| {
+            current
+                .as_ref()
+                .map_or(Duration::ZERO, |g| g.config.node.drain_timeout)
+        });
+        self.shared.tunnels.stop(tunnel_drain);
         if let Some(current) = current {
             self.retire(current, drain);
         }

@@ -20,6 +20,7 @@ use crate::pki::PkiError;
 
 use crate::config::ListenerConfig;
 use crate::lifecycle::ConnectionGuard;
+use crate::tunnel::Hub;
 use crate::upstream::{PickContext, Upstream};
 
 /// How long a client may take to finish a TLS handshake.
@@ -28,6 +29,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct TcpProxy {
     upstream: Arc<Upstream>,
+    tunnels: Arc<Hub>,
     tls: Option<TlsAcceptor>,
     idle_timeout: Duration,
 }
@@ -36,6 +38,7 @@ impl TcpProxy {
     pub fn new(
         config: &ListenerConfig,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
+        tunnels: Arc<Hub>,
     ) -> Result<Self, PkiError> {
         // Validation guarantees both: a tcp listener has its settings, and
         // its upstream exists.
@@ -46,6 +49,7 @@ impl TcpProxy {
         let upstream = upstreams[&settings.upstream].clone();
         Ok(TcpProxy {
             upstream,
+            tunnels,
             tls: config.tls.as_ref().map(crate::tls::acceptor).transpose()?,
             idle_timeout: settings.idle_timeout,
         })
@@ -91,7 +95,7 @@ impl TcpProxy {
             let server = &upstream.servers[index];
             let connect = tokio::time::timeout(
                 upstream.config.connect_timeout,
-                crate::stream::connect(&server.addr),
+                self.tunnels.connect(&server.addr),
             )
             .await;
             match connect {
@@ -113,6 +117,6 @@ impl TcpProxy {
             }
         };
         let _active = server.begin_request();
-        crate::tunnel::run(client, server_stream, self.idle_timeout, peer).await;
+        crate::relay::run(client, server_stream, self.idle_timeout, peer).await;
     }
 }

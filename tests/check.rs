@@ -367,6 +367,49 @@ fn several_controller_urls_are_checked_each_with_its_place() {
     );
 }
 
+#[test]
+fn tunnel_mistakes_are_each_reported_with_their_place() {
+    let (code, _, stderr) = check(
+        r#"[[listener]]
+name = "tunnels"
+listen = "127.0.0.1:7443"
+protocol = "tunnel"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+[[listener.route]]
+upstream = "nas"
+
+[upstream.nas]
+servers = [{ addr = "tunnel:nas/web" }, { addr = "tunnel:nas" }, { addr = "tunnel:n a/web" }]
+
+[[tunnel]]
+name = "home"
+connect = "public.example"
+connections = 0
+[tunnel.tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node-key.pem"
+"#,
+    );
+    assert_eq!(code, 1);
+    for expected in [
+        "listener[0].protocol: protocol = \"tunnel\" needs [listener.tls]",
+        "listener[0].tunnel: protocol = \"tunnel\" needs [listener.tunnel] with client_ca",
+        "upstream.nas.servers[0].addr: no tunnel listener expects service \"web\" from node \"nas\"",
+        "upstream.nas.servers[1].addr: invalid tunnel address \"tunnel:nas\": write \"tunnel:NODE/SERVICE\"",
+        "upstream.nas.servers[2].addr: invalid node id \"n a\"",
+        "tunnel[0].connect: invalid address \"public.example\": write HOST:PORT",
+        "tunnel[0].connections: 0 is out of range: write 1 to 16",
+        "tunnel[0]: a tunnel needs at least one [[tunnel.service]]",
+        "tunnel[0].tls.ca: cannot read",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
 /// `tether check good.toml | head -0`: the reader is gone before the
 /// summary is written. Like other Unix tools, the command ends quietly.
 #[test]

@@ -254,6 +254,8 @@ async fn touch(protocol: Protocol, addr: SocketAddr) {
         Protocol::Forward => b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n",
         Protocol::Socks5 => b"\x05\x01\x00",
         Protocol::Tcp => b"hello",
+        // Not a TLS ClientHello: refused by the handshake.
+        Protocol::Tunnel => b"hello",
     };
     let _ = stream.write_all(hello).await;
     let mut answer = Vec::new();

@@ -35,6 +35,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// `[[tunnel]]`: this node, behind NAT, dials public nodes.
+    pub tunnels: Vec<TunnelConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +121,8 @@ pub enum Protocol {
     Forward,
     /// A SOCKS5 proxy (CONNECT).
     Socks5,
+    /// Reverse tunnels from nodes behind NAT dial in here (mTLS).
+    Tunnel,
 }
 
 impl Protocol {
@@ -129,6 +133,7 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Forward => "forward",
             Protocol::Socks5 => "socks5",
+            Protocol::Tunnel => "tunnel",
         }
     }
 }
@@ -211,6 +216,8 @@ pub struct ListenerConfig {
     pub proxy: Option<ProxySettings>,
     /// One line per request (HTTP listeners).
     pub access_log: Option<AccessLogSettings>,
+    /// For `tunnel` listeners.
+    pub tunnel: Option<TunnelListenerSettings>,
     /// Where the listener is written, for errors found when it is applied.
     pub location: ListenerLocation,
 }
@@ -442,11 +449,20 @@ pub struct ServerConfig {
     pub weight: u32,
 }
 
-/// Where an upstream server listens: `IP:PORT` or `unix:PATH`.
+/// Where an upstream server listens: `IP:PORT`, `unix:PATH`, or
+/// `tunnel:NODE/SERVICE` (a service of a node behind NAT, reached through
+/// the reverse tunnel it dialed).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServerAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    Tunnel(TunnelTarget),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TunnelTarget {
+    pub node: String,
+    pub service: String,
 }
 
 impl std::fmt::Display for ServerAddr {
@@ -454,8 +470,71 @@ impl std::fmt::Display for ServerAddr {
         match self {
             ServerAddr::Tcp(addr) => write!(f, "{addr}"),
             ServerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            ServerAddr::Tunnel(target) => write!(f, "tunnel:{}/{}", target.node, target.service),
         }
     }
+}
+
+/// `protocol = "tunnel"`: the nodes that may dial in (identified by their
+/// client certificate) and the services each may offer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TunnelListenerSettings {
+    pub client_ca_pem: Vec<u8>,
+    pub peers: Vec<TunnelPeer>,
+}
+
+impl std::fmt::Debug for TunnelListenerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelListenerSettings")
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelPeer {
+    pub node: String,
+    pub services: Vec<String>,
+}
+
+/// `[[tunnel]]`: connections this node keeps open to a public node, and
+/// the local services it serves through them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    pub name: String,
+    /// The public node's tunnel listener, `HOST:PORT`.
+    pub connect: String,
+    /// The name the public node's certificate must carry.
+    pub server_name: String,
+    /// Parallel connections kept open.
+    pub connections: usize,
+    /// HTTP/2 PINGs this often; a connection that misses the answer for as
+    /// long again is closed and dialed anew.
+    pub keepalive: Duration,
+    /// The longest wait between two attempts to dial.
+    pub max_backoff: Duration,
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub services: Vec<TunnelService>,
+}
+
+impl std::fmt::Debug for TunnelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelConfig")
+            .field("name", &self.name)
+            .field("connect", &self.connect)
+            .field("connections", &self.connections)
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelService {
+    pub name: String,
+    /// Where the service listens on the inner node's side.
+    pub addr: ServerAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,7 +635,10 @@ impl Config {
             plural(self.upstreams.len()),
             servers,
             plural(servers),
-        )
+        ) + &match self.tunnels.len() {
+            0 => String::new(),
+            n => format!(", {n} tunnel{}", plural(n)),
+        }
     }
 }
 

@@ -7,7 +7,8 @@ use super::error::{parse_document, KeyPath, Locator, Problem};
 use super::ConfigError;
 
 /// Sections a node takes only from its own file.
-pub const NODE_LOCAL_SECTIONS: &[&str] = &["node", "control", "controller", "telemetry"];
+/// `tunnel` carries the node's own certificate, like `controller`.
+pub const NODE_LOCAL_SECTIONS: &[&str] = &["node", "control", "controller", "telemetry", "tunnel"];
 
 /// Refuses pushed text that holds a node-local section, with the location
 /// of each one.

@@ -68,6 +68,7 @@ pub enum RawProtocol {
     Tcp,
     Forward,
     Socks5,
+    Tunnel,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +129,54 @@ pub struct RawListener {
     pub access_log: Option<String>,
     /// "combined" (default) or "json".
     pub access_log_format: Option<String>,
+    /// protocol = "tunnel": who may dial in, and what they may offer.
+    pub tunnel: Option<RawTunnelListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnelListener {
+    pub client_ca: String,
+    #[serde(default)]
+    pub peer: Vec<RawTunnelPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnelPeer {
+    pub node: String,
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+/// `[[tunnel]]`: a node behind NAT dials out to a public node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnel {
+    pub name: String,
+    pub connect: String,
+    pub server_name: Option<String>,
+    pub connections: Option<u32>,
+    pub keepalive: Option<ConfigDuration>,
+    pub max_backoff: Option<ConfigDuration>,
+    pub tls: RawTunnelTls,
+    #[serde(default)]
+    pub service: Vec<RawTunnelService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnelTls {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnelService {
+    pub name: String,
+    pub addr: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! A running node's generations → `tether.v1` messages (the shared
 //! vocabulary's conversions are in `wire`).
 
+use crate::events::TunnelStatus;
 use crate::generation::Generation;
 use crate::proto::v1 as pb;
 use crate::upstream::Upstream;
@@ -51,5 +52,18 @@ pub fn draining(generation: &Generation) -> pb::DrainingGeneration {
         open_connections: generation.lifecycle.connections(),
         requests_in_flight: generation.lifecycle.requests_in_flight(),
         draining_since: generation.lifecycle.retired_at().map(timestamp),
+    }
+}
+
+pub fn tunnel_status(status: TunnelStatus) -> pb::TunnelStatus {
+    pb::TunnelStatus {
+        role: status.role.as_str().to_owned(),
+        name: status.name,
+        peer: status.peer,
+        services: status.services,
+        connections_up: status.connections_up,
+        connections_wanted: status.connections_wanted,
+        open_streams: status.open_streams,
+        last_error: status.last_error,
     }
 }

@@ -37,6 +37,12 @@ impl ControlApi {
             config: current
                 .as_ref()
                 .map(|g| convert::config_info(g.number, &g.info)),
+            tunnels: self
+                .node
+                .tunnels()
+                .into_iter()
+                .map(convert::tunnel_status)
+                .collect(),
         };
         event(pb::node_event::Event::Snapshot(snapshot))
     }
@@ -76,6 +82,7 @@ fn node_event(node_event: NodeEvent) -> pb::NodeEvent {
         } => Event::Transition(convert::health_transition(
             upstream, server, from, to, reason,
         )),
+        NodeEvent::TunnelChanged(status) => Event::Tunnel(convert::tunnel_status(status)),
     })
 }
 
@@ -181,6 +188,12 @@ impl ControlService for ControlApi {
                 .metrics()
                 .num_alive_tasks()
                 + self.node.worker_tasks()) as u64,
+            tunnels: self
+                .node
+                .tunnels()
+                .into_iter()
+                .map(convert::tunnel_status)
+                .collect(),
         }))
     }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServerAddr;
 use crate::config::{Config, HealthCheck, InitialHealth};
 use crate::events::{Health, NodeEvent};
+use crate::tunnel::Hub;
 
 /// The health one checker reports, shared by every server it covers.
 #[derive(Debug)]
@@ -62,6 +63,8 @@ struct Checker {
 pub struct HealthRegistry {
     checkers: HashMap<CheckKey, Checker>,
     events: broadcast::Sender<NodeEvent>,
+    /// Probes of `tunnel:` servers go through the node's tunnels.
+    tunnels: Arc<Hub>,
 }
 
 /// Cells for a config being applied; new ones start checking on `commit`.
@@ -76,10 +79,11 @@ impl PreparedChecks {
 }
 
 impl HealthRegistry {
-    pub fn new(events: broadcast::Sender<NodeEvent>) -> Self {
+    pub fn new(events: broadcast::Sender<NodeEvent>, tunnels: Arc<Hub>) -> Self {
         HealthRegistry {
             checkers: HashMap::new(),
             events,
+            tunnels,
         }
     }
 
@@ -138,6 +142,7 @@ impl HealthRegistry {
                     key,
                     cell.clone(),
                     self.events.clone(),
+                    self.tunnels.clone(),
                     stop.clone(),
                 ));
                 Checker { cell, stop }
@@ -168,10 +173,11 @@ async fn run_checker(
     key: CheckKey,
     cell: Arc<HealthCell>,
     events: broadcast::Sender<NodeEvent>,
+    tunnels: Arc<Hub>,
     stop: CancellationToken,
 ) {
     let (addr, check) = key;
-    let probe = probe::Probe::new(addr.clone(), check.kind.clone());
+    let probe = probe::Probe::new(addr.clone(), check.kind.clone(), tunnels);
     let mut successes = 0u32;
     let mut failures = 0u32;
     let mut delay = random_up_to(check.jitter);

@@ -14,8 +14,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckKind, HttpCheck, ServerAddr, TcpCheck, UpstreamTls};
-use crate::stream::connect;
 use crate::stream::Socket;
+use crate::tunnel::Hub;
 
 /// The most a probe reads looking for an expected body or bytes.
 const READ_LIMIT: usize = 64 * 1024;
@@ -26,6 +26,7 @@ const READ_LIMIT: usize = 64 * 1024;
 /// the system trust store, which is slow and may change under a running node.
 pub struct Probe {
     addr: ServerAddr,
+    tunnels: Arc<Hub>,
     kind: CheckKind,
     /// For HTTP checks over TLS: the connector and the name to verify, or
     /// why there is none (every probe then fails with that reason).
@@ -33,17 +34,24 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn new(addr: ServerAddr, kind: CheckKind) -> Probe {
+    pub fn new(addr: ServerAddr, kind: CheckKind, tunnels: Arc<Hub>) -> Probe {
         let tls = match &kind {
             CheckKind::Http(HttpCheck { tls: Some(tls), .. }) => Some(tls_connector(&addr, tls)),
             _ => None,
         };
-        Probe { addr, kind, tls }
+        Probe {
+            addr,
+            tunnels,
+            kind,
+            tls,
+        }
     }
 
     /// Ok, or the reason the probe failed (for logs and health events).
     pub async fn run(&self) -> Result<(), String> {
-        let stream = connect(&self.addr)
+        let stream = self
+            .tunnels
+            .connect(&self.addr)
             .await
             .map_err(|e| format!("connect failed: {e}"))?;
         match (&self.kind, &self.tls) {
@@ -70,8 +78,10 @@ fn tls_connector(
         Some(name) => ServerName::try_from(name.clone()).map_err(|e| e.to_string())?,
         None => match addr {
             ServerAddr::Tcp(addr) => ServerName::IpAddress(addr.ip().into()),
-            ServerAddr::Unix(_) => {
-                return Err("TLS to a Unix socket needs the upstream's tls.server_name".into())
+            ServerAddr::Unix(_) | ServerAddr::Tunnel(_) => {
+                return Err(format!(
+                    "TLS to {addr} needs the upstream's tls.server_name"
+                ))
             }
         },
     };
@@ -90,7 +100,7 @@ where
     let driver = AbortOnDropHandle::new(tokio::spawn(connection));
     let host = check.host.clone().unwrap_or_else(|| match addr {
         ServerAddr::Tcp(addr) => addr.to_string(),
-        ServerAddr::Unix(_) => "localhost".to_owned(),
+        ServerAddr::Unix(_) | ServerAddr::Tunnel(_) => "localhost".to_owned(),
     });
     let request = Request::builder()
         .method(check.method.clone())

@@ -139,7 +139,7 @@ impl ForwardProxy {
             tokio::select! {
                 upgraded = client => {
                     if let Ok(upgraded) = upgraded {
-                        let tunnel = crate::tunnel::run(TokioIo::new(upgraded), upstream, idle, peer);
+                        let tunnel = crate::relay::run(TokioIo::new(upgraded), upstream, idle, peer);
                         tokio::select! {
                             _ = tunnel => {}
                             _ = owner.killed() => {}

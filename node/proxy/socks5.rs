@@ -78,7 +78,7 @@ impl Socks5Proxy {
             {
                 return;
             }
-            crate::tunnel::run(client, upstream, self.settings.idle_timeout, peer).await;
+            crate::relay::run(client, upstream, self.settings.idle_timeout, peer).await;
         };
         tokio::select! {
             _ = session => {}

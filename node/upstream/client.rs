@@ -23,6 +23,7 @@ use rustls_pki_types::ServerName;
 use super::connect::UpstreamConnector;
 use super::inline::{InlineBody, InlinePool, SendError};
 use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTls};
+use crate::tunnel::Hub;
 
 pub type UpstreamClient = Client<HttpsConnector<UpstreamConnector>, RequestBody>;
 
@@ -121,7 +122,7 @@ impl ClientKey {
         }
     }
 
-    fn build(&self) -> WorkerClient {
+    fn build(&self, tunnels: &Arc<Hub>) -> WorkerClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(self.connect_timeout));
@@ -130,6 +131,7 @@ impl ClientKey {
         let connector = UpstreamConnector {
             tcp: connector,
             connect_timeout: self.connect_timeout,
+            tunnels: tunnels.clone(),
         };
         let inline = (self.protocol == UpstreamProtocol::Http1 && self.tls.is_none()).then(|| {
             Arc::new(InlinePool::new(
@@ -262,14 +264,16 @@ impl WorkerClients {
 pub struct ClientRegistry {
     workers: usize,
     clients: HashMap<ClientKey, WorkerClients>,
+    tunnels: Arc<Hub>,
 }
 
 impl ClientRegistry {
     /// A registry that makes one client per worker of `workers`.
-    pub fn new(workers: usize) -> Self {
+    pub fn new(workers: usize, tunnels: Arc<Hub>) -> Self {
         ClientRegistry {
             workers: workers.max(1),
             clients: HashMap::new(),
+            tunnels,
         }
     }
 
@@ -278,7 +282,11 @@ impl ClientRegistry {
         if let Some(clients) = self.clients.get(&key) {
             return clients.clone();
         }
-        let clients = WorkerClients((0..self.workers).map(|_| key.build()).collect());
+        let clients = WorkerClients(
+            (0..self.workers)
+                .map(|_| key.build(&self.tunnels))
+                .collect(),
+        );
         self.clients.insert(key, clients.clone());
         clients
     }

@@ -1,17 +1,18 @@
-//! Connections to upstream servers, over TCP or a Unix socket.
+//! Connections to upstream servers: over TCP, a Unix socket, or a reverse
+//! tunnel.
 //!
-//! hyper's client pools connections by URI authority, and a Unix socket
-//! path is not one: each Unix server gets a stable synthetic authority
-//! (`u<hash>.unix.invalid`, `.invalid` being reserved so it can never
-//! resolve), recorded here, and the connector maps it back to the path.
+//! hyper's client pools connections by URI authority, and neither a Unix
+//! socket path nor a tunnel service is one: each such server gets a stable
+//! synthetic authority (`s<hash>.invalid`, `.invalid` being reserved so it
+//! can never resolve), recorded here, and the connector maps it back to
+//! the address.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,15 +20,15 @@ use http::uri::Authority;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 
 use crate::config::ServerAddr;
 use crate::stream::Socket;
+use crate::tunnel::Hub;
 
-const UNIX_SUFFIX: &str = ".unix.invalid";
+const SYNTHETIC_SUFFIX: &str = ".invalid";
 
-fn unix_authorities() -> &'static Mutex<HashMap<String, PathBuf>> {
-    static AUTHORITIES: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+fn synthetic_authorities() -> &'static Mutex<HashMap<String, ServerAddr>> {
+    static AUTHORITIES: OnceLock<Mutex<HashMap<String, ServerAddr>>> = OnceLock::new();
     AUTHORITIES.get_or_init(Default::default)
 }
 
@@ -37,25 +38,25 @@ pub fn authority(addr: &ServerAddr) -> Authority {
         ServerAddr::Tcp(addr) => {
             Authority::try_from(addr.to_string()).expect("a socket address is an authority")
         }
-        ServerAddr::Unix(path) => {
+        ServerAddr::Unix(_) | ServerAddr::Tunnel(_) => {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            path.hash(&mut hasher);
-            let host = format!("u{:016x}{UNIX_SUFFIX}", hasher.finish());
-            unix_authorities()
+            addr.hash(&mut hasher);
+            let host = format!("s{:016x}{SYNTHETIC_SUFFIX}", hasher.finish());
+            synthetic_authorities()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(host.clone(), path.clone());
+                .insert(host.clone(), addr.clone());
             Authority::try_from(host).expect("a synthetic host is an authority")
         }
     }
 }
 
-fn unix_path(uri: &Uri) -> Option<PathBuf> {
+fn synthetic_addr(uri: &Uri) -> Option<ServerAddr> {
     let host = uri.host()?;
-    if !host.ends_with(UNIX_SUFFIX) {
+    if !host.ends_with(SYNTHETIC_SUFFIX) {
         return None;
     }
-    unix_authorities()
+    synthetic_authorities()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(host)
@@ -63,11 +64,12 @@ fn unix_path(uri: &Uri) -> Option<PathBuf> {
 }
 
 /// hyper's connector: TCP through its HttpConnector (timeouts, keepalive,
-/// nodelay), Unix sockets for the synthetic authorities.
+/// nodelay), Unix sockets and tunnels for the synthetic authorities.
 #[derive(Clone)]
 pub struct UpstreamConnector {
     pub tcp: HttpConnector,
     pub connect_timeout: Duration,
+    pub tunnels: Arc<Hub>,
 }
 
 /// A connection the pool can hold.
@@ -131,13 +133,14 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        if let Some(path) = unix_path(&uri) {
+        if let Some(addr) = synthetic_addr(&uri) {
             let timeout = self.connect_timeout;
+            let tunnels = self.tunnels.clone();
             return Box::pin(async move {
-                let stream = tokio::time::timeout(timeout, UnixStream::connect(&path))
+                let socket = tokio::time::timeout(timeout, tunnels.connect(&addr))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                Ok(UpstreamIo(TokioIo::new(Socket::Unix(stream))))
+                Ok(UpstreamIo(TokioIo::new(socket)))
             });
         }
         let connecting = self.tcp.call(uri);

@@ -25,6 +25,7 @@ pub use inline::SendError;
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::events::{Health, NodeEvent};
 use crate::health::{HealthCell, PreparedChecks};
+use crate::tunnel::Hub;
 
 /// One server of an upstream, shared by every request that uses it.
 #[derive(Debug)]
@@ -38,6 +39,9 @@ pub struct Server {
     /// same address and check; a private cell when there is no check.
     health: Arc<HealthCell>,
     passive: Ejection,
+    /// For `tunnel:` servers: how many tunnel connections offer the
+    /// service. None up means down, whatever the checks said last.
+    tunnel_links: Option<Arc<AtomicU32>>,
 }
 
 /// Passive outlier detection state, counted from real traffic.
@@ -82,12 +86,25 @@ impl Server {
             active: AtomicU64::new(0),
             health,
             passive: Ejection::default(),
+            tunnel_links: None,
         }
+    }
+
+    /// A server reached through a tunnel: down while no tunnel offers it.
+    pub fn through_tunnel(mut self, links: Arc<AtomicU32>) -> Self {
+        self.tunnel_links = Some(links);
+        self
+    }
+
+    fn tunnel_down(&self) -> bool {
+        self.tunnel_links
+            .as_ref()
+            .is_some_and(|links| links.load(Ordering::Relaxed) == 0)
     }
 
     /// The active check's verdict, overridden by a passive ejection.
     pub fn health(&self) -> Health {
-        if self.is_ejected() {
+        if self.is_ejected() || self.tunnel_down() {
             Health::Unhealthy
         } else {
             self.health.get()
@@ -206,6 +223,7 @@ impl Upstream {
         previous: Option<&Upstream>,
         checks: &PreparedChecks,
         clients: &mut ClientRegistry,
+        tunnels: &Hub,
         events: broadcast::Sender<NodeEvent>,
     ) -> Self {
         let servers: Vec<Arc<Server>> = config
@@ -228,9 +246,15 @@ impl Upstream {
                     .and_then(|p| p.servers.iter().find(reusable))
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(match cell {
+                        let server = match cell {
                             Some(cell) => Server::with_health(s.addr.clone(), s.weight, cell),
                             None => Server::new(s.addr.clone(), s.weight),
+                        };
+                        Arc::new(match &s.addr {
+                            ServerAddr::Tunnel(target) => {
+                                server.through_tunnel(tunnels.liveness(target))
+                            }
+                            _ => server,
                         })
                     })
             })

@@ -9,6 +9,7 @@ mod forward_proxy;
 mod hardening;
 mod health;
 mod proxy;
+mod reverse_tunnel;
 mod static_files;
 mod tcp;
 mod tls;

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket echo server; answers each text message with "echo: …".
-async fn echo_server() -> SocketAddr {
+pub(crate) async fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -43,7 +43,10 @@ fn config(listen: &str, upstream: SocketAddr, drain: &str) -> String {
     )
 }
 
-async fn roundtrip<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
+pub(crate) async fn roundtrip<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    text: &str,
+) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -14,6 +14,7 @@ use serde_spanned::Spanned;
 use toml::de::{DeValue, ValueDeserializer};
 
 mod proxy;
+mod tunnel;
 mod upstream;
 
 use super::error::{parse_document, KeyPath, Locator, Problem};
@@ -61,6 +62,7 @@ const SECTIONS: &[&str] = &[
     "telemetry",
     "listener",
     "upstream",
+    "tunnel",
 ];
 
 /// `base_dir` is where relative file names point; `None` validates
@@ -80,6 +82,7 @@ pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigEr
             "controller" => sections.controller = decode(&locator, &path, value, &mut errors),
             "telemetry" => sections.telemetry = decode(&locator, &path, value, &mut errors),
             "listener" => sections.listeners = decode_array(&locator, &path, value, &mut errors),
+            "tunnel" => sections.tunnels = decode_array(&locator, &path, value, &mut errors),
             "upstream" => {
                 if let DeValue::Table(table) = value.get_ref() {
                     sections.upstream_names =
@@ -101,6 +104,7 @@ pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, Vec<ConfigEr
         problems: &mut problems,
         base_dir,
         upstream_names: std::mem::take(&mut sections.upstream_names),
+        tunnel_targets: Vec::new(),
     }
     .config(sections);
     errors.extend(problems.into_iter().map(|p| locator.locate(p)));
@@ -119,6 +123,7 @@ struct Sections {
     controller: Option<RawController>,
     telemetry: Option<RawTelemetry>,
     listeners: Vec<(KeyPath, RawListener)>,
+    tunnels: Vec<(KeyPath, RawTunnel)>,
     upstreams: Vec<(KeyPath, String, RawUpstream)>,
     /// Every name under [upstream], including entries that failed to
     /// decode, so a route naming one is not reported a second time.
@@ -246,6 +251,9 @@ struct Validator<'a> {
     /// `None`: file names are checked for shape only, never opened.
     base_dir: Option<&'a Path>,
     upstream_names: HashSet<String>,
+    /// Every `tunnel:NODE/SERVICE` server, checked against the tunnel
+    /// listeners once they are validated.
+    tunnel_targets: Vec<(KeyPath, TunnelTarget)>,
 }
 
 impl Validator<'_> {
@@ -318,7 +326,9 @@ impl Validator<'_> {
                 }
                 Some(listener)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        self.check_tunnel_targets(&listeners);
+        let tunnels = self.tunnels(sections.tunnels, &node.id);
         Config {
             node,
             control,
@@ -326,6 +336,7 @@ impl Validator<'_> {
             telemetry,
             listeners,
             upstreams,
+            tunnels,
         }
     }
 
@@ -517,7 +528,9 @@ impl Validator<'_> {
             RawProtocol::Tcp => Protocol::Tcp,
             RawProtocol::Forward => Protocol::Forward,
             RawProtocol::Socks5 => Protocol::Socks5,
+            RawProtocol::Tunnel => Protocol::Tunnel,
         };
+        let tunnel = self.tunnel_listener(path, protocol, raw.tunnel.take());
         let proxy_protocol = matches!(protocol, Protocol::Forward | Protocol::Socks5);
         let tcp = self.tcp_settings(path, protocol, &raw, upstreams);
         if raw.route.is_empty() && matches!(protocol, Protocol::Http | Protocol::Https) {
@@ -575,8 +588,15 @@ impl Validator<'_> {
             .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0);
         ok &= self.positive(path.key("header_read_timeout"), header_read_timeout);
         let tls = match (protocol, raw.tls) {
-            (Protocol::Https | Protocol::Tcp, Some(tls)) => {
+            (Protocol::Https | Protocol::Tcp | Protocol::Tunnel, Some(tls)) => {
                 Some(self.listener_tls(&path.key("tls"), tls))
+            }
+            (Protocol::Tunnel, None) => {
+                self.problem(
+                    path.key("protocol"),
+                    "protocol = \"tunnel\" needs [listener.tls] with the public node's [[listener.tls.certificate]]",
+                );
+                Some(None)
             }
             (Protocol::Https, None) => {
                 self.problem(
@@ -588,7 +608,7 @@ impl Validator<'_> {
             (_, Some(_)) => {
                 self.problem(
                     path.key("tls"),
-                    "[listener.tls] applies only to protocol = \"https\" or \"tcp\"",
+                    "[listener.tls] applies only to protocol = \"https\", \"tcp\" or \"tunnel\"",
                 );
                 Some(None)
             }
@@ -599,7 +619,9 @@ impl Validator<'_> {
             return None;
         }
         let tls = valid_section(tls)?;
+        let tunnel = valid_section(tunnel)?;
         Some(ListenerConfig {
+            tunnel,
             access_log,
             name: raw.name,
             listen: listen?,

@@ -20,12 +20,19 @@ impl Validator<'_> {
             let path = path.key("servers").index(i);
             let weight = server.weight.unwrap_or(1);
             weights_ok &= self.in_range(path.key("weight"), weight, WEIGHTS);
-            let addr = match server.addr.strip_prefix("unix:") {
-                Some(socket) if !socket.is_empty() => ServerAddr::Unix(self.path(socket)),
-                _ => match self.socket_addr(&path.key("addr"), &server.addr) {
-                    Some(addr) => ServerAddr::Tcp(addr),
+            let addr = if let Some(target) = server.addr.strip_prefix("tunnel:") {
+                match self.tunnel_target(&path.key("addr"), target) {
+                    Some(target) => ServerAddr::Tunnel(target),
                     None => continue,
-                },
+                }
+            } else {
+                match server.addr.strip_prefix("unix:") {
+                    Some(socket) if !socket.is_empty() => ServerAddr::Unix(self.path(socket)),
+                    _ => match self.socket_addr(&path.key("addr"), &server.addr) {
+                        Some(addr) => ServerAddr::Tcp(addr),
+                        None => continue,
+                    },
+                }
             };
             if !seen.insert(addr.clone()) {
                 self.problem(path.key("addr"), format!("server {addr} is listed twice"));

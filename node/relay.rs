@@ -1,6 +1,7 @@
-//! A byte tunnel between two streams (TCP sessions, CONNECT and SOCKS5
-//! tunnels): both directions copied at once, a half-close passed on, and
-//! the tunnel closed once no byte has moved either way for `idle`.
+//! A byte relay between two streams (TCP sessions, CONNECT and SOCKS5
+//! tunnels, reverse-tunnel streams): both directions copied at once, a
+//! half-close passed on, and the relay closed once no byte has moved
+//! either way for `idle`.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
