@@ -43,7 +43,13 @@ impl TunnelListener {
         let handshake = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, self.handshake(stream));
         let (tls, hello) = match handshake.await {
             Ok(Ok(accepted)) => accepted,
-            Ok(Err(reason)) => {
+            // Anything that speaks no TLS (a port scan, a health probe of
+            // the port) is not worth a warning; a refused node is.
+            Ok(Err(Refused::Tls(reason))) => {
+                tracing::debug!(listener = %self.name, %remote, %reason, "tunnel TLS handshake failed");
+                return;
+            }
+            Ok(Err(Refused::Hello(reason))) => {
                 tracing::warn!(listener = %self.name, %remote, %reason, "tunnel refused");
                 return;
             }
@@ -60,27 +66,37 @@ impl TunnelListener {
     async fn handshake(
         &self,
         stream: ClientStream,
-    ) -> Result<(tokio_rustls::server::TlsStream<ClientStream>, Hello), String> {
+    ) -> Result<(tokio_rustls::server::TlsStream<ClientStream>, Hello), Refused> {
         let mut tls = self
             .acceptor
             .accept(stream)
             .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            .map_err(|e| Refused::Tls(e.to_string()))?;
         let identity = {
             let (_, session) = tls.get_ref();
             let leaf = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .ok_or("no client certificate")?;
+                .ok_or_else(|| Refused::Tls("no client certificate".to_owned()))?;
             CertIdentity::of_certificate(leaf.as_ref())
         };
-        let hello: Hello = hello::read(&mut tls).await?;
+        let hello: Hello = hello::read(&mut tls).await.map_err(Refused::Hello)?;
         let verdict = identity.and_then(|identity| self.hub.admit(&self.name, &identity, &hello));
         let answer = Answer {
             error: verdict.as_ref().err().cloned(),
         };
-        hello::write(&mut tls, &answer).await?;
-        verdict.map_err(|reason| format!("node {:?}: {reason}", hello.node))?;
+        hello::write(&mut tls, &answer)
+            .await
+            .map_err(Refused::Hello)?;
+        verdict.map_err(|reason| Refused::Hello(format!("node {:?}: {reason}", hello.node)))?;
         Ok((tls, hello))
     }
+}
+
+/// Why a connection did not become a tunnel.
+enum Refused {
+    /// No TLS session with a verified client certificate.
+    Tls(String),
+    /// The hello was missing, malformed or not allowed.
+    Hello(String),
 }

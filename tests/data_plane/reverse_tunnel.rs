@@ -115,6 +115,10 @@ upstream = "nas-echo"
 
 [upstream.nas-web]
 servers = [{{ addr = "tunnel:nas/web" }}]
+[upstream.nas-web.health]
+type = "http"
+path = "/"
+interval = "200ms"
 [upstream.nas-echo]
 servers = [{{ addr = "tunnel:nas/echo" }}]
 [upstream.nas-ws]
@@ -298,12 +302,28 @@ async fn http_goes_through_the_tunnel_with_the_real_client_and_big_bodies_both_w
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-origin"), Some("nas-origin"));
     let seen = pair.services.origin.seen();
-    let request = seen.last().expect("the origin saw the request");
-    assert_eq!(request.uri.path(), "/hello");
+    let request = seen
+        .iter()
+        .find(|s| s.uri.path() == "/hello")
+        .expect("the origin saw the request");
     assert_eq!(request.headers["host"], "app.example");
     assert_eq!(
         request.headers["x-forwarded-for"], "127.0.0.1",
         "X-Forwarded-For carries the client of the public node"
+    );
+
+    // Active health checks reach the origin through the tunnel too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pair.services.origin.probes() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no health probe came through the tunnel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pair.public.server_health("nas-web", "tunnel:nas/web").await,
+        pb::HealthState::Healthy
     );
 
     // 100 MB down, then 100 MB up, each streamed.
