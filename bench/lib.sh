@@ -91,6 +91,13 @@ wrk_run() {
     echo "$rps $(to_us "$p50") $(to_us "$p99") $errors"
 }
 
+# iperf_gbps PORT SECONDS → one iperf3 stream's throughput in Gbit/s
+# ("12.34"), the client pinned to the load core.
+iperf_gbps() {
+    taskset -c "$LOAD_CPU" iperf3 -c 127.0.0.1 -p "$1" -t "$2" -J 2>/dev/null |
+        awk -F: '/"bits_per_second"/ {v = $2} END {gsub(/[ ,]/, "", v); printf "%.2f", v / 1e9}'
+}
+
 # "1.23ms" → 1230 (microseconds)
 to_us() {
     awk -v v="$1" 'BEGIN {

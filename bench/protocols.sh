@@ -85,8 +85,7 @@ https_row() {
 tcp_row() {
     local name=$1 port=$2
     local bps
-    bps=$(taskset -c "$LOAD_CPU" iperf3 -c 127.0.0.1 -p "$port" -t "$SECONDS_PER_RUN" -J 2>/dev/null |
-        awk -F: '/"bits_per_second"/ {v = $2} END {gsub(/[ ,]/, "", v); printf "%.2f", v / 1e9}')
+    bps=$(iperf_gbps "$port" "$SECONDS_PER_RUN")
     printf '| %s | %s Gbit/s |\n' "$name" "$bps"
 }
 

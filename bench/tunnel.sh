@@ -179,16 +179,14 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r rps _ p99 _ < <(wrk_run "http://127.0.0.1:$WEB/" "$SECONDS_PER_RUN" 64)
         RPS[$system]+="$rps "; P99[$system]+="$p99 "
         if [ "$system" != tether-http ]; then
-            gbps=$(taskset -c "$LOAD_CPU" iperf3 -c 127.0.0.1 -p "$BULK" -t "$SECONDS_PER_RUN" -J 2>/dev/null |
-                awk -F: '/"bits_per_second"/ {v = $2} END {gsub(/[ ,]/, "", v); printf "%.2f", v / 1e9}')
+            gbps=$(iperf_gbps "$BULK" "$SECONDS_PER_RUN")
             GBPS[$system]+="$gbps "
         fi
         down
     done
     echo "round $round done" >&2
 done
-gbps=$(taskset -c "$LOAD_CPU" iperf3 -c 127.0.0.1 -p 19902 -t "$SECONDS_PER_RUN" -J 2>/dev/null |
-    awk -F: '/"bits_per_second"/ {v = $2} END {gsub(/[ ,]/, "", v); printf "%.2f", v / 1e9}')
+gbps=$(iperf_gbps 19902 "$SECONDS_PER_RUN")
 GBPS[direct]=$gbps
 
 printf '\n## Through the tunnel: HTTP (wrk, 64 connections) and TCP (iperf3), median of %s × %ss\n\n' "$ROUNDS" "$SECONDS_PER_RUN"
