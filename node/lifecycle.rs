@@ -53,6 +53,11 @@ impl Lifecycle {
         self.retired.is_cancelled()
     }
 
+    /// How long an idle keep-alive connection stays open once retired.
+    pub fn drain_idle_grace(&self) -> Duration {
+        self.drain_idle_grace
+    }
+
     pub fn retired_at(&self) -> Option<SystemTime> {
         self.retired_at.get().copied()
     }

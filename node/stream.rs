@@ -39,6 +39,16 @@ impl ClientStream {
         ClientStream { io, traffic }
     }
 
+    /// Ready when a read may find bytes (or the end): lets a connection
+    /// wait for its next request without holding a buffer.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.io {
+            Socket::Tcp(stream) => stream.poll_read_ready(cx),
+            Socket::Unix(stream) => stream.poll_read_ready(cx),
+            Socket::Tunnel(_) => Poll::Ready(Ok(())),
+        }
+    }
+
     fn count(&self, read: usize, written: usize) {
         if let Some(traffic) = &self.traffic {
             if read > 0 {

@@ -3,6 +3,7 @@
 
 mod activity;
 pub mod body;
+mod h1;
 mod headers;
 mod proxy;
 pub mod respond;

@@ -16,6 +16,7 @@ use crate::stream::ClientStream;
 
 use super::activity::{Activity, Idle};
 use super::body::ProxyBody;
+use super::h1::{self, Rewind};
 use super::respond::status_response;
 use super::static_files;
 use super::{proxy, HttpListener, RouteTarget};
@@ -30,7 +31,11 @@ pub async fn serve_connection(
 ) {
     let lifecycle = connection.lifecycle().clone();
     match &http.tls {
-        None => serve(TokioIo::new(stream), peer, connection, http.clone()).await,
+        None => {
+            if let Some(rest) = h1::serve(stream, peer, &connection, &http).await {
+                serve(TokioIo::new(rest), peer, connection, http.clone()).await
+            }
+        }
         Some(acceptor) => {
             // The handshake shares the request-head deadline (slowloris).
             let handshake =
@@ -46,11 +51,21 @@ pub async fn serve_connection(
                 },
                 _ = lifecycle.killed() => return,
             };
-            serve(TokioIo::new(stream), peer, connection, http.clone()).await
+            let rest = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Rewind::new(bytes::Bytes::new(), stream)
+            } else {
+                match h1::serve(stream, peer, &connection, &http).await {
+                    Some(rest) => rest,
+                    None => return,
+                }
+            };
+            serve(TokioIo::new(rest), peer, connection, http.clone()).await
         }
     }
 }
 
+/// hyper serves the connection: HTTP/2, and HTTP/1 from the first request
+/// the fast path (`h1`) leaves to it.
 async fn serve<I>(io: I, peer: SocketAddr, connection: ConnectionGuard, http: Arc<HttpListener>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

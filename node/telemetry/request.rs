@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use http::{header, HeaderMap, Method, Request, Response, Version};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Version};
 use opentelemetry::metrics::{BoundCounter, BoundHistogram};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
@@ -73,15 +73,58 @@ impl RouteLabels {
     }
 }
 
-/// Headers as an OpenTelemetry carrier.
-struct HeaderExtractor<'a>(&'a HeaderMap);
+/// What telemetry reads from a request head, whichever parser read it
+/// (hyper's `Request`, or the HTTP/1 fast path's head).
+pub trait RequestView {
+    fn method(&self) -> Method;
+    fn version(&self) -> Version;
+    fn path(&self) -> &str;
+    /// The path and query as the client sent them.
+    fn target(&self) -> &str;
+    /// `Host`, or the URI's host when there is none.
+    fn host(&self) -> Option<&str>;
+    /// The first value of header `name` (lowercase).
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
 
-impl Extractor for HeaderExtractor<'_> {
+impl<B> RequestView for Request<B> {
+    fn method(&self) -> Method {
+        self.method().clone()
+    }
+    fn version(&self) -> Version {
+        self.version()
+    }
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+    fn target(&self) -> &str {
+        self.uri()
+            .path_and_query()
+            .map_or_else(|| self.uri().path(), |pq| pq.as_str())
+    }
+    fn host(&self) -> Option<&str> {
+        self.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| self.uri().host())
+    }
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers().get(name).map(|v| v.as_bytes())
+    }
+}
+
+/// A request head as an OpenTelemetry carrier.
+struct HeadExtractor<'a, R: ?Sized>(&'a R);
+
+impl<R: RequestView + ?Sized> Extractor for HeadExtractor<'_, R> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        self.0.header(key).and_then(|v| std::str::from_utf8(v).ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+        ["traceparent", "tracestate"]
+            .into_iter()
+            .filter(|key| self.0.header(key).is_some())
+            .collect()
     }
 }
 
@@ -119,44 +162,38 @@ pub struct Observation {
     pub server: Option<crate::config::ServerAddr>,
 }
 
-fn text(headers: &HeaderMap, name: header::HeaderName) -> String {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
+fn text<R: RequestView + ?Sized>(request: &R, name: &str) -> String {
+    request
+        .header(name)
+        .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or_default()
         .to_owned()
 }
 
 impl Observation {
-    pub fn start<B>(
-        request: &Request<B>,
+    pub fn start<R: RequestView + ?Sized>(
+        request: &R,
         client: SocketAddr,
         scheme: &'static str,
         access_log: bool,
     ) -> Observation {
-        let headers = request.headers();
-        let host = || {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| request.uri().host())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let traced = super::tracing_enabled() && super::sampling::sample_request(headers);
+        let host = || request.host().unwrap_or_default().to_owned();
+        let traced = super::tracing_enabled()
+            && super::sampling::sample_request(request.header("traceparent"));
+        let method = request.method();
         let context = traced.then(|| {
-            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+            let parent = TraceContextPropagator::new().extract(&HeadExtractor(request));
             let mut span = tracer()
-                .span_builder(request.method().as_str().to_owned())
+                .span_builder(method.as_str().to_owned())
                 .with_kind(SpanKind::Server)
                 .start_with_context(tracer(), &parent);
             // Unsampled spans (most, at low ratios) skip the attributes.
             if span.is_recording() {
                 span.set_attribute(KeyValue::new(
                     "http.request.method",
-                    request.method().as_str().to_owned(),
+                    method.as_str().to_owned(),
                 ));
-                span.set_attribute(KeyValue::new("url.path", request.uri().path().to_owned()));
+                span.set_attribute(KeyValue::new("url.path", request.path().to_owned()));
                 span.set_attribute(KeyValue::new("url.scheme", scheme));
                 span.set_attribute(KeyValue::new("server.address", host()));
                 span.set_attribute(KeyValue::new("client.address", client.ip().to_string()));
@@ -164,9 +201,9 @@ impl Observation {
                     "network.protocol.version",
                     protocol_version(request.version()),
                 ));
-                if let Some(agent) = headers
-                    .get(header::USER_AGENT)
-                    .and_then(|v| v.to_str().ok())
+                if let Some(agent) = request
+                    .header("user-agent")
+                    .and_then(|v| std::str::from_utf8(v).ok())
                 {
                     span.set_attribute(KeyValue::new("user_agent.original", agent.to_owned()));
                 }
@@ -174,17 +211,14 @@ impl Observation {
             parent.with_span(span)
         });
         let head = access_log.then(|| Head {
-            target: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| request.uri().path().to_owned(), |pq| pq.to_string()),
+            target: request.target().to_owned(),
             host: host(),
-            referer: text(headers, header::REFERER),
-            user_agent: text(headers, header::USER_AGENT),
+            referer: text(request, "referer"),
+            user_agent: text(request, "user-agent"),
         });
         Observation {
             started: Instant::now(),
-            method: request.method().clone(),
+            method,
             version: request.version(),
             client,
             context,
@@ -192,6 +226,12 @@ impl Observation {
             route: None,
             server: None,
         }
+    }
+
+    /// Whether the request is traced: its upstream request then carries
+    /// the span's `traceparent` in place of the client's.
+    pub fn is_traced(&self) -> bool {
+        self.context.is_some()
     }
 
     /// Adds `traceparent` (and `tracestate`) for the upstream request: the
@@ -211,8 +251,25 @@ impl Observation {
         unrouted: &RouteLabels,
         log: Option<&AccessLog>,
     ) {
+        let bytes = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        self.finish_with(response.status(), bytes, listener, unrouted, log);
+    }
+
+    /// `finish` for an answer that is not a `Response`: its status and
+    /// `Content-Length`.
+    pub fn finish_with(
+        self,
+        status: StatusCode,
+        bytes: Option<u64>,
+        listener: &Arc<str>,
+        unrouted: &RouteLabels,
+        log: Option<&AccessLog>,
+    ) {
         let duration = self.started.elapsed();
-        let status = response.status();
         let route = self.route.as_deref().unwrap_or(unrouted);
         super::answers::record(status);
         if super::metrics_enabled() {
@@ -248,11 +305,6 @@ impl Observation {
             trace_id
         });
         if let (Some(log), Some(head)) = (log, &self.head) {
-            let bytes = response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
             log.write(&Entry {
                 client: self.client,
                 method: &self.method,

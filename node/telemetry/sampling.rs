@@ -10,7 +10,6 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::HeaderMap;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
@@ -31,18 +30,15 @@ pub fn set_ratio(ratio: Option<f64>) {
     RATIO.store(ratio.map_or(NOT_SET, f64::to_bits), Ordering::Relaxed);
 }
 
-/// Whether a request with these headers is traced; when it is a new trace,
+/// Whether a request with this `traceparent` header is traced; when it is a new trace,
 /// the id it gets is preset for the span about to start on this thread.
-pub fn sample_request(headers: &HeaderMap) -> bool {
+pub fn sample_request(traceparent: Option<&[u8]>) -> bool {
     let bits = RATIO.load(Ordering::Relaxed);
     if bits == NOT_SET {
         return true;
     }
     // Parent-based: a valid incoming traceparent decides by its flag.
-    if let Some(sampled) = headers
-        .get("traceparent")
-        .and_then(|value| parent_sampled(value.as_bytes()))
-    {
+    if let Some(sampled) = traceparent.and_then(parent_sampled) {
         return sampled;
     }
     let trace_id = RandomIdGenerator::default().new_trace_id();

@@ -22,6 +22,7 @@ use rustls_pki_types::ServerName;
 
 use super::connect::UpstreamConnector;
 use super::inline::{InlineBody, InlinePool, SendError};
+use super::raw::RawPool;
 use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTls};
 use crate::tunnel::Hub;
 
@@ -133,12 +134,20 @@ impl ClientKey {
             connect_timeout: self.connect_timeout,
             tunnels: tunnels.clone(),
         };
-        let inline = (self.protocol == UpstreamProtocol::Http1 && self.tls.is_none()).then(|| {
+        let plain_http1 = self.protocol == UpstreamProtocol::Http1 && self.tls.is_none();
+        let inline = plain_http1.then(|| {
             Arc::new(InlinePool::new(
                 connector.clone(),
                 self.idle_timeout,
                 self.max_idle_per_server,
             ))
+        });
+        let raw = plain_http1.then(|| {
+            RawPool::new(
+                connector.clone(),
+                self.idle_timeout,
+                self.max_idle_per_server,
+            )
         });
         let tls_config = match &self.tls {
             Some(tls) => tls.client_config().unwrap_or_else(|error| {
@@ -172,6 +181,7 @@ impl ClientKey {
         WorkerClient {
             pooled: builder.build(connector),
             inline,
+            raw,
         }
     }
 }
@@ -182,6 +192,8 @@ pub struct WorkerClient {
     pub pooled: UpstreamClient,
     /// Plain HTTP/1.1, driven in the request's task.
     pub inline: Option<Arc<InlinePool>>,
+    /// Plain HTTP/1.1 as bare sockets, for the node's own HTTP/1 path.
+    pub raw: Option<RawPool>,
 }
 
 /// One client per worker, for one set of settings.

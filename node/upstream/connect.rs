@@ -75,6 +75,12 @@ pub struct UpstreamConnector {
 /// A connection the pool can hold.
 pub struct UpstreamIo(TokioIo<Socket>);
 
+impl UpstreamIo {
+    pub fn into_socket(self) -> Socket {
+        self.0.into_inner()
+    }
+}
+
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         Connected::new()

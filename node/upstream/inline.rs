@@ -8,13 +8,11 @@
 //!
 //! Upstreams over TLS or HTTP/2, and upgrades, keep the pooled client.
 
-use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -26,6 +24,7 @@ use tower_service::Service;
 
 use super::client::RequestBody;
 use super::connect::{UpstreamConnector, UpstreamIo};
+use super::idle::{IdlePool, Reusable};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,17 +34,15 @@ struct Exchange {
     connection: Connection<UpstreamIo, RequestBody>,
 }
 
-impl Exchange {
-    /// Lets the connection make progress without waiting: answers false
-    /// once it has ended (the server closed it, or an error).
-    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
-        !self.sender.is_closed() && Pin::new(&mut self.connection).poll(cx).is_pending()
+impl Reusable for Box<Exchange> {
+    fn poll_reusable(&mut self, cx: &mut Context<'_>) -> bool {
+        // One poll finishes the previous exchange's bookkeeping; a
+        // connection that has ended, or is still busy with it (a request
+        // body the server stopped reading), is not reused.
+        !self.sender.is_closed()
+            && Pin::new(&mut self.connection).poll(cx).is_pending()
+            && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
     }
-}
-
-struct Idle {
-    exchange: Box<Exchange>,
-    since: Instant,
 }
 
 /// Why a request could not be exchanged with a server.
@@ -76,10 +73,7 @@ impl SendError {
 /// One worker's idle connections to the servers of one set of settings.
 pub struct InlinePool {
     connector: UpstreamConnector,
-    idle_timeout: Duration,
-    max_idle_per_server: usize,
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
-    reaper_started: AtomicBool,
+    idle: Arc<IdlePool<Box<Exchange>>>,
 }
 
 impl InlinePool {
@@ -90,10 +84,7 @@ impl InlinePool {
     ) -> Self {
         InlinePool {
             connector,
-            idle_timeout,
-            max_idle_per_server,
-            idle: Mutex::default(),
-            reaper_started: Default::default(),
+            idle: Arc::new(IdlePool::new(idle_timeout, max_idle_per_server)),
         }
     }
 
@@ -102,11 +93,11 @@ impl InlinePool {
     /// reused connection did not take (the server had just closed it) goes
     /// on a new connection.
     pub async fn send(
-        self: &Arc<Self>,
+        &self,
         mut request: Request<RequestBody>,
         authority: &Authority,
     ) -> Result<Response<InlineBody>, SendError> {
-        if let Some(exchange) = self.checkout(authority).await {
+        if let Some(exchange) = self.idle.checkout(authority) {
             match exchange_on(exchange, request).await {
                 Ok((response, exchange)) => {
                     return Ok(self.body_of(response, exchange, authority.clone()))
@@ -126,12 +117,12 @@ impl InlinePool {
     }
 
     fn body_of(
-        self: &Arc<Self>,
+        &self,
         response: Response<Incoming>,
         exchange: Box<Exchange>,
         authority: Authority,
     ) -> Response<InlineBody> {
-        let pool = Arc::downgrade(self);
+        let pool = Arc::downgrade(&self.idle);
         response.map(|body| InlineBody {
             ended: body.is_end_stream(),
             body,
@@ -154,59 +145,6 @@ impl InlinePool {
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         Ok(Box::new(Exchange { sender, connection }))
-    }
-
-    /// The most recently used live idle connection to `authority`.
-    async fn checkout(&self, authority: &Authority) -> Option<Box<Exchange>> {
-        loop {
-            let idle = {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(authority)?.pop()?
-            };
-            if idle.since.elapsed() >= self.idle_timeout {
-                continue;
-            }
-            let mut exchange = idle.exchange;
-            // One poll finishes the previous exchange's bookkeeping; a
-            // connection that has ended, or is still busy with it (a
-            // request body the server stopped reading), is closed rather
-            // than waited for.
-            let ready = poll_fn(|cx| {
-                let ready = exchange.poll_alive(cx)
-                    && matches!(exchange.sender.poll_ready(cx), Poll::Ready(Ok(())));
-                Poll::Ready(ready)
-            })
-            .await;
-            if ready {
-                return Some(exchange);
-            }
-        }
-    }
-
-    /// Keeps a connection whose exchange ended cleanly.
-    fn checkin(self: &Arc<Self>, authority: Authority, exchange: Box<Exchange>) {
-        if self.max_idle_per_server == 0 {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(authority).or_default();
-        if list.len() >= self.max_idle_per_server {
-            list.remove(0);
-        }
-        list.push(Idle {
-            exchange,
-            since: Instant::now(),
-        });
-        drop(idle);
-        // Once per pool; the check-ins after the first pay one load.
-        if self.reaper_started.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            if !self.reaper_started.swap(true, Ordering::Relaxed) {
-                runtime.spawn(reap(Arc::downgrade(self)));
-            }
-        }
     }
 }
 
@@ -242,29 +180,6 @@ async fn exchange_on(
     }
 }
 
-/// Closes idle connections past their timeout or closed by the server,
-/// while the pool exists.
-async fn reap(pool: Weak<InlinePool>) {
-    loop {
-        let period = match pool.upgrade() {
-            Some(pool) => pool.idle_timeout.min(Duration::from_secs(5)),
-            None => return,
-        };
-        tokio::time::sleep(period).await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        for list in idle.values_mut() {
-            list.retain_mut(|entry| {
-                entry.since.elapsed() < pool.idle_timeout && entry.exchange.poll_alive(&mut cx)
-            });
-        }
-        idle.retain(|_, list| !list.is_empty());
-    }
-}
-
 /// A response body that drives its upstream connection, and hands the
 /// connection back to its pool once the body has ended.
 pub struct InlineBody {
@@ -272,7 +187,7 @@ pub struct InlineBody {
     /// The body has been read to its end.
     ended: bool,
     exchange: Option<Box<Exchange>>,
-    home: Option<(Weak<InlinePool>, Authority)>,
+    home: Option<(Weak<IdlePool<Box<Exchange>>>, Authority)>,
 }
 
 impl Body for InlineBody {
@@ -317,7 +232,7 @@ impl Drop for InlineBody {
         if let (Some(exchange), Some((pool, authority))) = (self.exchange.take(), self.home.take())
         {
             if let Some(pool) = pool.upgrade() {
-                pool.checkin(authority, exchange);
+                pool.checkin(&authority, exchange);
             }
         }
     }

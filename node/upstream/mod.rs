@@ -5,7 +5,9 @@
 mod balance;
 mod client;
 pub mod connect;
+mod idle;
 mod inline;
+mod raw;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -21,6 +23,7 @@ pub use client::{
     WorkerClient, WorkerClients,
 };
 pub use inline::SendError;
+pub use raw::RawPool;
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::events::{Health, NodeEvent};

@@ -8,6 +8,7 @@ mod support;
 mod forward_proxy;
 mod hardening;
 mod health;
+mod http1_path;
 mod proxy;
 mod reverse_tunnel;
 mod static_files;
