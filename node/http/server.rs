@@ -29,39 +29,50 @@ pub async fn serve_connection(
     connection: ConnectionGuard,
     http: Arc<HttpListener>,
 ) {
-    let lifecycle = connection.lifecycle().clone();
-    match &http.tls {
-        None => {
-            if let Some(rest) = h1::serve(stream, peer, &connection, &http).await {
-                serve(TokioIo::new(rest), peer, connection, http.clone()).await
-            }
-        }
-        Some(acceptor) => {
-            // The handshake shares the request-head deadline (slowloris).
-            let handshake =
-                tokio::time::timeout(http.settings.header_read_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                accepted = handshake => match accepted {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                },
-                _ = lifecycle.killed() => return,
-            };
-            let rest = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                Rewind::new(bytes::Bytes::new(), stream)
-            } else {
-                match h1::serve(stream, peer, &connection, &http).await {
-                    Some(rest) => rest,
-                    None => return,
-                }
-            };
-            serve(TokioIo::new(rest), peer, connection, http.clone()).await
-        }
+    // What the fast path does not serve is boxed: hyper's connection state
+    // and TLS's are many KiB, and a task reserves room for its largest
+    // state, so every idle plain connection would hold that much.
+    if http.tls.is_some() {
+        return Box::pin(serve_tls(stream, peer, connection, http)).await;
     }
+    if let Some(rest) = h1::serve(stream, peer, &connection, &http).await {
+        Box::pin(serve(TokioIo::new(rest), peer, connection, http.clone())).await
+    }
+}
+
+async fn serve_tls(
+    stream: ClientStream,
+    peer: SocketAddr,
+    connection: ConnectionGuard,
+    http: Arc<HttpListener>,
+) {
+    let Some(acceptor) = &http.tls else {
+        return;
+    };
+    let lifecycle = connection.lifecycle().clone();
+    // The handshake shares the request-head deadline (slowloris).
+    let handshake =
+        tokio::time::timeout(http.settings.header_read_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        accepted = handshake => match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+        _ = lifecycle.killed() => return,
+    };
+    let rest = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Rewind::new(bytes::Bytes::new(), stream)
+    } else {
+        match h1::serve(stream, peer, &connection, &http).await {
+            Some(rest) => rest,
+            None => return,
+        }
+    };
+    serve(TokioIo::new(rest), peer, connection, http.clone()).await
 }
 
 /// hyper serves the connection: HTTP/2, and HTTP/1 from the first request
