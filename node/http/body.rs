@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio::fs::File;
 use tokio_util::io::poll_read_buf;
 
+use super::h1::client::WireBody;
 use crate::upstream::{ActiveRequest, UpstreamBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -22,6 +23,11 @@ pub enum ProxyBody {
     /// server until the body is done.
     Upstream {
         body: UpstreamBody,
+        _active: ActiveRequest,
+    },
+    /// An upstream response body read by the node's own HTTP/1 client.
+    Wire {
+        body: WireBody,
         _active: ActiveRequest,
     },
     /// A body streamed through with nothing to count (forward proxy).
@@ -64,6 +70,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Wire { body, .. } => Pin::new(body).poll_frame(cx),
             ProxyBody::Stream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::File {
@@ -95,6 +102,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Wire { body, .. } => body.is_end_stream(),
             ProxyBody::Stream(body) => body.is_end_stream(),
             ProxyBody::File { remaining, .. } => *remaining == 0,
             ProxyBody::Full(bytes) => bytes.is_none(),
@@ -104,6 +112,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Wire { body, .. } => body.size_hint(),
             ProxyBody::Stream(body) => body.size_hint(),
             ProxyBody::File { remaining, .. } => SizeHint::with_exact(*remaining),
             ProxyBody::Full(bytes) => {

@@ -8,11 +8,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
+use super::h1::client::{self, WireBody};
 use super::headers::{add_forwarded, add_via, remove_hop_by_hop};
 use super::respond::{status_response, status_with_reason};
 use super::upgrade;
@@ -20,7 +22,9 @@ use super::HttpListener;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::lifecycle::Lifecycle;
 use crate::telemetry::request::Observation;
-use crate::upstream::{hash_bytes, hash_ip, PickContext, RequestBody, Upstream};
+use crate::upstream::{
+    hash_bytes, hash_ip, PickContext, RequestBody, SendError, Upstream, UpstreamBody,
+};
 
 pub async fn forward(
     mut request: Request<Incoming>,
@@ -125,12 +129,7 @@ pub async fn forward(
 
         let response = tokio::time::timeout(
             upstream.config.read_timeout,
-            upstream.clients.here().send(
-                outgoing,
-                &server.authority,
-                upstream.config.tls.is_some(),
-                upgrade.is_some(),
-            ),
+            send(upstream, &server.authority, outgoing, upgrade.is_some()),
         )
         .await;
         match response {
@@ -150,13 +149,17 @@ pub async fn forward(
                 if listener.settings.via {
                     add_via(&mut parts.headers);
                 }
-                return Response::from_parts(
-                    parts,
-                    ProxyBody::Upstream {
+                let body = match body {
+                    Reply::Hyper(body) => ProxyBody::Upstream {
                         body,
                         _active: active,
                     },
-                );
+                    Reply::Wire(body) => ProxyBody::Wire {
+                        body,
+                        _active: active,
+                    },
+                };
+                return Response::from_parts(parts, body);
             }
             Ok(Err(error)) if client_body_failed.get() => {
                 tracing::debug!(
@@ -194,6 +197,35 @@ pub async fn forward(
                 );
                 return status_response(StatusCode::GATEWAY_TIMEOUT);
             }
+        }
+    }
+}
+
+/// A response body from either of the node's HTTP/1 clients.
+enum Reply {
+    Hyper(UpstreamBody),
+    Wire(WireBody),
+}
+
+/// Sends `request` to the server at `authority`: a bodiless request to a
+/// plain HTTP/1.1 upstream over a bare pooled connection, anything else
+/// through hyper's clients.
+async fn send(
+    upstream: &Upstream,
+    authority: &Authority,
+    request: Request<RequestBody>,
+    upgrade: bool,
+) -> Result<Response<Reply>, SendError> {
+    let clients = upstream.clients.here();
+    match &clients.raw {
+        Some(pool) if !upgrade && request.body().is_end_stream() => {
+            let response = client::send(pool, authority, &request).await?;
+            Ok(response.map(Reply::Wire))
+        }
+        _ => {
+            let tls = upstream.config.tls.is_some();
+            let response = clients.send(request, authority, tls, upgrade).await?;
+            Ok(response.map(Reply::Hyper))
         }
     }
 }

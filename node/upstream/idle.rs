@@ -27,7 +27,8 @@ struct Idle<C> {
 pub struct IdlePool<C> {
     idle_timeout: Duration,
     max_idle_per_server: usize,
-    idle: Mutex<HashMap<Authority, Vec<Idle<C>>>>,
+    /// foldhash: SipHash showed up in profiles at two lookups a request.
+    idle: Mutex<HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>>,
     reaper_started: AtomicBool,
 }
 

@@ -57,6 +57,9 @@ pub enum SendError {
     Pooled(hyper_util::client::legacy::Error),
     #[error("cannot make the upstream URI: {0}")]
     Uri(http::uri::InvalidUriParts),
+    /// From a bare pooled connection (the node's own HTTP/1 client).
+    #[error("{0}")]
+    Wire(BoxError),
 }
 
 impl SendError {
@@ -64,7 +67,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Exchange(_) | SendError::Uri(_) => false,
+            SendError::Exchange(_) | SendError::Uri(_) | SendError::Wire(_) => false,
             SendError::Pooled(error) => error.is_connect(),
         }
     }

@@ -23,7 +23,7 @@ pub use client::{
     WorkerClient, WorkerClients,
 };
 pub use inline::SendError;
-pub use raw::RawPool;
+pub use raw::{Home, RawPool};
 
 use crate::config::{AllDown, HashKey, PassiveCheck, ServerAddr, UpstreamConfig};
 use crate::events::{Health, NodeEvent};

@@ -3,7 +3,7 @@
 //! responses on them itself. Pooled per worker like the others.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::Context;
 use std::time::Duration;
 
@@ -64,5 +64,27 @@ impl RawPool {
     /// Keeps a connection whose last response was read to its end.
     pub fn keep(&self, authority: &Authority, socket: Socket) {
         self.idle.checkin(authority, socket);
+    }
+
+    /// Where a connection to `authority` goes back to once a response body
+    /// read elsewhere has ended, while the pool lives.
+    pub fn home(&self, authority: &Authority) -> Home {
+        Home {
+            idle: Arc::downgrade(&self.idle),
+            authority: authority.clone(),
+        }
+    }
+}
+
+pub struct Home {
+    idle: Weak<IdlePool<Socket>>,
+    authority: Authority,
+}
+
+impl Home {
+    pub fn keep(self, socket: Socket) {
+        if let Some(idle) = self.idle.upgrade() {
+            idle.checkin(&self.authority, socket);
+        }
     }
 }

@@ -174,3 +174,23 @@ async fn a_response_with_ambiguous_or_broken_framing_never_passes_as_whole() {
     let answer = exchange(web, request).await;
     assert!(answer.ends_with("\r\n\r\nshort"), "{answer}");
 }
+
+#[tokio::test]
+async fn http2_clients_get_whole_bodies_of_every_framing_over_one_upstream_connection() {
+    let origin = Origin::start("o").await;
+    let node = LocalNode::start(&format!("[node]\nworkers = 1\n{}", config(origin.addr))).await;
+    let web = node.listener("web").await;
+    let h2 = http2_client();
+    for round in 0..5 {
+        let sized = get(&h2, web, None, "/bytes/100000").await;
+        assert_eq!(sized.body.len(), 100_000, "round {round}");
+        let chunked = get(&h2, web, None, "/chunked/70000").await;
+        assert_eq!(chunked.body.len(), 70_000, "round {round}");
+        assert_eq!(chunked.header("transfer-encoding"), None);
+        let empty = get(&h2, web, None, "/status/204").await;
+        assert_eq!(empty.status, http::StatusCode::NO_CONTENT);
+        assert_eq!(get(&h2, web, None, "/").await.text(), "o");
+    }
+    assert_eq!(origin.requests(), 20);
+    assert_eq!(origin.connections(), 1, "every request on one upstream connection");
+}

@@ -1,7 +1,9 @@
 //! Finds where a chunked body ends (RFC 9112 §7.1) while its bytes are
-//! relayed as they are: chunk sizes, data, the last chunk and the trailer
-//! section. A size line or trailer section past its bound, or a chunk not
+//! relayed as they are (chunk sizes, data, the last chunk and the trailer
+//! section), or picks out its data for a decoder. A size line or trailer section past its bound, or a chunk not
 //! followed by CRLF, is malformed and ends the exchange.
+
+use std::ops::Range;
 
 /// Longest chunk-size line, extensions included.
 const MAX_SIZE_LINE: usize = 4096;
@@ -58,6 +60,17 @@ impl ChunkedScanner {
     /// to whatever follows).
     pub fn scan(&mut self, bytes: &[u8]) -> Result<usize, Malformed> {
         let mut at = 0;
+        while at < bytes.len() && !self.is_done() {
+            at += self.next(&bytes[at..])?.0;
+        }
+        Ok(at)
+    }
+
+    /// Takes bytes up to and including the next piece of chunk data, or all
+    /// of them when none comes: answers how many it took, and where in them
+    /// the data is (for a decoder that passes on the data alone).
+    pub fn next(&mut self, bytes: &[u8]) -> Result<(usize, Option<Range<usize>>), Malformed> {
+        let mut at = 0;
         while at < bytes.len() {
             match self.state {
                 State::Size => {
@@ -67,7 +80,7 @@ impl ChunkedScanner {
                         if self.line.len() > MAX_SIZE_LINE {
                             return Err(Malformed);
                         }
-                        return Ok(bytes.len());
+                        return Ok((bytes.len(), None));
                     };
                     self.line.extend_from_slice(&rest[..=lf]);
                     at += lf + 1;
@@ -87,12 +100,13 @@ impl ChunkedScanner {
                 }
                 State::Data(left) => {
                     let take = left.min((bytes.len() - at) as u64);
-                    at += take as usize;
                     self.state = if take == left {
                         State::DataCr
                     } else {
                         State::Data(left - take)
                     };
+                    let data = at..at + take as usize;
+                    return Ok((data.end, Some(data)));
                 }
                 State::DataCr | State::DataLf | State::EndLf => {
                     let (expected, next) = match self.state {
@@ -106,7 +120,7 @@ impl ChunkedScanner {
                     at += 1;
                     self.state = next;
                     if next == State::Done {
-                        return Ok(at);
+                        return Ok((at, None));
                     }
                 }
                 State::TrailerStart => {
@@ -132,10 +146,10 @@ impl ChunkedScanner {
                         self.state = State::TrailerStart;
                     }
                 }
-                State::Done => return Ok(at),
+                State::Done => return Ok((at, None)),
             }
         }
-        Ok(at)
+        Ok((at, None))
     }
 }
 
@@ -166,6 +180,27 @@ mod tests {
         }
         assert_eq!(end_of(b"0\r\n\r\n", 100), Ok(Some(5)));
         assert_eq!(end_of(b"3\r\nabc\r\n", 100), Ok(None));
+    }
+
+    #[test]
+    fn picks_out_the_data_in_any_split() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-sum: 1\r\n\r\n";
+        for step in 1..body.len() {
+            let mut scanner = ChunkedScanner::new();
+            let mut data = Vec::new();
+            for piece in body.chunks(step) {
+                let mut at = 0;
+                while at < piece.len() {
+                    let (used, range) = scanner.next(&piece[at..]).unwrap();
+                    if let Some(range) = range {
+                        data.extend_from_slice(&piece[at..][range]);
+                    }
+                    at += used;
+                }
+            }
+            assert!(scanner.is_done(), "step {step}");
+            assert_eq!(data, b"hello0123456789abcdef", "step {step}");
+        }
     }
 
     #[test]

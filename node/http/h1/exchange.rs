@@ -6,23 +6,18 @@
 //! another server (`retries`), and one that finds a reused connection
 //! closed by its server is sent again on a new one.
 
-use std::io;
-
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::buffers::{self, BUFFER};
-use super::chunked::ChunkedScanner;
-use super::response::{self, Answer, Framing};
+use super::buffers;
+use super::response::{self, Answer, BodyEnd, Framing};
+use super::send::{self, Failure};
 use super::ClientIo;
 use crate::http::HttpListener;
 use crate::lifecycle::Lifecycle;
 use crate::stream::Socket;
 use crate::telemetry::request::Observation;
 use crate::upstream::{PickContext, RawPool, Server, Upstream};
-
-/// The longest response head taken from a server.
-const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 
 /// A request ready to go upstream.
 pub struct Plan<'h> {
@@ -37,19 +32,6 @@ pub struct Plan<'h> {
     /// The client connection ends after this response.
     pub close: bool,
     pub observation: Observation,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("cannot connect: {0}")]
-    Connect(Box<dyn std::error::Error + Send + Sync>),
-    /// The connection ended before any byte of a response.
-    #[error("the server closed the connection without answering")]
-    Closed,
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("{0}")]
-    Protocol(&'static str),
 }
 
 /// Forwards the request and relays the answer; answers whether the client
@@ -74,6 +56,7 @@ pub async fn forward<I: ClientIo>(
         asked: close,
         lifecycle,
     };
+    let via = http.settings.via;
     let mut out = buffers::take();
     let mut tried: Vec<usize> = Vec::new();
     let keep = loop {
@@ -109,23 +92,16 @@ pub async fn forward<I: ClientIo>(
         let mut response = buffers::take();
         let sent = tokio::time::timeout(
             upstream.config.read_timeout,
-            exchange(
-                pool,
-                &server.authority,
-                &request,
-                &mut response,
-                Rewrite {
-                    head_request,
-                    via: http.settings.via,
-                    closing: &closing,
-                },
-                &mut out,
-            ),
+            send::exchange(pool, &server.authority, &request, &mut response, |head| {
+                // Only a complete head writes to `out`.
+                out.clear();
+                response::parse_response(head, head_request, via, closing.now(), &mut out)
+            }),
         )
         .await;
         let failure = match sent {
             Ok(Ok((socket, answer))) => {
-                let mut body = Body::new(answer.framing);
+                let mut body = BodyEnd::new(answer.framing);
                 // What arrived with the head goes out with the client's
                 // head; if it is already broken, nothing has gone out yet.
                 let arrived = &response[answer.len..];
@@ -221,13 +197,6 @@ pub async fn forward<I: ClientIo>(
     keep
 }
 
-/// How the response head is rewritten for the client.
-struct Rewrite<'a> {
-    head_request: bool,
-    via: bool,
-    closing: &'a Closing<'a>,
-}
-
 /// Whether the client connection ends after the response being written:
 /// the client asked, or the generation retired meanwhile.
 struct Closing<'a> {
@@ -241,90 +210,12 @@ impl Closing<'_> {
     }
 }
 
-/// Sends `request` and reads the response head into `response`; the
-/// client's head is then in `out`.
-async fn exchange(
-    pool: &RawPool,
-    authority: &http::uri::Authority,
-    request: &[u8],
-    response: &mut Vec<u8>,
-    rewrite: Rewrite<'_>,
-    out: &mut Vec<u8>,
-) -> Result<(Socket, Answer), Failure> {
-    let mut idle = pool.take(authority);
-    loop {
-        let reused = idle.is_some();
-        let mut socket = match idle.take() {
-            Some(socket) => socket,
-            None => pool.connect(authority).await.map_err(Failure::Connect)?,
-        };
-        match send(&mut socket, request, response, &rewrite, out).await {
-            Ok(answer) => return Ok((socket, answer)),
-            // The server closed the idle connection as the request went
-            // out: it never saw the request.
-            Err(Failure::Closed) if reused => {
-                response.clear();
-                out.clear();
-            }
-            Err(failure) => return Err(failure),
-        }
-    }
-}
-
-async fn send(
-    socket: &mut Socket,
-    request: &[u8],
-    response: &mut Vec<u8>,
-    rewrite: &Rewrite<'_>,
-    out: &mut Vec<u8>,
-) -> Result<Answer, Failure> {
-    socket
-        .write_all(request)
-        .await
-        .map_err(|_| Failure::Closed)?;
-    loop {
-        if response.capacity() - response.len() < 1024 {
-            if response.len() >= MAX_RESPONSE_HEAD {
-                return Err(Failure::Protocol("the response head is too large"));
-            }
-            response.reserve(BUFFER);
-        }
-        match socket.read_buf(response).await {
-            Ok(0) | Err(_) if response.is_empty() => return Err(Failure::Closed),
-            Ok(0) => {
-                return Err(Failure::Protocol(
-                    "the server closed the connection mid-head",
-                ))
-            }
-            Ok(_) => {}
-            Err(error) => return Err(error.into()),
-        }
-        loop {
-            let parsed = response::parse_response(
-                response,
-                rewrite.head_request,
-                rewrite.via,
-                rewrite.closing.now(),
-                out,
-            );
-            match parsed {
-                response::Parsed::Partial => break,
-                response::Parsed::Malformed(why) => return Err(Failure::Protocol(why)),
-                response::Parsed::Interim(len) => {
-                    response.drain(..len);
-                }
-                response::Parsed::Complete(answer) => return Ok(answer),
-            }
-        }
-    }
-}
-
 /// A response whose head has been read and whose first bytes are known
 /// to be good.
 struct Relay<'a> {
     socket: Socket,
     answer: &'a Answer,
-    body: Body,
+    body: BodyEnd,
     /// Bytes of the body that arrived with the head.
     first: usize,
     pool: &'a RawPool,
@@ -419,57 +310,6 @@ fn body_failed(upstream: &Upstream, server: &Server, why: &str) {
         error = why,
         "upstream response body failed"
     );
-}
-
-/// Where the response body ends.
-struct Body {
-    framing: Framing,
-    left: u64,
-    chunks: Option<ChunkedScanner>,
-    done: bool,
-}
-
-impl Body {
-    fn new(framing: Framing) -> Self {
-        Body {
-            framing,
-            left: match framing {
-                Framing::Length(n) => n,
-                _ => 0,
-            },
-            chunks: (framing == Framing::Chunked).then(ChunkedScanner::new),
-            done: matches!(framing, Framing::Empty | Framing::Length(0)),
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        self.done
-    }
-
-    /// How many of `bytes` belong to the body.
-    fn take(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        if self.done {
-            return Ok(0);
-        }
-        match self.framing {
-            Framing::Empty => Ok(0),
-            Framing::Length(_) => {
-                let used = self.left.min(bytes.len() as u64);
-                self.left -= used;
-                self.done = self.left == 0;
-                Ok(used as usize)
-            }
-            Framing::Chunked => {
-                let scanner = self.chunks.as_mut().expect("a chunked body has a scanner");
-                let used = scanner
-                    .scan(bytes)
-                    .map_err(|_| "malformed chunked encoding")?;
-                self.done = scanner.is_done();
-                Ok(used)
-            }
-            Framing::UntilClose => Ok(bytes.len()),
-        }
-    }
 }
 
 /// Writes a response of the node's own and records it.

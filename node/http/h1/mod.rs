@@ -9,10 +9,12 @@
 
 mod buffers;
 mod chunked;
+pub mod client;
 mod exchange;
 mod head;
 mod response;
 mod rewind;
+mod send;
 
 use std::future::{poll_fn, Future};
 use std::io;

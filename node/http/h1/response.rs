@@ -6,12 +6,16 @@
 //! (two lengths, length with chunked, an unknown coding) is a 502 here.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
-use httparse::Status;
+use httparse::{Header, Status};
 
-use super::head::{content_length, header_slots, is_hop_by_hop, push_header, ConnectionTokens};
+use super::chunked::ChunkedScanner;
+use super::head::{
+    content_length, header_slots, is_hop_by_hop, push_header, ConnectionTokens, HeaderSlots,
+};
 use crate::http::respond::{status_body, STATUS_CONTENT_TYPE};
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -24,14 +28,93 @@ pub enum Framing {
     UntilClose,
 }
 
+/// Where the response body ends.
+pub struct BodyEnd {
+    pub framing: Framing,
+    left: u64,
+    chunks: Option<ChunkedScanner>,
+    pub done: bool,
+}
+
+impl BodyEnd {
+    pub fn new(framing: Framing) -> Self {
+        BodyEnd {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunks: (framing == Framing::Chunked).then(ChunkedScanner::new),
+            done: matches!(framing, Framing::Empty | Framing::Length(0)),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// How many of `bytes` belong to the body.
+    pub fn take(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
+        if self.done {
+            return Ok(0);
+        }
+        match self.framing {
+            Framing::Empty => Ok(0),
+            Framing::Length(_) => {
+                let used = self.left.min(bytes.len() as u64);
+                self.left -= used;
+                self.done = self.left == 0;
+                Ok(used as usize)
+            }
+            Framing::Chunked => {
+                let scanner = self.chunks.as_mut().expect("a chunked body has a scanner");
+                let used = scanner
+                    .scan(bytes)
+                    .map_err(|_| "malformed chunked encoding")?;
+                self.done = scanner.is_done();
+                Ok(used)
+            }
+            Framing::UntilClose => Ok(bytes.len()),
+        }
+    }
+
+    /// Like `take`, and also where in the bytes taken the body's data is
+    /// (chunk framing left out).
+    pub fn data(&mut self, bytes: &[u8]) -> Result<(usize, Option<Range<usize>>), &'static str> {
+        if self.framing != Framing::Chunked || self.done {
+            let used = self.take(bytes)?;
+            return Ok((used, Some(0..used)));
+        }
+        let scanner = self.chunks.as_mut().expect("a chunked body has a scanner");
+        let next = scanner
+            .next(bytes)
+            .map_err(|_| "malformed chunked encoding")?;
+        self.done = scanner.is_done();
+        Ok(next)
+    }
+
+    /// Body bytes still to come, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(_) => Some(self.left),
+            _ if self.done => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// Where reading a response head stands.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub enum Step<T> {
     Partial,
     Malformed(&'static str),
     /// A 1xx other than 101, `len` bytes long: skipped, the real head follows.
     Interim(usize),
-    Complete(Answer),
+    Complete(T),
 }
+
+pub type Parsed = Step<Answer>;
 
 /// What the exchange needs once the client's head is written.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,55 +129,72 @@ pub struct Answer {
     pub close: bool,
 }
 
-/// Reads a response head from `buf`; once complete, writes the client's
-/// head into `out`. `close`: the client connection ends after this
-/// response.
-pub fn parse_response(
-    buf: &[u8],
+/// A complete response head, read.
+pub struct ResponseHead<'b> {
+    pub len: usize,
+    pub status: u16,
+    pub reason: &'b str,
+    pub headers: &'b [Header<'b>],
+    pub framing: Framing,
+    pub reusable: bool,
+    pub content_length: Option<u64>,
+    has_date: bool,
+    tokens: ConnectionTokens<'b>,
+}
+
+impl ResponseHead<'_> {
+    /// Whether a header crosses to the client (it is not hop-by-hop).
+    pub fn passes(&self, name: &str) -> bool {
+        !is_hop_by_hop(name) && !self.tokens.contains(name)
+    }
+}
+
+/// Reads a response head from `buf`.
+pub fn read_response<'b>(
+    buf: &'b [u8],
     head_request: bool,
-    via: bool,
-    close: bool,
-    out: &mut Vec<u8>,
-) -> Parsed {
-    let mut slots = header_slots();
+    slots: &'b mut HeaderSlots<'b>,
+) -> Step<ResponseHead<'b>> {
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut response,
         buf,
-        &mut slots,
+        slots,
     );
     let len = match parsed {
         Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Malformed("malformed response head"),
+        Ok(Status::Partial) => return Step::Partial,
+        Err(_) => return Step::Malformed("malformed response head"),
     };
-    let (Some(version), Some(status)) = (response.version, response.code) else {
-        return Parsed::Malformed("malformed status line");
+    let (Some(version), Some(status), reason) = (response.version, response.code, response.reason)
+    else {
+        return Step::Malformed("malformed status line");
     };
     if status == 101 {
-        return Parsed::Malformed("101 without an upgrade asked for");
+        return Step::Malformed("101 without an upgrade asked for");
     }
     if (100..200).contains(&status) {
-        return Parsed::Interim(len);
+        return Step::Interim(len);
     }
+    let headers: &'b [Header<'b>] = response.headers;
     let mut tokens = ConnectionTokens::default();
     let mut server_close = version == 0;
     let mut length = None;
     let mut chunked = false;
     let mut has_date = false;
-    for header in response.headers.iter() {
+    for header in headers {
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
             if length.is_some() {
-                return Parsed::Malformed("more than one Content-Length");
+                return Step::Malformed("more than one Content-Length");
             }
             match content_length(header.value) {
                 Some(n) => length = Some(n),
-                None => return Parsed::Malformed("invalid Content-Length"),
+                None => return Step::Malformed("invalid Content-Length"),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Parsed::Malformed("a transfer coding other than chunked");
+                return Step::Malformed("a transfer coding other than chunked");
             }
             chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -107,7 +207,7 @@ pub fn parse_response(
         }
     }
     if chunked && length.is_some() {
-        return Parsed::Malformed("both Content-Length and chunked");
+        return Step::Malformed("both Content-Length and chunked");
     }
     let framing = if head_request || status == 204 || status == 304 {
         Framing::Empty
@@ -118,40 +218,69 @@ pub fn parse_response(
     } else {
         Framing::UntilClose
     };
+    Step::Complete(ResponseHead {
+        len,
+        status,
+        reason: reason.unwrap_or(""),
+        headers,
+        framing,
+        reusable: !server_close && framing != Framing::UntilClose,
+        content_length: length,
+        has_date,
+        tokens,
+    })
+}
+
+/// Reads a response head from `buf`; once complete, writes the client's
+/// head into `out`. `close`: the client connection ends after this
+/// response.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    via: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Parsed {
+    let mut slots = header_slots();
+    let head = match read_response(buf, head_request, &mut slots) {
+        Step::Complete(head) => head,
+        Step::Partial => return Step::Partial,
+        Step::Malformed(why) => return Step::Malformed(why),
+        Step::Interim(len) => return Step::Interim(len),
+    };
     out.extend_from_slice(b"HTTP/1.1 ");
     // Three digits: httparse accepts nothing else.
-    let digits = [status / 100, status / 10 % 10, status % 10];
+    let digits = [head.status / 100, head.status / 10 % 10, head.status % 10];
     out.extend(digits.map(|d| b'0' + d as u8));
     out.push(b' ');
-    out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(head.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for header in response.headers.iter() {
-        if is_hop_by_hop(header.name) || tokens.contains(header.name) {
-            continue;
+    for header in head.headers {
+        if head.passes(header.name) {
+            push_header(out, header.name.as_bytes(), header.value);
         }
-        push_header(out, header.name.as_bytes(), header.value);
     }
     // A body that ends when the server closes is chunked for the client,
     // whose connection then lives on (as hyper does).
-    if matches!(framing, Framing::Chunked | Framing::UntilClose) {
+    if matches!(head.framing, Framing::Chunked | Framing::UntilClose) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if via {
         out.extend_from_slice(b"via: 1.1 tether\r\n");
     }
-    if !has_date {
+    if !head.has_date {
         write_date(out);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Parsed::Complete(Answer {
-        len,
-        status,
-        framing,
-        reusable: !server_close && framing != Framing::UntilClose,
-        content_length: length,
+    Step::Complete(Answer {
+        len: head.len,
+        status: head.status,
+        framing: head.framing,
+        reusable: head.reusable,
+        content_length: head.content_length,
         close,
     })
 }
@@ -241,7 +370,7 @@ mod tests {
         ));
         assert_eq!(
             parse("HTTP/1.1 100 Continue\r\n\r\n", false, false).0,
-            Parsed::Interim(25)
+            Step::Interim(25)
         );
     }
 
