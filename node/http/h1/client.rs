@@ -31,10 +31,10 @@ pub async fn send<B>(
     authority: &Authority,
     request: &Request<B>,
 ) -> Result<Response<WireBody>, SendError> {
-    let mut head = buffers::take();
+    let mut head = buffers::take_head();
     write_request_head(request, &mut head);
     let head_request = request.method() == http::Method::HEAD;
-    let mut buffer = buffers::take();
+    let mut buffer = buffers::take_body();
     let sent = send::exchange(pool, authority, &head, &mut buffer, |bytes| {
         let mut slots = header_slots();
         match read_response(bytes, head_request, &mut slots) {

@@ -57,7 +57,7 @@ pub async fn forward<I: ClientIo>(
         lifecycle,
     };
     let via = http.settings.via;
-    let mut out = buffers::take();
+    let mut out = buffers::take_head();
     let mut tried: Vec<usize> = Vec::new();
     let keep = loop {
         let Some(index) = upstream.pick(&pick, &tried) else {
@@ -89,7 +89,7 @@ pub async fn forward<I: ClientIo>(
         let may_retry = replayable
             && (tried.len() as u32) < upstream.config.retries
             && tried.len() + 1 < upstream.servers.len();
-        let mut response = buffers::take();
+        let mut response = buffers::take_body();
         let sent = tokio::time::timeout(
             upstream.config.read_timeout,
             send::exchange(pool, &server.authority, &request, &mut response, |head| {

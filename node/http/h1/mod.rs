@@ -104,7 +104,7 @@ pub async fn serve<I: ClientIo>(
             Decision::NeedMore => unreachable!("more bytes are read above"),
             Decision::HandOff => return Some(Rewind::new(input.into_bytes(), io)),
             Decision::Refuse(status) => {
-                let mut out = buffers::take();
+                let mut out = buffers::take_head();
                 response::write_status(status, None, true, &mut out);
                 let _ = io.write_all(&out).await;
                 buffers::give(out);
@@ -167,7 +167,7 @@ fn decide<'h>(
     if consumed > bytes.len() {
         // A small body on its way is waited for; a large one streams
         // through hyper.
-        return if head.body_len <= buffers::BUFFER {
+        return if head.body_len <= buffers::BODY {
             Decision::NeedMore
         } else {
             Decision::HandOff
@@ -189,7 +189,7 @@ fn decide<'h>(
         observation.propagate(&mut headers);
         headers
     });
-    let mut request = buffers::take();
+    let mut request = buffers::take_head();
     let forwarding = Forwarding {
         client,
         scheme: http.scheme,
@@ -270,13 +270,13 @@ impl Input {
         if self.buffer.is_none() {
             ready!(io.poll_read_ready(cx))?;
         }
-        let buffer = self.buffer.get_or_insert_with(buffers::take);
+        let buffer = self.buffer.get_or_insert_with(buffers::take_head);
         if self.start > 0 {
             buffer.drain(..self.start);
             self.start = 0;
         }
         if buffer.capacity() - buffer.len() < 1024 {
-            buffer.reserve(buffers::BUFFER);
+            buffer.reserve(buffers::HEAD);
         }
         let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, buffer);
         if read.is_pending() && buffer.is_empty() {

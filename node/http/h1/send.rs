@@ -9,7 +9,7 @@ use std::io;
 use http::uri::Authority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::buffers::BUFFER;
+use super::buffers::BODY;
 use super::response::Step;
 use crate::stream::Socket;
 use crate::upstream::RawPool;
@@ -69,7 +69,7 @@ async fn send<T>(
             if response.len() >= MAX_RESPONSE_HEAD {
                 return Err(Failure::Protocol("the response head is too large"));
             }
-            response.reserve(BUFFER);
+            response.reserve(BODY);
         }
         match socket.read_buf(response).await {
             Ok(0) | Err(_) if response.is_empty() => return Err(Failure::Closed),
