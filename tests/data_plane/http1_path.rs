@@ -56,13 +56,15 @@ async fn pipelined_requests_of_mixed_shapes_are_answered_in_order() {
 }
 
 #[tokio::test]
-async fn a_request_with_a_bare_lf_is_refused_and_reaches_no_server() {
+async fn a_bare_lf_or_a_length_beside_chunked_is_refused_and_reaches_no_server() {
     let origin = Origin::start("o").await;
     let node = LocalNode::start(&config(origin.addr)).await;
     let web = node.listener("web").await;
     for request in [
         &b"GET / HTTP/1.1\nHost: a\n\n"[..],
         b"GET / HTTP/1.1\r\nHost: a\nX-Smuggled: 1\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let answer = exchange(web, request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
@@ -192,5 +194,9 @@ async fn http2_clients_get_whole_bodies_of_every_framing_over_one_upstream_conne
         assert_eq!(get(&h2, web, None, "/").await.text(), "o");
     }
     assert_eq!(origin.requests(), 20);
-    assert_eq!(origin.connections(), 1, "every request on one upstream connection");
+    assert_eq!(
+        origin.connections(),
+        1,
+        "every request on one upstream connection"
+    );
 }

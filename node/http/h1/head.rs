@@ -3,8 +3,10 @@
 //! an origin-form target, one `Host`, at most one `Content-Length` of
 //! digits, no `Transfer-Encoding`, `Upgrade` or `Expect`, and CRLF line
 //! ends. Anything else goes to hyper as it arrived, so this path is never
-//! more lenient than hyper; a bare LF, which hyper would take, is refused
-//! (parsers that disagree on line ends are how requests get smuggled).
+//! more lenient than hyper. Two shapes hyper would take are refused: a
+//! bare LF, and `Transfer-Encoding` beside `Content-Length` (hyper lets
+//! chunked win); parsers that disagree on those are how requests get
+//! smuggled.
 
 use std::mem::MaybeUninit;
 
@@ -32,8 +34,8 @@ pub enum Parsed<'b> {
     /// Not a shape served here: hyper serves the connection from this
     /// request on.
     HandOff,
-    /// A line ends in a bare LF.
-    BareLf,
+    /// Refused outright, for this reason.
+    Refused(&'static str),
     Complete(RequestHead<'b>),
 }
 
@@ -125,7 +127,7 @@ pub fn parse_request<'b>(buf: &'b [u8], slots: &'b mut HeaderSlots<'b>) -> Parse
         Err(_) => return Parsed::HandOff,
     };
     if has_bare_lf(&buf[..len]) {
-        return Parsed::BareLf;
+        return Parsed::Refused("a line ends in a bare LF");
     }
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
     else {
@@ -139,6 +141,8 @@ pub fn parse_request<'b>(buf: &'b [u8], slots: &'b mut HeaderSlots<'b>) -> Parse
     let mut body_len = None;
     let mut close = false;
     let mut tokens = ConnectionTokens::default();
+    let mut hand_off = false;
+    let mut chunked = false;
     for header in headers {
         let name = header.name;
         if name.eq_ignore_ascii_case("host") {
@@ -150,24 +154,26 @@ pub fn parse_request<'b>(buf: &'b [u8], slots: &'b mut HeaderSlots<'b>) -> Parse
                 _ => return Parsed::HandOff,
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            if body_len.is_some() {
-                return Parsed::HandOff;
-            }
             match content_length(header.value).and_then(|n| usize::try_from(n).ok()) {
-                Some(n) => body_len = Some(n),
-                None => return Parsed::HandOff,
+                Some(n) if body_len.is_none() => body_len = Some(n),
+                _ => hand_off = true,
             }
         } else if name.eq_ignore_ascii_case("connection") {
             match tokens.add(header.value) {
                 Some(said_close) => close |= said_close,
                 None => return Parsed::HandOff,
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("upgrade")
-            || name.eq_ignore_ascii_case("expect")
-        {
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
             return Parsed::HandOff;
         }
+    }
+    if chunked && (body_len.is_some() || hand_off) {
+        return Parsed::Refused("Transfer-Encoding with Content-Length");
+    }
+    if chunked || hand_off {
+        return Parsed::HandOff;
     }
     let Some(host) = host else {
         return Parsed::HandOff;
@@ -346,7 +352,6 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nab",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\na",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 1\r\n\r\na",
-            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
@@ -358,15 +363,16 @@ mod tests {
     }
 
     #[test]
-    fn refuses_bare_lf() {
-        assert!(matches!(
-            parse("GET / HTTP/1.1\nHost: x\r\n\r\n"),
-            Parsed::BareLf
-        ));
-        assert!(matches!(
-            parse("GET / HTTP/1.1\r\nHost: x\n\n"),
-            Parsed::BareLf
-        ));
+    fn refuses_bare_lf_and_a_length_beside_chunked() {
+        for head in [
+            "GET / HTTP/1.1\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\n\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(matches!(parse(head), Parsed::Refused(_)), "{head:?}");
+        }
     }
 
     #[test]

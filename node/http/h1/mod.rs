@@ -158,7 +158,10 @@ fn decide<'h>(
         Parsed::Complete(head) => head,
         Parsed::Partial if bytes.len() < max_head => return Decision::NeedMore,
         Parsed::Partial | Parsed::HandOff => return Decision::HandOff,
-        Parsed::BareLf => return Decision::Refuse(StatusCode::BAD_REQUEST),
+        Parsed::Refused(why) => {
+            tracing::debug!(%peer, why, "request refused");
+            return Decision::Refuse(StatusCode::BAD_REQUEST);
+        }
     };
     if head.len > max_head {
         return Decision::HandOff;
