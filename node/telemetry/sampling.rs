@@ -30,8 +30,9 @@ pub fn set_ratio(ratio: Option<f64>) {
     RATIO.store(ratio.map_or(NOT_SET, f64::to_bits), Ordering::Relaxed);
 }
 
-/// Whether a request with this `traceparent` header is traced; when it is a new trace,
-/// the id it gets is preset for the span about to start on this thread.
+/// Whether a request with this `traceparent` header is traced; when it is
+/// a new trace, the id it gets is preset for the span about to start on
+/// this thread.
 pub fn sample_request(traceparent: Option<&[u8]>) -> bool {
     let bits = RATIO.load(Ordering::Relaxed);
     if bits == NOT_SET {
