@@ -6,15 +6,20 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Connection-scoped headers that never cross the proxy (RFC 9110
+/// §7.6.1), whatever their letter case.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    let candidates: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        18 => &["proxy-authenticate"],
+        _ => return false,
+    };
+    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -25,11 +30,8 @@ static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 tether");
 /// names. `TE: trailers` survives: HTTP/2 upstreams (gRPC) need it.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these: one pass over the few names they
-    // have costs less than a removal (a hash lookup) per hop-by-hop name.
-    let any = headers
-        .keys()
-        .any(|name| name == header::TE || HOP_BY_HOP.contains(name));
-    if !any {
+    // have, and nothing else.
+    if !headers.keys().any(|name| is_hop_by_hop(name.as_str())) {
         return;
     }
     // Names listed in Connection are rare; collect only when present.
@@ -44,14 +46,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
     let te_is_trailers = headers
         .get(header::TE)
         .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
-        headers.remove(header::TE);
+    let hop_by_hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name.as_str()))
+        .filter(|name| !(*name == header::TE && te_is_trailers))
+        .cloned()
+        .collect();
+    for name in hop_by_hop {
+        headers.remove(name);
     }
 }
 

@@ -13,6 +13,7 @@ use std::mem::MaybeUninit;
 use http::{HeaderMap, Method, Version};
 use httparse::{Header, Status};
 
+use crate::http::headers::is_hop_by_hop;
 use crate::telemetry::request::RequestView;
 
 /// As many header lines as hyper takes.
@@ -89,20 +90,6 @@ impl<'b> ConnectionTokens<'b> {
             .iter()
             .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
     }
-}
-
-/// Connection-scoped headers that never cross the proxy (RFC 9110 §7.6.1).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    let candidates: &[&str] = match name.len() {
-        2 => &["te"],
-        7 => &["trailer", "upgrade"],
-        10 => &["connection", "keep-alive"],
-        16 => &["proxy-connection"],
-        17 => &["transfer-encoding"],
-        18 => &["proxy-authenticate"],
-        _ => return false,
-    };
-    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
 }
 
 /// Whether a line of `head` ends in LF without CR.

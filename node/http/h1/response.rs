@@ -13,9 +13,8 @@ use http::StatusCode;
 use httparse::{Header, Status};
 
 use super::chunked::ChunkedScanner;
-use super::head::{
-    content_length, header_slots, is_hop_by_hop, push_header, ConnectionTokens, HeaderSlots,
-};
+use super::head::{content_length, header_slots, push_header, ConnectionTokens, HeaderSlots};
+use crate::http::headers::is_hop_by_hop;
 use crate::http::respond::{status_body, STATUS_CONTENT_TYPE};
 
 /// How the response body is delimited (RFC 9112 §6.3).
