@@ -32,8 +32,8 @@ pub async fn serve_connection(
     // What the fast path does not serve is boxed: hyper's connection state
     // and TLS's are many KiB, and a task reserves room for its largest
     // state, so every idle plain connection would hold that much.
-    if http.tls.is_some() {
-        return Box::pin(serve_tls(stream, peer, connection, http)).await;
+    if let Some(acceptor) = http.tls.clone() {
+        return Box::pin(serve_tls(acceptor, stream, peer, connection, http)).await;
     }
     if let Some(rest) = h1::serve(stream, peer, &connection, &http).await {
         Box::pin(serve(TokioIo::new(rest), peer, connection, http.clone())).await
@@ -41,14 +41,12 @@ pub async fn serve_connection(
 }
 
 async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
     stream: ClientStream,
     peer: SocketAddr,
     connection: ConnectionGuard,
     http: Arc<HttpListener>,
 ) {
-    let Some(acceptor) = &http.tls else {
-        return;
-    };
     let lifecycle = connection.lifecycle().clone();
     // The handshake shares the request-head deadline (slowloris).
     let handshake =
