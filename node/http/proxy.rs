@@ -170,15 +170,9 @@ pub async fn forward(
                 return status_response(StatusCode::BAD_REQUEST);
             }
             Ok(Err(error)) => {
-                upstream.record(server, true);
-                tracing::warn!(
-                    upstream = %upstream.config.name,
-                    server = %server.addr,
-                    error = %crate::report::error_chain(&error),
-                    retry = may_retry && error.is_connect(),
-                    "upstream request failed"
-                );
-                if may_retry && error.is_connect() {
+                let retry = may_retry && error.is_connect();
+                upstream.request_failed(server, &error, retry);
+                if retry {
                     tried.push(index);
                     continue;
                 }
@@ -188,13 +182,7 @@ pub async fn forward(
                 return status_response(StatusCode::BAD_REQUEST);
             }
             Err(_) => {
-                upstream.record(server, true);
-                tracing::warn!(
-                    upstream = %upstream.config.name,
-                    server = %server.addr,
-                    timeout = ?upstream.config.read_timeout,
-                    "upstream did not answer in time"
-                );
+                upstream.timed_out(server);
                 return status_response(StatusCode::GATEWAY_TIMEOUT);
             }
         }

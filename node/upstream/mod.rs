@@ -295,6 +295,31 @@ impl Upstream {
             })
     }
 
+    /// A request that failed on `server` (its `retry` on another server or
+    /// not): counted against the server, and logged.
+    pub fn request_failed(&self, server: &Server, error: &dyn std::error::Error, retry: bool) {
+        self.record(server, true);
+        tracing::warn!(
+            upstream = %self.config.name,
+            server = %server.addr,
+            error = %crate::report::error_chain(error),
+            retry,
+            "upstream request failed"
+        );
+    }
+
+    /// `server` did not start its response within `read_timeout`: counted
+    /// against it, and logged.
+    pub fn timed_out(&self, server: &Server) {
+        self.record(server, true);
+        tracing::warn!(
+            upstream = %self.config.name,
+            server = %server.addr,
+            timeout = ?self.config.read_timeout,
+            "upstream did not answer in time"
+        );
+    }
+
     /// Feeds a request's outcome to passive outlier detection, if on.
     pub fn record(&self, server: &Server, failed: bool) {
         let Some(check) = &self.config.passive else {

@@ -99,99 +99,61 @@ pub async fn forward<I: ClientIo>(
             }),
         )
         .await;
-        let failure = match sent {
+        // Every way this can fail ends the same: the server's failure is
+        // counted and the client answered, unless another server is tried.
+        let (status, retry) = match sent {
             Ok(Ok((socket, answer))) => {
                 let mut body = BodyEnd::new(answer.framing);
                 // What arrived with the head goes out with the client's
                 // head; if it is already broken, nothing has gone out yet.
                 let arrived = &response[answer.len..];
-                let used = match body.take(arrived) {
-                    Ok(used) => used,
+                match body.take(arrived) {
+                    Ok(used) => {
+                        upstream.record(server, answer.status >= 500);
+                        let status =
+                            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                        observation.finish_with(
+                            status,
+                            answer.content_length,
+                            &http.name,
+                            &http.unrouted,
+                            http.access_log.as_ref(),
+                        );
+                        let exchange = Relay {
+                            socket,
+                            answer: &answer,
+                            body,
+                            first: used,
+                            pool,
+                            server,
+                            upstream,
+                        };
+                        break exchange.run(io, response, out).await && !answer.close;
+                    }
                     Err(why) => {
-                        buffers::give(response);
-                        out.clear();
                         upstream.record(server, true);
                         body_failed(upstream, server, why);
-                        break respond(
-                            io,
-                            StatusCode::BAD_GATEWAY,
-                            None,
-                            &closing,
-                            observation,
-                            http,
-                            out,
-                        )
-                        .await;
+                        (StatusCode::BAD_GATEWAY, false)
                     }
-                };
-                upstream.record(server, answer.status >= 500);
-                let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                observation.finish_with(
-                    status,
-                    answer.content_length,
-                    &http.name,
-                    &http.unrouted,
-                    http.access_log.as_ref(),
-                );
-                let exchange = Relay {
-                    socket,
-                    answer: &answer,
-                    body,
-                    first: used,
-                    pool,
-                    server,
-                    upstream,
-                };
-                break exchange.run(io, response, out).await && !answer.close;
+                }
             }
-            Ok(Err(failure)) => failure,
+            Ok(Err(failure)) => {
+                let retry = may_retry && matches!(failure, Failure::Connect(_));
+                upstream.request_failed(server, &failure, retry);
+                (StatusCode::BAD_GATEWAY, retry)
+            }
             Err(_) => {
-                upstream.record(server, true);
-                tracing::warn!(
-                    upstream = %upstream.config.name,
-                    server = %server.addr,
-                    timeout = ?upstream.config.read_timeout,
-                    "upstream did not answer in time"
-                );
-                buffers::give(response);
-                out.clear();
-                break respond(
-                    io,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    None,
-                    &closing,
-                    observation,
-                    http,
-                    out,
-                )
-                .await;
+                upstream.timed_out(server);
+                (StatusCode::GATEWAY_TIMEOUT, false)
             }
         };
         buffers::give(response);
         out.clear();
-        upstream.record(server, true);
-        let retry = may_retry && matches!(failure, Failure::Connect(_));
-        tracing::warn!(
-            upstream = %upstream.config.name,
-            server = %server.addr,
-            error = %failure,
-            retry,
-            "upstream request failed"
-        );
         if retry {
             tried.push(index);
             continue;
         }
-        break respond(
-            io,
-            StatusCode::BAD_GATEWAY,
-            None,
-            &closing,
-            observation,
-            http,
-            out,
-        )
-        .await;
+        break respond(io, status, None, &closing, observation, http, out).await;
     };
     buffers::give(request);
     keep

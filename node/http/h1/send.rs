@@ -24,7 +24,7 @@ pub enum Failure {
     /// The connection ended before any byte of a response.
     #[error("the server closed the connection without answering")]
     Closed,
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("{0}")]
     Protocol(&'static str),
