@@ -55,6 +55,11 @@ pub fn draining(generation: &Generation) -> pb::DrainingGeneration {
     }
 }
 
+/// The node's tunnels as GetConfig and a health snapshot list them.
+pub fn tunnel_statuses(tunnels: Vec<TunnelStatus>) -> Vec<pb::TunnelStatus> {
+    tunnels.into_iter().map(tunnel_status).collect()
+}
+
 pub fn tunnel_status(status: TunnelStatus) -> pb::TunnelStatus {
     pb::TunnelStatus {
         role: status.role.as_str().to_owned(),

@@ -37,12 +37,7 @@ impl ControlApi {
             config: current
                 .as_ref()
                 .map(|g| convert::config_info(g.number, &g.info)),
-            tunnels: self
-                .node
-                .tunnels()
-                .into_iter()
-                .map(convert::tunnel_status)
-                .collect(),
+            tunnels: convert::tunnel_statuses(self.node.tunnels()),
         };
         event(pb::node_event::Event::Snapshot(snapshot))
     }
@@ -188,12 +183,7 @@ impl ControlService for ControlApi {
                 .metrics()
                 .num_alive_tasks()
                 + self.node.worker_tasks()) as u64,
-            tunnels: self
-                .node
-                .tunnels()
-                .into_iter()
-                .map(convert::tunnel_status)
-                .collect(),
+            tunnels: convert::tunnel_statuses(self.node.tunnels()),
         }))
     }
 
